@@ -1,0 +1,52 @@
+# vlm-recipes. `make demo` and `make test` install what they need on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CACHE := .cache
+TINY_MODEL := $(CACHE)/tiny/qwen2_5_vl
+DEMO_DATA := $(CACHE)/data/chartqa_synthetic
+RECIPE ?= recipes/chartqa.yaml
+ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
+# Offline by default for the demo and the tests: nothing here needs the Hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test sft style quality clean-demo
+
+install: $(INSTALLED)
+
+# Re-runs only when pyproject.toml changes. uv installs in ~30 s where pip takes ~200 s.
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev]"
+	touch $@
+
+$(TINY_MODEL)/config.json: | $(INSTALLED)
+	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family qwen2_5_vl --output_dir $(TINY_MODEL)
+
+$(DEMO_DATA)/data/train-00000-of-00001.parquet: | $(INSTALLED)
+	$(PY) -m vlm_recipes.data.synthetic --output_dir $(DEMO_DATA) --train_rows 256 --test_rows 32
+
+# The main job, offline on CPU: a tiny random Qwen2.5-VL, generated charts, QLoRA SFT through the real entry point.
+demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
+
+test: $(INSTALLED)
+	$(OFFLINE) $(PY) -m pytest tests
+
+# make sft RECIPE=recipes/chartqa.yaml [ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml]
+sft: $(INSTALLED)
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.sft $(RECIPE)
+
+style: $(INSTALLED)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+quality: $(INSTALLED)
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean-demo:
+	rm -rf outputs/demo

@@ -1,0 +1,101 @@
+"""The package's own recipe fields. TRL's `SFTConfig`/`DPOConfig` and `ModelConfig` carry everything else.
+
+Every field carries `help` text, so `python -m vlm_recipes.sft --help` documents the whole recipe.
+"""
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how rows become chat messages."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset id (HuggingFaceM4/ChartQA), a local dataset folder (parquet/arrow files or a "
+            "`save_to_disk` folder), or a JSONL file of conversations with image paths."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub datasets)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default="test",
+        metadata={"help": "Split to evaluate on; `none` for no evaluation split. Missing splits are an error."},
+    )
+    eval_split_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this fraction (0-1) or number of rows (>=1) of the train split for evaluation, for "
+            "datasets that ship no test split (such as a single JSONL file)."
+        },
+    )
+    formatter: str = field(
+        default="chartqa",
+        metadata={
+            "help": "How a dataset row becomes chat messages: one of the names in `vlm_recipes.data.formatters`."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Optional system message put before every conversation."}
+    )
+    image_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder that relative image paths in a JSONL dataset are resolved against. Defaults to the "
+            "JSONL file's own folder."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training rows (quick runs, debugging)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` with defaults for vision-language fine-tuning, plus the image processor's size rule."""
+
+    dtype: str | None = field(
+        default="bfloat16",
+        metadata={
+            "help": "Dtype the weights load in (and the 4-bit compute dtype).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True, metadata={"help": "Double quantization of the 4-bit constants (QLoRA's default)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA target modules. Default: every attention and MLP projection of the language model, and "
+            "nothing in the vision tower (from the model family table)."
+        },
+    )
+    image_min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Smallest image area (pixels) the processor resizes up to; default: the processor's own."},
+    )
+    image_max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest image area (pixels) the processor keeps; larger images are downscaled. Bounds the "
+            "image-token count (Qwen-VL: one token per 28x28 pixels). Default: the processor's own."
+        },
+    )
+
+
+@dataclass
+class RunArguments:
+    """How the run treats its output folder."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete an existing non-empty `output_dir` before training. Without it (and without "
+            "`resume_from_checkpoint`), a non-empty `output_dir` is refused so nothing is overwritten silently."
+        },
+    )

@@ -1,0 +1,215 @@
+"""Formatters: one small pure function per dataset shape, from a dataset row to TRL's vision format.
+
+SFT formatters return `{"images": [...], "messages": [...]}`: each message's `content` is a list of
+`{"type": "image"}` / `{"type": "text", "text": ...}` blocks in reading order, one image block per image. Images pass
+through untouched (a PIL image, an encoded `{"bytes", "path"}` dict, or a file path), so formatting never decodes a
+picture; `vlm_recipes.data.loading` casts the `images` column to an image feature afterwards. A formatter may add
+`answers` (the reference answers, for evaluation); the trainer ignores it.
+
+Adding a dataset means adding one function here, decorated with `@register_formatter(...)`, and one test.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_recipes.errors import RecipeError
+
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class FormatError(ValueError):
+    """A row this formatter cannot use. The loader adds the file and the row number to the message."""
+
+    def __init__(self, message: str, column: str | None = None):
+        super().__init__(message)
+        self.column = column
+
+
+@dataclass(frozen=True)
+class FormatterSpec:
+    name: str
+    function: Callable[..., dict[str, Any]]
+    # Each entry is a group of alternatives: at least one column of every group must be present.
+    required_columns: tuple[tuple[str, ...], ...]
+    task: str  # "sft" or "preference"
+    description: str
+
+
+FORMATTERS: dict[str, FormatterSpec] = {}
+
+
+def register_formatter(name: str, *, required_columns: tuple[tuple[str, ...], ...], task: str = "sft"):
+    def decorate(function):
+        FORMATTERS[name] = FormatterSpec(
+            name=name,
+            function=function,
+            required_columns=required_columns,
+            task=task,
+            description=(function.__doc__ or "").strip().splitlines()[0],
+        )
+        return function
+
+    return decorate
+
+
+def get_formatter(name: str, task: str | None = None) -> FormatterSpec:
+    names = sorted(spec.name for spec in FORMATTERS.values() if task is None or spec.task == task)
+    if name not in FORMATTERS or (task is not None and FORMATTERS[name].task != task):
+        raise RecipeError(f"Unknown formatter '{name}' for {task or 'this'} data. Choose one of: {', '.join(names)}.")
+    return FORMATTERS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small pieces the formatters share
+
+
+def text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def image_block() -> dict[str, Any]:
+    return {"type": "image", "text": None}
+
+
+def system_messages(system_prompt: str | None) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": [text_block(system_prompt)]}] if system_prompt else []
+
+
+def require_text(row: dict[str, Any], column: str) -> str:
+    """The row's text in `column`, stripped; a clear error if it is missing, empty or not text."""
+    value = row.get(column)
+    if value is None:
+        raise FormatError("is missing", column=column)
+    if not isinstance(value, str):
+        raise FormatError(f"should be text, got {type(value).__name__} {value!r:.60}", column=column)
+    if not value.strip():
+        raise FormatError("is empty", column=column)
+    return value.strip()
+
+
+def split_placeholders(text: str) -> list[dict[str, Any]]:
+    """`"<image>What is this?"` -> `[image block, text block]`; text around each placeholder is kept in order."""
+    blocks = []
+    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index > 0:
+            blocks.append(image_block())
+        if piece.strip():
+            blocks.append(text_block(piece.strip()))
+    return blocks
+
+
+def resolve_image(image: Any, image_root: str | Path | None) -> Any:
+    """A relative image path becomes absolute against `image_root`; other image values pass through."""
+    if isinstance(image, str):
+        path = Path(image).expanduser()
+        if not path.is_absolute() and image_root is not None:
+            path = Path(image_root) / path
+        return str(path)
+    return image
+
+
+def count_image_blocks(messages: list[dict[str, Any]]) -> int:
+    return sum(block.get("type") == "image" for message in messages for block in message["content"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT formatters
+
+
+@register_formatter("chartqa", required_columns=(("image",), ("query",), ("label",)))
+def chartqa(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) -> dict[str, Any]:
+    """HuggingFaceM4/ChartQA rows (`image`, `query`, `label` as a list of strings): one question, one answer."""
+    labels = row.get("label")
+    if isinstance(labels, str | int | float):
+        labels = [labels]
+    if not isinstance(labels, list) or not labels:
+        raise FormatError("should be a non-empty list of answers", column="label")
+    answers = [str(label).strip() for label in labels if label is not None and str(label).strip()]
+    if not answers:
+        raise FormatError("holds no non-empty answer", column="label")
+    if row.get("image") is None:
+        raise FormatError("is missing", column="image")
+    messages = [
+        *system_messages(system_prompt),
+        {"role": "user", "content": [image_block(), text_block(require_text(row, "query"))]},
+        {"role": "assistant", "content": [text_block(answers[0])]},
+    ]
+    return {"images": [row["image"]], "messages": messages, "answers": answers}
+
+
+def _conversation_turns(row: dict[str, Any]) -> tuple[str, list[Any]]:
+    column = "messages" if row.get("messages") is not None else "conversations"
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        raise FormatError("should be a non-empty list of turns", column=column)
+    return column, turns
+
+
+def _turn_role_and_blocks(turn: Any, column: str, index: int) -> tuple[str, list[dict[str, Any]]]:
+    if not isinstance(turn, dict):
+        raise FormatError(f"turn {index} should be a mapping, got {type(turn).__name__}", column=column)
+    raw_role = turn.get("role", turn.get("from"))
+    role = ROLE_ALIASES.get(str(raw_role).lower())
+    if role is None:
+        raise FormatError(f"turn {index} has role {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}", column=column)
+    content = turn.get("content", turn.get("value"))
+    if isinstance(content, str):
+        return role, split_placeholders(content)
+    if isinstance(content, list):
+        blocks = []
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "image":
+                blocks.append(image_block())
+            elif isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+                blocks.extend(split_placeholders(block["text"]))
+            else:
+                raise FormatError(
+                    f"turn {index} has a content block {block!r:.80} that is neither text nor image", column=column
+                )
+        return role, blocks
+    raise FormatError(f"turn {index} has no text (`content` or `value`)", column=column)
+
+
+@register_formatter("conversations", required_columns=(("messages", "conversations"),))
+def conversations(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
+    """A user's own conversations: `messages` (role/content) or LLaVA-style `conversations` (from/value), with
+    `<image>` placeholders in the text and `images` (a list of paths) or `image` (one path)."""
+    column, turns = _conversation_turns(row)
+    messages = []
+    for index, turn in enumerate(turns):
+        role, blocks = _turn_role_and_blocks(turn, column, index)
+        if not blocks:
+            raise FormatError(f"turn {index} ({role}) is empty", column=column)
+        messages.append({"role": role, "content": blocks})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise FormatError("has no assistant turn to learn from", column=column)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = system_messages(system_prompt) + messages
+
+    image_column = "images" if row.get("images") is not None else "image"
+    images = row.get(image_column)
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    placeholders = count_image_blocks(messages)
+    if placeholders != len(images):
+        raise FormatError(
+            f"has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in its text but {len(images)} image(s) in "
+            f"'{image_column}'; put one {IMAGE_PLACEHOLDER} where each image belongs",
+            column=column,
+        )
+    return {"images": [resolve_image(image, image_root) for image in images], "messages": messages}
+
+
+def find_matching_formatters(columns: list[str], task: str | None = None) -> list[str]:
+    """Names of formatters whose required columns are all present in `columns`."""
+    return sorted(
+        spec.name
+        for spec in FORMATTERS.values()
+        if (task is None or spec.task == task)
+        and all(any(column in columns for column in group) for group in spec.required_columns)
+    )

@@ -1,0 +1,214 @@
+"""Load a dataset (Hub id, local dataset folder, or a JSONL file of conversations), pick its splits, and format it.
+
+`load_datasets(data_args, seed, need_eval)` is the one call the entry points make. It returns the train and eval
+splits in TRL's vision format (see `vlm_recipes.data.formatters`) with `images` cast to a lazily decoded image feature.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Image, List, Sequence, Value, load_dataset, load_from_disk
+from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+from vlm_recipes.configs import DataArguments
+from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
+from vlm_recipes.errors import DataError, RecipeError
+
+
+logger = logging.getLogger(__name__)
+
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (or a JSON list); a line that is not a JSON object is an error naming the line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"is not valid JSON ({error.msg})", source=str(path), row=error.lineno, row_label="line"
+            ) from None
+        lines = list(enumerate(rows, start=1))
+        label = "item"
+    else:
+        lines, label = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"is not valid JSON ({error.msg})", source=str(path), row=number, row_label="line"
+                ) from None
+    for number, row in lines:
+        if not isinstance(row, dict):
+            raise DataError("should be a JSON object", source=str(path), row=number, row_label=label)
+    return [dict(row, _line=number) for number, row in lines]
+
+
+def _load_splits(data_args: DataArguments) -> tuple[dict[str, Any], str, Path | None]:
+    """(splits, a name for messages, the folder relative image paths resolve against)."""
+    name = data_args.dataset_name
+    if not name:
+        raise RecipeError("The recipe sets no `dataset_name` (a Hub dataset id, a local folder or a JSONL file).")
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix in JSON_SUFFIXES:
+        image_root = Path(data_args.image_dir).expanduser() if data_args.image_dir else path.parent
+        return {"train": read_jsonl(path)}, str(path), image_root
+    image_root = Path(data_args.image_dir).expanduser() if data_args.image_dir else (path if path.is_dir() else None)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return (loaded if isinstance(loaded, DatasetDict) else {"train": loaded}), str(path), image_root
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"{path}: expected a .jsonl/.json file, a dataset folder, or a Hub dataset id.")
+    try:
+        return load_dataset(name, data_args.dataset_config), name, image_root
+    except (DatasetNotFoundError, DataFilesNotFoundError, FileNotFoundError, ConnectionError) as error:
+        raise RecipeError(
+            f"Could not load dataset '{name}': {error}. Check the name or path; without network access only local "
+            "folders and files work (set HF_HUB_OFFLINE=1 to use the local cache)."
+        ) from None
+
+
+def _pick_split(splits: dict[str, Any], split: str, source: str) -> Any:
+    if split not in splits:
+        raise RecipeError(f"{source} has no split '{split}'. Its splits: {', '.join(sorted(splits))}.")
+    return splits[split]
+
+
+def _first(rows: Any, limit: int | None) -> Any:
+    if limit is None or len(rows) <= limit:
+        return rows
+    return rows.select(range(limit)) if isinstance(rows, Dataset) else rows[:limit]
+
+
+def _check_columns(columns: list[str], spec: FormatterSpec, source: str, task: str) -> None:
+    for group in spec.required_columns:
+        if not any(column in columns for column in group):
+            wanted = " or ".join(f"'{column}'" for column in group)
+            fitting = [name for name in find_matching_formatters(columns, task) if name != spec.name]
+            hint = f" Formatters that fit its columns: {', '.join(fitting)}." if fitting else ""
+            raise DataError(
+                f"the '{spec.name}' formatter needs column {wanted}, which is missing "
+                f"(columns: {', '.join(columns)}).{hint}",
+                source=source,
+                column=group[0],
+            )
+
+
+def _without_decoding(feature: Any) -> Any:
+    if isinstance(feature, Image):
+        return Image(decode=False)
+    if isinstance(feature, List | Sequence):
+        return type(feature)(_without_decoding(feature.feature))
+    return feature
+
+
+def _format_rows(rows: list[dict[str, Any]], spec: FormatterSpec, options: dict[str, Any], source: str) -> Dataset:
+    formatted = []
+    for index, row in enumerate(rows):
+        number = row.pop("_line", index)
+        try:
+            formatted.append(spec.function(row, **options))
+        except FormatError as error:
+            raise DataError(str(error), source=source, row=number, column=error.column, row_label="line") from None
+    return Dataset.from_list(formatted)
+
+
+def _format_dataset(dataset: Dataset, spec: FormatterSpec, options: dict[str, Any], source: str, num_proc) -> Dataset:
+    # Images stay encoded while formatting: nothing is decoded until the collator needs the pixels.
+    for column, feature in dataset.features.items():
+        lazy = _without_decoding(feature)
+        if lazy != feature:
+            dataset = dataset.cast_column(column, lazy)
+
+    def format_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            return spec.function(row, **options)
+        except FormatError as error:
+            raise DataError(str(error), source=source, row=index, column=error.column) from None
+
+    return dataset.map(
+        format_row,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Formatting with '{spec.name}'",
+    )
+
+
+def _cast_images(dataset: Dataset) -> Dataset:
+    """Turn the formatted `images` column (paths or encoded bytes) into a lazily decoded list-of-images feature."""
+    feature = dataset.features.get("images")
+    inner = getattr(feature, "feature", None)
+    if feature is None or isinstance(inner, Image) or (isinstance(inner, Value) and inner.dtype == "null"):
+        return dataset  # already images, or no row has any image
+    return dataset.cast_column("images", List(Image()))
+
+
+def format_split(
+    rows: Any, data_args: DataArguments, source: str, image_root: Path | None, task: str, num_proc: int | None = None
+) -> Dataset:
+    """Check a split's columns against the formatter, then format every row (or fail naming the row)."""
+    spec = get_formatter(data_args.formatter, task)
+    columns = (
+        rows.column_names if isinstance(rows, Dataset) else sorted({key for row in rows for key in row} - {"_line"})
+    )
+    _check_columns(columns, spec, source, task)
+    options = {"system_prompt": data_args.system_prompt, "image_root": image_root}
+    if isinstance(rows, Dataset):
+        formatted = _format_dataset(rows, spec, options, source, num_proc)
+    else:
+        formatted = _format_rows([dict(row) for row in rows], spec, options, source)
+    return _cast_images(formatted)
+
+
+def load_datasets(
+    data_args: DataArguments,
+    *,
+    seed: int = 42,
+    need_eval: bool = False,
+    task: str = "sft",
+    num_proc: int | None = None,
+) -> tuple[Dataset, Dataset | None]:
+    """The formatted train split and, when there is one, the formatted evaluation split."""
+    get_formatter(data_args.formatter, task)  # an unknown formatter fails before any data loads
+    splits, source, image_root = _load_splits(data_args)
+    train = _pick_split(splits, data_args.dataset_train_split, source)
+
+    test_split = data_args.dataset_test_split
+    evaluation = None
+    if data_args.eval_split_size:
+        size = data_args.eval_split_size
+        size = int(size) if size >= 1 else size
+        if isinstance(train, Dataset):
+            parts = train.train_test_split(test_size=size, seed=seed)
+            train, evaluation = parts["train"], parts["test"]
+        else:
+            held_out = Dataset.from_list([{"i": i} for i in range(len(train))]).train_test_split(
+                test_size=size, seed=seed
+            )
+            evaluation = [train[i] for i in held_out["test"]["i"]]
+            train = [train[i] for i in held_out["train"]["i"]]
+    elif test_split and test_split.lower() != "none" and test_split in splits:
+        evaluation = splits[test_split]
+    elif need_eval:
+        raise RecipeError(
+            f"Evaluation is on, but {source} has no split '{test_split}' (splits: {', '.join(sorted(splits))}). "
+            "Set `dataset_test_split` to one of them, or `eval_split_size` to hold out part of the train split."
+        )
+
+    train = format_split(_first(train, data_args.max_train_samples), data_args, source, image_root, task, num_proc)
+    if evaluation is not None:
+        evaluation = format_split(
+            _first(evaluation, data_args.max_eval_samples), data_args, source, image_root, task, num_proc
+        )
+    logger.info(
+        "Data: %d training rows, %s evaluation rows from %s", len(train), len(evaluation) if evaluation else 0, source
+    )
+    return train, evaluation

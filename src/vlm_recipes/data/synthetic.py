@@ -1,0 +1,198 @@
+"""Generated ChartQA-shaped data: bar and line charts drawn with known values, and questions about them.
+
+Rows follow the Hub dataset HuggingFaceM4/ChartQA (`image`, `query`, `label` as a list of strings,
+`human_or_machine`), so the `chartqa` formatter and evaluation treat them exactly like the real data. The folder written
+by `save_chartqa_dataset` holds parquet files per split and loads with `datasets.load_dataset(folder)`.
+
+    python -m vlm_recipes.data.synthetic --output_dir .cache/data/chartqa_synthetic --train_rows 256 --test_rows 32
+"""
+
+import argparse
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+CATEGORIES = [
+    "Lamb", "Corn", "Beef", "Rice", "Fish", "Milk", "Eggs", "Pork", "Wheat", "Soy",
+    "Fiji", "Madagascar", "Chile", "Peru", "Kenya", "Norway", "Japan", "Brazil", "Canada", "India",
+    "Apples", "Tea", "Coffee", "Sugar", "Cotton",
+]  # fmt: skip
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+FIRST_YEAR_CHOICES = range(1990, 2015)
+
+
+@dataclass(frozen=True)
+class ImageSizeRange:
+    """Chart sizes are drawn uniformly from these ranges (pixels)."""
+
+    min_width: int = 96
+    max_width: int = 160
+    min_height: int = 72
+    max_height: int = 128
+
+
+# Widths and heights spread like the real ChartQA images (about 300-1600 x 200-1200 px).
+REALISTIC_SIZES = ImageSizeRange(min_width=300, max_width=1600, min_height=200, max_height=1200)
+
+
+def _plot_area(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    width, height = size
+    return int(width * 0.1), int(height * 0.08), int(width * 0.95), int(height * 0.85)
+
+
+def draw_bar_chart(
+    labels: list[str], values: list[float], size: tuple[int, int], color: tuple[int, int, int]
+) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = _plot_area(size)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
+    slot = (right - left) / len(values)
+    peak = max(values) or 1
+    for index, (label, value) in enumerate(zip(labels, values)):
+        x0 = left + slot * index + slot * 0.15
+        x1 = left + slot * (index + 1) - slot * 0.15
+        y0 = bottom - (bottom - top) * value / peak
+        draw.rectangle([x0, y0, x1, bottom], fill=color)
+        draw.text((x0, max(top, y0 - 11)), f"{value:g}", fill="black")
+        draw.text((x0, bottom + 2), label[:6], fill="black")
+    return image
+
+
+def draw_line_chart(
+    years: list[int], values: list[float], size: tuple[int, int], color: tuple[int, int, int]
+) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = _plot_area(size)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
+    low, high = min(values), max(values)
+    span = (high - low) or 1
+    step = (right - left) / max(len(values) - 1, 1)
+    points = [(left + step * i, bottom - (bottom - top) * (v - low) / span) for i, v in enumerate(values)]
+    draw.line(points, fill=color, width=2)
+    for (x, y), year, value in zip(points, years, values):
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        draw.text((x - 8, bottom + 2), str(year)[-2:], fill="black")
+        draw.text((x - 6, max(top, y - 12)), f"{value:g}", fill="black")
+    return image
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def bar_chart_questions(labels: list[str], values: list[float], rng: random.Random) -> list[tuple[str, str]]:
+    a, b = rng.sample(range(len(labels)), 2)
+    top = max(range(len(values)), key=values.__getitem__)
+    low = min(range(len(values)), key=values.__getitem__)
+    return [
+        (f"What is the value of {labels[a]}?", _number(values[a])),
+        ("Which category has the highest value?", labels[top]),
+        ("What's the value of the lowest bar?", _number(values[low])),
+        ("How many bars are shown in the chart?", str(len(values))),
+        (
+            f"What is the difference in value between {labels[a]} and {labels[b]}?",
+            _number(round(abs(values[a] - values[b]), 2)),
+        ),
+        (f"Is the value of {labels[a]} more than {labels[b]}?", "Yes" if values[a] > values[b] else "No"),
+    ]
+
+
+def line_chart_questions(years: list[int], values: list[float], rng: random.Random) -> list[tuple[str, str]]:
+    i = rng.randrange(len(years))
+    peak = max(range(len(values)), key=values.__getitem__)
+    return [
+        ("When does the line reach the peak?", str(years[peak])),
+        (f"What was the value in {years[i]}?", _number(values[i])),
+        ("What is the highest value in the chart?", _number(values[peak])),
+        ("How many data points are shown in the line?", str(len(values))),
+    ]
+
+
+def make_chartqa_rows(
+    num_rows: int, seed: int = 0, sizes: ImageSizeRange = ImageSizeRange(), questions_per_chart: int = 2
+) -> list[dict[str, Any]]:
+    """`num_rows` rows in ChartQA's schema; each chart gets `questions_per_chart` questions, as in the real data."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    while len(rows) < num_rows:
+        size = (rng.randint(sizes.min_width, sizes.max_width), rng.randint(sizes.min_height, sizes.max_height))
+        color = rng.choice(COLORS)
+        if rng.random() < 0.6:
+            labels = rng.sample(CATEGORIES, rng.randint(3, 6))
+            values = [float(rng.randint(1, 99)) for _ in labels]
+            image = draw_bar_chart(labels, values, size, color)
+            questions = bar_chart_questions(labels, values, rng)
+        else:
+            first = rng.choice(FIRST_YEAR_CHOICES)
+            years = list(range(first, first + rng.randint(4, 8)))
+            values = [round(rng.uniform(1, 90), 1) for _ in years]
+            image = draw_line_chart(years, values, size, color)
+            questions = line_chart_questions(years, values, rng)
+        for query, answer in rng.sample(questions, min(questions_per_chart, len(questions))):
+            rows.append({"image": image, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)})
+    return rows[:num_rows]
+
+
+def chartqa_features():
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "image": Image(),
+            "query": Value("string"),
+            "label": List(Value("string")),
+            "human_or_machine": Value("int64"),
+        }
+    )
+
+
+def save_splits(output_dir: str | Path, splits: dict[str, list[dict[str, Any]]], features=None) -> Path:
+    """Write each split as `data/<split>-00000-of-00001.parquet`, the layout `load_dataset(folder)` reads."""
+    from datasets import Dataset
+
+    output_dir = Path(output_dir)
+    (output_dir / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        Dataset.from_list(rows, features=features).to_parquet(
+            str(output_dir / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return output_dir
+
+
+def save_chartqa_dataset(
+    output_dir: str | Path,
+    train_rows: int = 256,
+    test_rows: int = 32,
+    seed: int = 0,
+    sizes: ImageSizeRange = ImageSizeRange(),
+) -> Path:
+    splits = {
+        "train": make_chartqa_rows(train_rows, seed=seed, sizes=sizes),
+        "test": make_chartqa_rows(test_rows, seed=seed + 1, sizes=sizes),
+    }
+    return save_splits(output_dir, splits, chartqa_features())
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a generated ChartQA-shaped dataset (parquet) to a folder.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--train_rows", type=int, default=256)
+    parser.add_argument("--test_rows", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--realistic_sizes", action="store_true", help="Image sizes spread like real ChartQA (300-1600 px wide)."
+    )
+    args = parser.parse_args(argv)
+    sizes = REALISTIC_SIZES if args.realistic_sizes else ImageSizeRange()
+    path = save_chartqa_dataset(args.output_dir, args.train_rows, args.test_rows, args.seed, sizes)
+    print(f"Wrote {args.train_rows} train and {args.test_rows} test rows to {path}")
+
+
+if __name__ == "__main__":
+    cli()

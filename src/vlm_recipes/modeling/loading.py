@@ -1,0 +1,144 @@
+"""The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from vlm_recipes.configs import ModelArguments
+from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.families import ModelFamily, get_family
+
+
+logger = logging.getLogger(__name__)
+
+
+def _torch_dtype(name: str | None) -> Any:
+    if name in (None, "auto"):
+        return name
+    return getattr(torch, name)
+
+
+def load_config(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
+    """The model's config, read before any weights, so a wrong path or family fails fast."""
+    if not model_args.model_name_or_path:
+        raise RecipeError("The recipe sets no `model_name_or_path`.")
+    try:
+        return AutoConfig.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise RecipeError(
+            f"Could not load the model config of '{model_args.model_name_or_path}': {error}. Without network access "
+            "only local folders (or models already in the local Hub cache, with HF_HUB_OFFLINE=1) can be loaded."
+        ) from None
+
+
+def set_image_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Bound the image area the processor keeps (Qwen-VL style `shortest_edge`/`longest_edge` in pixels)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = dict(image_processor.size or {})
+    if "longest_edge" not in size and "max_pixels" not in size:
+        raise RecipeError(
+            f"`image_min_pixels`/`image_max_pixels` apply to processors that bound the image area (Qwen-VL); "
+            f"{type(image_processor).__name__} sizes images by {sorted(size)}."
+        )
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    image_processor.size = size
+
+
+def load_processor(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
+    processor = AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+    )
+    set_image_pixel_bounds(processor, model_args.image_min_pixels, model_args.image_max_pixels)
+    return processor
+
+
+def quantization_config(model_args: ModelArguments, family: ModelFamily) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit NF4 for the language model; the vision tower, projector and output head stay in 16 bit."""
+    if model_args.load_in_8bit:
+        raise RecipeError("8-bit loading is not supported; use `load_in_4bit: true` (QLoRA) or 16-bit LoRA.")
+    if not model_args.load_in_4bit:
+        return None
+    compute_dtype = _torch_dtype(model_args.dtype)
+    if compute_dtype in (None, "auto", torch.float32):
+        compute_dtype = torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+        llm_int8_skip_modules=family.quantization_skip_modules(),
+    )
+
+
+def _device_map(quantized: bool) -> Any:
+    if not quantized:
+        return None  # the Trainer (or accelerate) places the model
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return "cpu"
+
+
+def load_model(model_args: ModelArguments, config: Any, trust_remote_code: bool = False) -> Any:
+    family = get_family(config)
+    quantization = quantization_config(model_args, family)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=_torch_dtype(model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map=_device_map(quantization is not None),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    return model
+
+
+def load_model_and_processor(
+    model_args: ModelArguments, trust_remote_code: bool = False
+) -> tuple[Any, Any, ModelFamily]:
+    """(model, processor, family). The family is checked from the config before any weights load."""
+    config = load_config(model_args, trust_remote_code)
+    family = get_family(config)
+    processor = load_processor(model_args, trust_remote_code)
+    model = load_model(model_args, config, trust_remote_code)
+    return model, processor, family
+
+
+def lora_config(model_args: ModelArguments, family: ModelFamily) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type=model_args.lora_task_type,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or family.lora_target_regex(),
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        bias="none",
+    )
+
+
+def apply_lora(model: Any, model_args: ModelArguments, family: ModelFamily) -> Any:
+    """Wrap the model with a LoRA adapter on the language model when the recipe asks (`use_peft` or 4-bit)."""
+    if model_args.load_in_4bit and not model_args.use_peft:
+        raise RecipeError("A 4-bit model trains only through an adapter: set `use_peft: true` with `load_in_4bit`.")
+    if not model_args.use_peft:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model_args, family))

@@ -1,0 +1,157 @@
+"""Parse a YAML recipe plus command-line overrides into the run's dataclasses.
+
+`python -m vlm_recipes.sft recipes/chartqa.yaml --learning_rate 1e-4` works like TRL's own scripts
+(`TrlParser.parse_args_and_config`), with three additions: the recipe path may be given without `--config`, an unknown
+field gets one clear message naming it (with the closest known field), and YAML strings such as `2e-4`, which YAML 1.1
+does not read as numbers, are converted with the field's own type.
+"""
+
+import difflib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import TrlParser
+
+from vlm_recipes.errors import RecipeError
+
+
+@dataclass
+class Recipe:
+    """The parsed dataclasses, by kind, plus what the recipe file and the command line set (saved with the outputs)."""
+
+    parts: dict[str, Any]
+    source: str | None
+    settings: dict[str, Any]
+
+    def apply_defaults(self, part: str, defaults: dict[str, Any]) -> None:
+        """Set fields of `part` that neither the recipe file nor the command line set (our defaults over TRL's)."""
+        for name, value in defaults.items():
+            if name not in self.settings:
+                setattr(self.parts[part], name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["parts"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise RecipeError("`--config` needs a recipe path.")
+        return argv[index + 1], argv[:index] + argv[index + 2 :]
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def _load_recipe_file(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise RecipeError(f"Recipe file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise RecipeError(f"{path} must be a YAML mapping of field: value.")
+    return content
+
+
+def _unknown_field_message(name: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{where}: unknown field '{name}'.{hint} `--help` lists every field."
+
+
+def _coerce(action, value: Any) -> Any:
+    # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
+    if isinstance(value, str) and callable(action.type) and action.type is not str:
+        try:
+            return action.type(value)
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def _cli_field_names(argv: list[str]) -> list[str]:
+    return [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
+
+
+def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: str | None = None) -> Recipe:
+    """Parse `argv` (default `sys.argv[1:]`) into one instance of each dataclass in `parts`, keyed like `parts`."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(list(parts.values()), prog=prog)
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    known = sorted(actions)
+
+    recipe_path, argv = _split_recipe_path(argv)
+    settings: dict[str, Any] = {}
+    if recipe_path is not None:
+        content = _load_recipe_file(recipe_path)
+        for key, value in (content.pop("env", None) or {}).items():
+            os.environ[key] = str(value)
+        for key, value in content.items():
+            if key not in actions:
+                raise RecipeError(_unknown_field_message(key, known, recipe_path))
+            settings[key] = _coerce(actions[key], value)
+        parser.set_defaults_with_config(**settings)
+
+    for name in _cli_field_names(argv):
+        if name not in actions:
+            raise RecipeError(_unknown_field_message(name, known, "command line"))
+    if (
+        "use_cpu" in actions
+        and "use_cpu" not in settings
+        and "use_cpu" not in _cli_field_names(argv)
+        and not _has_accelerator()
+    ):
+        # TRL trains in bf16 by default, which TrainingArguments refuses without a GPU unless told to use the CPU.
+        parser.set_defaults_with_config(use_cpu=True)
+    try:
+        instances = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        raise RecipeError(f"{recipe_path or 'command line'}: {error}") from None
+
+    by_kind = dict(zip(parts, instances))
+    for name in _cli_field_names(argv):
+        for instance in instances:
+            if name in {f.name for f in fields(instance)}:
+                settings[name] = getattr(instance, name)
+    return Recipe(parts=by_kind, source=recipe_path, settings=settings)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the recipe as run (file plus overrides) next to the outputs. Fields that hold secrets are left out."""
+    safe = {key: value for key, value in recipe.settings.items() if "token" not in key.lower()}
+    with open(path, "w", encoding="utf-8") as handle:
+        if recipe.source:
+            handle.write(f"# recipe: {recipe.source}, with command-line overrides applied\n")
+        yaml.safe_dump(_plain(safe), handle, sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

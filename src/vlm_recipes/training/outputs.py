@@ -1,0 +1,77 @@
+"""The run's output folder: refuse to overwrite silently, and save what a finished run leaves behind."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vlm_recipes.errors import RecipeError
+from vlm_recipes.recipe import Recipe, save_recipe
+
+
+TRAINING_LOG = "training_log.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def resume_requested(value: Any) -> bool | str | None:
+    """`resume_from_checkpoint` as the Trainer takes it: True for the last checkpoint, a path, or None."""
+    if isinstance(value, str) and value.lower() in {"true", "yes", "1", "last"}:
+        return True
+    if isinstance(value, str) and value.lower() in {"false", "no", "0", "none", ""}:
+        return None
+    return value or None
+
+
+def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: Any, is_main_process: bool = True) -> Path:
+    """Create `output_dir`; refuse a non-empty one unless the run resumes from it or the recipe says to overwrite."""
+    if not output_dir:
+        raise RecipeError("The recipe sets no `output_dir`.")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"output_dir {path} exists and is a file.")
+    non_empty = path.is_dir() and any(path.iterdir())
+    if non_empty and not resume:
+        if not overwrite:
+            raise RecipeError(
+                f"output_dir {path} already holds files. Nothing was changed. To continue that run set "
+                "`resume_from_checkpoint: true`; to replace it set `overwrite_output_dir: true`; or choose another "
+                "`output_dir`."
+            )
+        if is_main_process:
+            print(f"overwrite_output_dir: deleting the previous contents of {path}")
+            shutil.rmtree(path)
+    if is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+
+
+def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
+    """Adapter (or model) and processor via the trainer, the training log and the recipe as run."""
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        output_dir = Path(output_dir)
+        # The Trainer pickles its arguments next to the weights; recipe.yaml says the same in plain text, and the final
+        # folder (what gets shared) holds no pickle. Checkpoints keep theirs for resuming.
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
+        save_recipe(recipe, output_dir / RECIPE_FILE)
+
+
+def summary_lines(log_history: list[dict[str, Any]], output_dir: str | Path, keys: tuple[str, ...] = ()) -> list[str]:
+    """What a user wants at the end: where the outputs are and how the metrics moved from first to last log."""
+    lines = [f"Outputs in {Path(output_dir).resolve()}"]
+    loss_points = losses(log_history)
+    if loss_points:
+        (first_step, first), (last_step, last) = loss_points[0], loss_points[-1]
+        lines.append(f"loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+    for key in keys:
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            lines.append(
+                f"{key}: {points[0][1]:.4f} at step {points[0][0]} -> {points[-1][1]:.4f} at step {points[-1][0]}"
+            )
+    return lines

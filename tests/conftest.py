@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models and generated data are built once per test session; entry points run in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SRC = REPO_ROOT / "src"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+# Subprocesses import this checkout's package (also from a git worktree), offline, without tokenizer fork warnings.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A function: family name -> folder of that family's tiny model, built on first use in this session."""
+    from vlm_recipes.modeling.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, root / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_models) -> Path:
+    return tiny_models("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def chartqa_dir(tmp_path_factory) -> Path:
+    """A generated ChartQA-shaped dataset folder (parquet, train and test splits)."""
+    from vlm_recipes.data.synthetic import save_chartqa_dataset
+
+    return save_chartqa_dataset(tmp_path_factory.mktemp("chartqa"), train_rows=48, test_rows=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def chartqa_human_rows() -> list[dict]:
+    """28 real question/answer rows of the ChartQA test split (images not included)."""
+    lines = (TEST_DATA / "chartqa_test_human_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_module(module: str, *args: str, cwd: Path = REPO_ROOT, timeout: int = 600, env: dict | None = None):
+    """Run `python -m module args...` as a user would; returns the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
+    )
+
+
+def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: exit code 2, one `error:` message holding every fragment, and no Python traceback."""
+    assert result.returncode == 2, f"exit {result.returncode}\nSTDERR:\n{result.stderr[-6000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-6000:]
+    message = result.stderr[result.stderr.rfind("error:") :]
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

@@ -1,0 +1,151 @@
+"""SFT end to end through the real entry point (`python -m vlm_recipes.sft RECIPE`), on the tiny model, on CPU."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO_ROOT, assert_clear_error, assert_ok, run_module
+from PIL import Image
+
+from vlm_recipes.sft import main
+
+
+pytestmark = pytest.mark.e2e
+
+
+def sft_args(recipe, model, data, output_dir, *extra):
+    return [
+        str(REPO_ROOT / "recipes" / "demo" / recipe),
+        "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir,
+        "--overwrite_output_dir", "false", "--max_train_samples", "16", "--max_steps", "30", "--logging_steps", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def logged_losses(output_dir):
+    log = json.loads((output_dir / "training_log.json").read_text())
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
+def assert_learned(losses):
+    assert all(math.isfinite(loss) for loss in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.3, f"loss did not fall: {losses}"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_qwen, chartqa_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("sft") / "lora"
+    result = run_module("vlm_recipes.sft", *sft_args("sft_lora.yaml", tiny_qwen, chartqa_dir, output_dir))
+    assert_ok(result)
+    return output_dir, result
+
+
+def test_lora_sft_learns_and_saves_an_adapter(lora_run):
+    output_dir, result = lora_run
+    assert_learned(logged_losses(output_dir))
+    files = {path.name for path in output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_log.json", "recipe.yaml"} <= files
+    assert {"processor_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors only
+    assert f"Outputs in {output_dir.resolve()}" in result.stdout
+    assert "loss:" in result.stdout and "at step 1 ->" in result.stdout
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert "language_model" in str(adapter_config["target_modules"])  # LoRA on the language model only
+
+
+def test_adapter_reloads_onto_the_base_model_and_generates(lora_run, tiny_qwen):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    output_dir, _ = lora_run
+    processor = AutoProcessor.from_pretrained(output_dir)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "How many bars are shown in the chart?"}],
+        }
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (128, 96), "white")], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**inputs).logits[0, -1]
+    model = PeftModel.from_pretrained(base, output_dir)
+    assert not any(p.requires_grad for p in model.parameters())  # loaded for inference
+    with torch.no_grad():
+        tuned_logits = model(**inputs).logits[0, -1]
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert not torch.allclose(base_logits, tuned_logits)  # the adapter is really applied
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+    assert 0 < len(new_tokens) <= 6
+    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
+
+
+def test_qlora_sft_trains_on_cpu(tiny_qwen, chartqa_dir, tmp_path):
+    output_dir = tmp_path / "qlora"
+    result = run_module("vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir))
+    assert_ok(result)
+    assert_learned(logged_losses(output_dir))
+    assert (output_dir / "adapter_model.safetensors").exists()
+    recipe = (output_dir / "recipe.yaml").read_text()
+    assert "load_in_4bit: true" in recipe
+
+
+def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, chartqa_dir):
+    output_dir, _ = lora_run
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
+    result = run_module("vlm_recipes.sft", *sft_args("sft_lora.yaml", tiny_qwen, chartqa_dir, output_dir))
+    assert_clear_error(
+        result, f"output_dir {output_dir} already holds files", "overwrite_output_dir", "resume_from_checkpoint"
+    )
+    after = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
+    assert after == before
+
+
+def test_unknown_recipe_field_gets_one_clear_message(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model_name_or_path: x\ndataset_name: y\nper_device_train_batchsize: 4\n")
+    result = run_module("vlm_recipes.sft", recipe)
+    assert_clear_error(result, "unknown field 'per_device_train_batchsize'", "per_device_train_batch_size")
+
+
+def run_main(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_formatter_is_named(capsys, tiny_qwen, chartqa_dir, tmp_path):
+    err = run_main(
+        capsys, sft_args("sft_lora.yaml", tiny_qwen, chartqa_dir, tmp_path / "o", "--formatter", "chart_qa")
+    )
+    assert "Unknown formatter 'chart_qa'" in err and "chartqa" in err
+
+
+def test_missing_columns_are_named(capsys, tiny_qwen, tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "image": "x.png"}) + "\n")
+    err = run_main(capsys, sft_args("sft_lora.yaml", tiny_qwen, tmp_path / "d.jsonl", tmp_path / "o"))
+    assert "needs column 'image'" not in err  # the image column is there
+    assert "'chartqa' formatter needs column 'query'" in err and "question" in err
+
+
+def test_placeholder_mismatch_names_the_line(capsys, tiny_qwen, tmp_path):
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "<image> Q"}, {"role": "assistant", "content": "A"}],
+            "images": ["a.png"],
+        },
+        {
+            "messages": [{"role": "user", "content": "<image> Q <image>"}, {"role": "assistant", "content": "A"}],
+            "images": ["a.png"],
+        },
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    err = run_main(
+        capsys,
+        sft_args("sft_lora.yaml", tiny_qwen, tmp_path / "d.jsonl", tmp_path / "o", "--formatter", "conversations"),
+    )
+    assert "d.jsonl, line 2, column 'messages'" in err and "2 <image> placeholder(s)" in err and "1 image(s)" in err
