@@ -9,6 +9,8 @@ TINY_MODEL := $(CACHE)/tiny/qwen2_5_vl
 DEMO_DATA := $(CACHE)/data/chartqa_synthetic
 RECIPE ?= recipes/chartqa.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
+# This checkout's sources win over any installed copy (also in a git worktree that shares another checkout's .venv).
+export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
