@@ -39,7 +39,7 @@ def conversation_dir(tmp_path):
 
 
 def test_chartqa_folder_loads_with_both_splits(chartqa_dir):
-    train, evaluation = load_datasets(
+    train, evaluation, _ = load_datasets(
         DataArguments(dataset_name=str(chartqa_dir), formatter="chartqa"), need_eval=True
     )
     assert len(train) == 48 and len(evaluation) == 16
@@ -51,15 +51,15 @@ def test_chartqa_folder_loads_with_both_splits(chartqa_dir):
 
 def test_limits_and_held_out_split(chartqa_dir):
     args = DataArguments(dataset_name=str(chartqa_dir), max_train_samples=10, max_eval_samples=3)
-    train, evaluation = load_datasets(args)
+    train, evaluation, _ = load_datasets(args)
     assert (len(train), len(evaluation)) == (10, 3)
     args = DataArguments(dataset_name=str(chartqa_dir), eval_split_size=0.25)
-    train, evaluation = load_datasets(args)
+    train, evaluation, _ = load_datasets(args)
     assert (len(train), len(evaluation)) == (36, 12)
 
 
 def test_jsonl_conversations_resolve_images_next_to_the_file(conversation_dir):
-    train, evaluation = load_datasets(DataArguments(dataset_name=str(conversation_dir), formatter="conversations"))
+    train, evaluation, _ = load_datasets(DataArguments(dataset_name=str(conversation_dir), formatter="conversations"))
     assert evaluation is None  # no test split and evaluation not asked for
     assert len(train) == 2
     assert [image.size for image in train[1]["images"]] == [(40, 30), (40, 30)]
@@ -78,7 +78,7 @@ def test_jsonl_with_image_dir(tmp_path, conversation_dir):
     args = DataArguments(
         dataset_name=str(path), formatter="conversations", image_dir=str(conversation_dir.parent / "images")
     )
-    train, _ = load_datasets(args)
+    train, _, _ = load_datasets(args)
     assert train[0]["images"][0].size == (40, 30)
 
 
@@ -99,29 +99,39 @@ def test_missing_columns_name_the_column_and_a_fitting_formatter(conversation_di
     assert "column 'image'" in message and "'chartqa' formatter needs" in message and "conversations" in message
 
 
-def test_bad_row_names_file_line_and_column(tmp_path):
-    rows = [
-        {
-            "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}],
-            "images": ["a.png"],
-        },
-        {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}], "images": []},
-    ]
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(DataError) as info:
-        load_datasets(DataArguments(dataset_name=str(path), formatter="conversations"))
-    assert f"{path}, line 2, column 'messages'" in str(info.value)
-    assert "1 <image> placeholder(s)" in str(info.value) and "0 image(s)" in str(info.value)
+def test_bad_rows_are_skipped_counted_and_named(tmp_path):
+    good = {
+        "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}],
+        "images": ["a.png"],
+    }
+    bad = {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}], "images": []}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad, good, bad])
+    train, _, report = load_datasets(DataArguments(dataset_name=str(path), formatter="conversations"))
+    assert len(train) == 2
+    split = report.to_dict()["train"]
+    assert (split["rows"], split["kept"], split["rejected"]) == (4, 2, 2)
+    ((reason, details),) = split["rejected_by_reason"].items()
+    assert reason == "<image> placeholders do not match the images"
+    assert details["examples"] == ["line 2", "line 4"]
+    assert f"{path}, line 2, column 'messages'" in details["first_message"]
+    assert "1 <image> placeholder(s)" in details["first_message"] and "0 image(s)" in details["first_message"]
+    with pytest.raises(
+        DataError, match=r"2 of 4 rows of the 'train' split were rejected \(50% > max_bad_fraction 5%\)"
+    ):
+        report.stop_if_too_many_rejected(0.05)
+    report.stop_if_too_many_rejected(0.5)  # at the limit: the run goes on
 
 
-def test_bad_row_in_a_dataset_folder_names_the_row(tmp_path):
+def test_bad_row_in_a_dataset_folder_is_named_by_row(tmp_path):
     from vlm_recipes.data.synthetic import chartqa_features, make_chartqa_rows, save_splits
 
     rows = make_chartqa_rows(4, seed=1)
     rows[2]["query"] = ""
     folder = save_splits(tmp_path / "ds", {"train": rows}, chartqa_features())
-    with pytest.raises(DataError, match="row 2, column 'query': is empty"):
-        load_datasets(DataArguments(dataset_name=str(folder)))
+    train, _, report = load_datasets(DataArguments(dataset_name=str(folder)))
+    assert len(train) == 3 and train[2]["messages"][0]["content"][1]["text"] == rows[3]["query"]
+    details = report.to_dict()["train"]["rejected_by_reason"]["'query' is empty"]
+    assert details["examples"] == ["row 2"] and "row 2, column 'query': is empty" in details["first_message"]
 
 
 def test_invalid_json_line_is_named(tmp_path):

@@ -148,4 +148,9 @@ def test_placeholder_mismatch_names_the_line(capsys, tiny_qwen, tmp_path):
         capsys,
         sft_args("sft_lora.yaml", tiny_qwen, tmp_path / "d.jsonl", tmp_path / "o", "--formatter", "conversations"),
     )
+    assert "1 of 2 rows of the 'train' split were rejected" in err
     assert "d.jsonl, line 2, column 'messages'" in err and "2 <image> placeholder(s)" in err and "1 image(s)" in err
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    assert report["train"]["rejected_by_reason"]["<image> placeholders do not match the images"]["examples"] == [
+        "line 2"
+    ]

@@ -52,6 +52,13 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N training rows (quick runs, debugging)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_bad_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Rows that fail the checks are skipped and counted in data_report.json; when more than this "
+            "fraction of a split is rejected, the run stops before loading the model. 0 stops on any bad row."
+        },
+    )
 
 
 @dataclass

@@ -32,20 +32,21 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     data_args, model_args, run_args, training_args = recipe.data, recipe.model, recipe.run, recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    prepare_output_dir(
+    output_dir = prepare_output_dir(
         training_args.output_dir,
         overwrite=run_args.overwrite_output_dir,
         resume=resume_requested(training_args.resume_from_checkpoint),
         is_main_process=PartialState().is_main_process,
     )
 
-    # Data first: a bad row or a missing column fails before any weights load.
-    train_dataset, eval_dataset = load_datasets(
+    # Data first: a missing column, or too many bad rows, fails before any weights load.
+    train_dataset, eval_dataset, data_report = load_datasets(
         data_args,
         seed=training_args.seed,
         need_eval=training_args.eval_strategy != "no",
         num_proc=training_args.dataset_num_proc,
     )
+    data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
 
     model, processor, family = load_model_and_processor(model_args, training_args.trust_remote_code)
     model = apply_lora(model, model_args, family)

@@ -22,11 +22,16 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 class FormatError(ValueError):
-    """A row this formatter cannot use. The loader adds the file and the row number to the message."""
+    """A row this formatter cannot use. The loader adds the file and the row number to the message.
 
-    def __init__(self, message: str, column: str | None = None):
+    `reason` is a short, stable category ("'query' is empty") under which the data report counts such rows; it defaults
+    to the column and the message.
+    """
+
+    def __init__(self, message: str, column: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.column = column
+        self.reason = reason or (f"'{column}' {message}" if column else message)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,11 @@ def require_text(row: dict[str, Any], column: str) -> str:
     if value is None:
         raise FormatError("is missing", column=column)
     if not isinstance(value, str):
-        raise FormatError(f"should be text, got {type(value).__name__} {value!r:.60}", column=column)
+        raise FormatError(
+            f"should be text, got {type(value).__name__} {value!r:.60}",
+            column=column,
+            reason=f"'{column}' is not text",
+        )
     if not value.strip():
         raise FormatError("is empty", column=column)
     return value.strip()
@@ -151,11 +160,17 @@ def _conversation_turns(row: dict[str, Any]) -> tuple[str, list[Any]]:
 
 def _turn_role_and_blocks(turn: Any, column: str, index: int) -> tuple[str, list[dict[str, Any]]]:
     if not isinstance(turn, dict):
-        raise FormatError(f"turn {index} should be a mapping, got {type(turn).__name__}", column=column)
+        raise FormatError(
+            f"turn {index} should be a mapping, got {type(turn).__name__}", column=column, reason="malformed turn"
+        )
     raw_role = turn.get("role", turn.get("from"))
     role = ROLE_ALIASES.get(str(raw_role).lower())
     if role is None:
-        raise FormatError(f"turn {index} has role {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}", column=column)
+        raise FormatError(
+            f"turn {index} has role {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}",
+            column=column,
+            reason="unknown role",
+        )
     content = turn.get("content", turn.get("value"))
     if isinstance(content, str):
         return role, split_placeholders(content)
@@ -168,10 +183,12 @@ def _turn_role_and_blocks(turn: Any, column: str, index: int) -> tuple[str, list
                 blocks.extend(split_placeholders(block["text"]))
             else:
                 raise FormatError(
-                    f"turn {index} has a content block {block!r:.80} that is neither text nor image", column=column
+                    f"turn {index} has a content block {block!r:.80} that is neither text nor image",
+                    column=column,
+                    reason="malformed turn",
                 )
         return role, blocks
-    raise FormatError(f"turn {index} has no text (`content` or `value`)", column=column)
+    raise FormatError(f"turn {index} has no text (`content` or `value`)", column=column, reason="malformed turn")
 
 
 @register_formatter("conversations", required_columns=(("messages", "conversations"),))
@@ -185,7 +202,7 @@ def conversations(
     for index, turn in enumerate(turns):
         role, blocks = _turn_role_and_blocks(turn, column, index)
         if not blocks:
-            raise FormatError(f"turn {index} ({role}) is empty", column=column)
+            raise FormatError(f"turn {index} ({role}) is empty", column=column, reason=f"empty {role} turn")
         messages.append({"role": role, "content": blocks})
     if not any(message["role"] == "assistant" for message in messages):
         raise FormatError("has no assistant turn to learn from", column=column)
@@ -201,6 +218,7 @@ def conversations(
             f"has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in its text but {len(images)} image(s) in "
             f"'{image_column}'; put one {IMAGE_PLACEHOLDER} where each image belongs",
             column=column,
+            reason=f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
         )
     return {"images": [resolve_image(image, image_root) for image in images], "messages": messages}
 

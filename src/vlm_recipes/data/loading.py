@@ -14,6 +14,7 @@ from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
+from vlm_recipes.data.report import DataReport, SplitReport
 from vlm_recipes.errors import DataError, RecipeError
 
 
@@ -109,33 +110,67 @@ def _without_decoding(feature: Any) -> Any:
     return feature
 
 
-def _format_rows(rows: list[dict[str, Any]], spec: FormatterSpec, options: dict[str, Any], source: str) -> Dataset:
+def _format_rows(
+    rows: list[dict[str, Any]],
+    spec: FormatterSpec,
+    options: dict[str, Any],
+    report: SplitReport,
+    split: str,
+    data_report: DataReport,
+) -> Dataset:
     formatted = []
     for index, row in enumerate(rows):
         number = row.pop("_line", index)
         try:
             formatted.append(spec.function(row, **options))
         except FormatError as error:
-            raise DataError(str(error), source=source, row=number, column=error.column, row_label="line") from None
+            message = str(
+                DataError(str(error), source=report.source, row=number, column=error.column, row_label="line")
+            )
+            data_report.reject(split, f"line {number}", error.reason, message)
     return Dataset.from_list(formatted)
 
 
-def _format_dataset(dataset: Dataset, spec: FormatterSpec, options: dict[str, Any], source: str, num_proc) -> Dataset:
+def _format_dataset(
+    dataset: Dataset,
+    spec: FormatterSpec,
+    options: dict[str, Any],
+    report: SplitReport,
+    split: str,
+    data_report: DataReport,
+    num_proc,
+) -> Dataset:
     # Images stay encoded while formatting: nothing is decoded until the collator needs the pixels.
     for column, feature in dataset.features.items():
         lazy = _without_decoding(feature)
         if lazy != feature:
             dataset = dataset.cast_column(column, lazy)
 
-    def format_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    # First pass: which rows the formatter rejects, and why (a small two-column result). Second: format the rest.
+    def check_row(row: dict[str, Any]) -> dict[str, Any]:
         try:
-            return spec.function(row, **options)
+            spec.function(row, **options)
+            return {"reason": None, "message": None, "column": None}
         except FormatError as error:
-            raise DataError(str(error), source=source, row=index, column=error.column) from None
+            return {"reason": error.reason, "message": str(error), "column": error.column}
+
+    verdicts = dataset.map(
+        check_row, remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Checking rows for '{spec.name}'"
+    )
+    kept = []
+    for index, (reason, message, column) in enumerate(
+        zip(verdicts["reason"], verdicts["message"], verdicts["column"])
+    ):
+        if reason is None:
+            kept.append(index)
+        else:
+            full = str(DataError(message, source=report.source, row=index, column=column))
+            data_report.reject(split, f"row {index}", reason, full)
+    if len(kept) < len(dataset):
+        dataset = dataset.select(kept)
 
     return dataset.map(
-        format_row,
-        with_indices=True,
+        lambda row: spec.function(row, **options),
         remove_columns=dataset.column_names,
         num_proc=num_proc,
         desc=f"Formatting with '{spec.name}'",
@@ -152,19 +187,27 @@ def _cast_images(dataset: Dataset) -> Dataset:
 
 
 def format_split(
-    rows: Any, data_args: DataArguments, source: str, image_root: Path | None, task: str, num_proc: int | None = None
+    rows: Any,
+    data_args: DataArguments,
+    source: str,
+    image_root: Path | None,
+    task: str,
+    data_report: DataReport,
+    split: str,
+    num_proc: int | None = None,
 ) -> Dataset:
-    """Check a split's columns against the formatter, then format every row (or fail naming the row)."""
+    """Check a split's columns against the formatter, then format every row; rows it rejects are counted and skipped."""
     spec = get_formatter(data_args.formatter, task)
     columns = (
         rows.column_names if isinstance(rows, Dataset) else sorted({key for row in rows for key in row} - {"_line"})
     )
     _check_columns(columns, spec, source, task)
     options = {"system_prompt": data_args.system_prompt, "image_root": image_root}
+    report = data_report.split(split, source, len(rows))
     if isinstance(rows, Dataset):
-        formatted = _format_dataset(rows, spec, options, source, num_proc)
+        formatted = _format_dataset(rows, spec, options, report, split, data_report, num_proc)
     else:
-        formatted = _format_rows([dict(row) for row in rows], spec, options, source)
+        formatted = _format_rows([dict(row) for row in rows], spec, options, report, split, data_report)
     return _cast_images(formatted)
 
 
@@ -175,8 +218,11 @@ def load_datasets(
     need_eval: bool = False,
     task: str = "sft",
     num_proc: int | None = None,
-) -> tuple[Dataset, Dataset | None]:
-    """The formatted train split and, when there is one, the formatted evaluation split."""
+) -> tuple[Dataset, Dataset | None, DataReport]:
+    """The formatted train split, the formatted evaluation split (or None), and the report of rejected rows.
+
+    The caller publishes the report (`DataReport.publish`), which stops the run when too many rows were rejected.
+    """
     get_formatter(data_args.formatter, task)  # an unknown formatter fails before any data loads
     splits, source, image_root = _load_splits(data_args)
     train = _pick_split(splits, data_args.dataset_train_split, source)
@@ -203,12 +249,22 @@ def load_datasets(
             "Set `dataset_test_split` to one of them, or `eval_split_size` to hold out part of the train split."
         )
 
-    train = format_split(_first(train, data_args.max_train_samples), data_args, source, image_root, task, num_proc)
+    report = DataReport()
+    train = format_split(
+        _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc
+    )
     if evaluation is not None:
         evaluation = format_split(
-            _first(evaluation, data_args.max_eval_samples), data_args, source, image_root, task, num_proc
+            _first(evaluation, data_args.max_eval_samples),
+            data_args,
+            source,
+            image_root,
+            task,
+            report,
+            "eval",
+            num_proc,
         )
     logger.info(
         "Data: %d training rows, %s evaluation rows from %s", len(train), len(evaluation) if evaluation else 0, source
     )
-    return train, evaluation
+    return train, evaluation, report
