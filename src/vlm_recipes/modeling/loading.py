@@ -1,14 +1,17 @@
 """The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from vlm_recipes.configs import ModelArguments
+from vlm_recipes.configs import ModelArguments, TuningArguments
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily, get_family
+from vlm_recipes.modeling.strategies import TuningPlan, apply_strategy, resolve_strategy, trainable_parameter_table
 
 
 logger = logging.getLogger(__name__)
@@ -117,28 +120,27 @@ def load_model_and_processor(
     return model, processor, family
 
 
-def lora_config(model_args: ModelArguments, family: ModelFamily) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type=model_args.lora_task_type,
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or family.lora_target_regex(),
-        modules_to_save=model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        bias="none",
-    )
+@dataclass
+class TrainingModel:
+    model: Any
+    processor: Any
+    family: ModelFamily
+    plan: TuningPlan
 
 
-def apply_lora(model: Any, model_args: ModelArguments, family: ModelFamily) -> Any:
-    """Wrap the model with a LoRA adapter on the language model when the recipe asks (`use_peft` or 4-bit)."""
-    if model_args.load_in_4bit and not model_args.use_peft:
-        raise RecipeError("A 4-bit model trains only through an adapter: set `use_peft: true` with `load_in_4bit`.")
-    if not model_args.use_peft:
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(model_args, family))
+def load_for_training(
+    model_args: ModelArguments,
+    tuning: TuningArguments,
+    learning_rate: float,
+    explicit_fields: set[str] | frozenset[str] = frozenset(),
+    trust_remote_code: bool = False,
+) -> TrainingModel:
+    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy."""
+    config = load_config(model_args, trust_remote_code)
+    family = get_family(config)
+    plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
+    processor = load_processor(model_args, trust_remote_code)
+    model = load_model(model_args, config, trust_remote_code)
+    model = apply_strategy(model, plan, model_args, family)
+    print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
+    return TrainingModel(model=model, processor=processor, family=family, plan=plan)
