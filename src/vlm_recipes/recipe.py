@@ -9,6 +9,7 @@ does not read as numbers, are converted with the field's own type.
 import difflib
 import os
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,8 @@ def _plain(value: Any) -> Any:
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
+    if isinstance(value, Enum):  # `--save_strategy steps` parses to SaveStrategy.STEPS, which YAML cannot write
+        return _plain(value.value)
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)

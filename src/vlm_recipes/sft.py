@@ -11,12 +11,14 @@ rates), save the adapter, the processor, the training log and the recipe as run.
 from accelerate import PartialState
 from trl import SFTConfig
 
-from vlm_recipes.configs import DataArguments, ModelArguments, RunArguments, TuningArguments
+from vlm_recipes.configs import DataArguments, ModelArguments, ReliabilityArguments, RunArguments, TuningArguments
 from vlm_recipes.console import print_main, setup_console
+from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import exit_on_recipe_error
-from vlm_recipes.modeling.loading import load_for_training
+from vlm_recipes.modeling.loading import load_for_training, load_processor
 from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
 from vlm_recipes.training.optimization import VLMSFTTrainer
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
@@ -26,6 +28,7 @@ RECIPE_PARTS = {
     "model": ModelArguments,
     "tuning": TuningArguments,
     "run": RunArguments,
+    "reliability": ReliabilityArguments,
     "training": SFTConfig,
 }
 
@@ -54,13 +57,23 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
         need_eval=training_args.eval_strategy != "no",
         num_proc=training_args.dataset_num_proc,
     )
+    # Every row checked (images decode, RGB, sizes, text, placeholders, length) with the processor alone, no weights.
+    train_dataset, eval_dataset = check_training_data(
+        train_dataset,
+        eval_dataset,
+        data_report,
+        load_processor(model_args, training_args.trust_remote_code),
+        recipe.reliability,
+        training_args.max_length,
+        training_args.dataset_num_proc,
+    )
     data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
 
     loaded = load_for_training(
         model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
     )
 
-    return VLMSFTTrainer(
+    trainer = VLMSFTTrainer(
         model=loaded.model,
         args=training_args,
         train_dataset=train_dataset,
@@ -69,12 +82,15 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
         tuning_plan=loaded.plan,
         model_family=loaded.family,
     )
+    return install_fault_guards(trainer, recipe.reliability)
 
 
 def train(recipe: Recipe) -> VLMSFTTrainer:
     trainer = build_trainer(recipe)
-    trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))
     output_dir = recipe.training.output_dir
+    trainer.train(
+        resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    )
     save_outputs(trainer, recipe, output_dir)
     print_main(*summary_lines(trainer.state.log_history, output_dir))
     return trainer
