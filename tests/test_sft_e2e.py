@@ -144,6 +144,7 @@ def test_placeholder_mismatch_names_the_line(capsys, tiny_qwen, tmp_path):
         },
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")  # the valid row's image exists (the data checks look)
     err = run_main(
         capsys,
         sft_args("sft_lora.yaml", tiny_qwen, tmp_path / "d.jsonl", tmp_path / "o", "--formatter", "conversations"),
