@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test sft style quality clean-demo
+.PHONY: install demo test sft preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -41,6 +41,10 @@ test: $(INSTALLED)
 # make sft RECIPE=recipes/chartqa.yaml [ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml]
 sft: $(INSTALLED)
 	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.sft $(RECIPE)
+
+# make preflight RECIPE=recipes/chartqa.yaml: the data checks, token lengths, padding and a memory estimate, no weights
+preflight: $(INSTALLED)
+	$(PY) -m vlm_recipes.preflight $(RECIPE)
 
 style: $(INSTALLED)
 	$(VENV)/bin/ruff format src tests benchmarks

@@ -82,8 +82,9 @@ def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, t
     reported = {e: reason for reason, d in report["rejected_by_reason"].items() for e in d["examples"]}
     assert reported == {f"line {line}": reason for line, reason in REJECTED.items()}
     assert {kind for kind in report["fixed_by_kind"]} == set(FIXED.values())
-    losses = [e["loss"] for e in json.loads((output_dir / "training_log.json").read_text()) if "loss" in e]
-    assert len(losses) == 3 and all(loss == loss and loss < 100 for loss in losses)  # trained, finite
+    logged = [e for e in json.loads((output_dir / "training_log.json").read_text()) if "loss" in e]
+    assert len(logged) == 3 and all(0 < e["loss"] < 100 for e in logged)  # trained, finite
+    assert all(0 < e["grad_norm"] < float("inf") for e in logged)  # gradient norms are logged with every loss
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint(tiny_qwen, chartqa_dir, tmp_path, capsys):

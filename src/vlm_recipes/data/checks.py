@@ -121,6 +121,10 @@ def _check_text(row: dict[str, Any], stray_tokens: tuple[str, ...]) -> None:
                 raise RowProblem(f"turn {turn} (assistant) has no text", "empty answer", column)
 
 
+def _conversation_column(row: dict[str, Any]) -> str:
+    return "messages" if "messages" in row else "prompt"
+
+
 def _check_placeholders(row: dict[str, Any], conversations: list[list[dict[str, Any]]], images: int) -> None:
     for messages in conversations:
         blocks = sum(
@@ -129,11 +133,10 @@ def _check_placeholders(row: dict[str, Any], conversations: list[list[dict[str, 
             for message in messages
         )
         if blocks != images:
-            column = "messages" if "messages" in row else "prompt"
             raise RowProblem(
                 f"has {blocks} image block(s) ({IMAGE_PLACEHOLDER} placeholders) but {images} image(s)",
                 f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
-                column,
+                _conversation_column(row),
             )
 
 
@@ -203,7 +206,7 @@ def check_row(row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy, i
             raise RowProblem(
                 f"the chat template wrote {written} image placeholder(s) for {len(values)} image(s)",
                 f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
-                "messages" if "messages" in row else "prompt",
+                _conversation_column(row),
             )
         longest = max(counts, key=lambda count: count.total)
         if policy.max_length is not None and longest.total > policy.max_length:
@@ -214,12 +217,14 @@ def check_row(row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy, i
                 else None
             )
             if fitted is None:
-                how = " even with its images at the smallest size" if policy.too_long == "downscale" and plans else ""
+                how = ""
+                if policy.too_long == "downscale":
+                    how = " even with its images at the smallest size" if plans and budget > 0 else ", text alone"
                 raise RowProblem(
                     f"is {longest.total} tokens ({longest.text} text + {longest.image} image), longer than "
                     f"max_length {policy.max_length}{how}; it is skipped rather than cut inside its image tokens",
                     "longer than max_length",
-                    "messages" if "messages" in row else "prompt",
+                    _conversation_column(row),
                 )
             plans = fitted
             rewrites = [True] * len(plans)
