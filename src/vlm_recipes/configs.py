@@ -106,3 +106,34 @@ class RunArguments:
             "`resume_from_checkpoint`), a non-empty `output_dir` is refused so nothing is overwritten silently."
         },
     )
+
+
+@dataclass
+class EvaluationArguments:
+    """Answer-level evaluation: greedy generation on the evaluation split, scored with relaxed accuracy and exact match.
+
+    `python -m vlm_recipes.evaluate` uses every evaluation row (after `max_eval_samples`); during training the same
+    evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on `eval_max_samples` rows.
+    """
+
+    eval_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "At every evaluation during training, also generate answers and log eval/relaxed_accuracy and "
+            "eval/exact_match to the trainer's loggers (`report_to`). Needs an evaluation split and `eval_strategy`."
+        },
+    )
+    eval_max_samples: int | None = field(
+        default=64,
+        metadata={
+            "help": "Rows of the evaluation split (the first N, the same every time) that generation runs on during "
+            "training; `null` for all. Not to be confused with `max_eval_samples`, which trims the split itself."
+        },
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "Longest generated answer, in tokens (ChartQA answers are a few tokens)."}
+    )
+    eval_generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per generation batch (left-padded). Default: `per_device_eval_batch_size`."},
+    )

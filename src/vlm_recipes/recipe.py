@@ -9,6 +9,7 @@ does not read as numbers, are converted with the field's own type.
 import difflib
 import os
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,8 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):  # `--eval_strategy steps` on the command line parses to an enum (a str subclass)
+        return _plain(value.value)
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -10,16 +10,24 @@ apply LoRA, train with TRL's `SFTTrainer`, save the adapter, the processor, the 
 from accelerate import PartialState
 from trl import SFTConfig, SFTTrainer
 
-from vlm_recipes.configs import DataArguments, ModelArguments, RunArguments
+from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.hub import prepare_training_push, push_output_dir
 from vlm_recipes.modeling.loading import apply_lora, load_model_and_processor
 from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
 
-RECIPE_PARTS = {"data": DataArguments, "model": ModelArguments, "run": RunArguments, "training": SFTConfig}
+RECIPE_PARTS = {
+    "data": DataArguments,
+    "model": ModelArguments,
+    "run": RunArguments,
+    "training": SFTConfig,
+    "evaluation": EvaluationArguments,
+}
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
 VISION_SFT_DEFAULTS = {
@@ -51,21 +59,26 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
     model, processor, family = load_model_and_processor(model_args, training_args.trust_remote_code)
     model = apply_lora(model, model_args, family)
 
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
     )
+    add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
+    return trainer
 
 
 def train(recipe: Recipe) -> SFTTrainer:
+    hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
     trainer = build_trainer(recipe)
     trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))
     output_dir = recipe.training.output_dir
     save_outputs(trainer, recipe, output_dir)
-    print_main(*summary_lines(trainer.state.log_history, output_dir))
+    print_main(*summary_lines(trainer.state.log_history, output_dir, keys=("eval_relaxed_accuracy",)))
+    if hub_target is not None and trainer.is_world_process_zero():
+        push_output_dir(output_dir, hub_target)
     return trainer
 
 
