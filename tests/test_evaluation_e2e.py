@@ -189,7 +189,7 @@ def test_chat_answers_like_the_evaluation(evaluated, trained, tiny_qwen, chartqa
     assert capsys.readouterr().out.splitlines()[0] == base_reply
 
 
-def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, tmp_path):
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, tmp_path, capsys):
     """Merging an adapter trained with QLoRA: the base loads in 32 bit, and the merged weights give base + adapter."""
     from peft import PeftModel
     from PIL import Image
@@ -200,8 +200,10 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, 
     adapter = tmp_path / "qlora_adapter"
     shutil.copytree(trained[0], adapter)
     recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
-    (adapter / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "load_in_4bit": True, "dtype": "bfloat16"}))
+    assert recipe["tuning_strategy"] == "lora"
+    (adapter / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "tuning_strategy": "qlora", "dtype": "bfloat16"}))
     merged_dir = main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert "trained with QLoRA: the base loads unquantized" in capsys.readouterr().out
 
     config = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"

@@ -80,7 +80,7 @@ def output_dir(tmp_path):
         (folder / name).write_text("{}")
     recipe = {
         "model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
-        "load_in_4bit": True,
+        "tuning_strategy": "qlora",
         "lora_r": 16,
         "dataset_name": "HuggingFaceM4/ChartQA",
         "formatter": "chartqa",

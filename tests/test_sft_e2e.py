@@ -90,7 +90,7 @@ def test_qlora_sft_trains_on_cpu(tiny_qwen, chartqa_dir, tmp_path):
     assert_learned(logged_losses(output_dir))
     assert (output_dir / "adapter_model.safetensors").exists()
     recipe = (output_dir / "recipe.yaml").read_text()
-    assert "load_in_4bit: true" in recipe
+    assert "tuning_strategy: qlora" in recipe
 
 
 def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, chartqa_dir):

@@ -9,6 +9,7 @@ Generation is greedy, with the same code evaluation uses.
 """
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> str:
         trust_remote_code=args.trust_remote_code,
     )
     print(reply, flush=True)
+    if not reply:
+        print("(the model ended its answer at once: an empty reply)", file=sys.stderr, flush=True)
     return reply
 
 

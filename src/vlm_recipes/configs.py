@@ -109,6 +109,51 @@ class RunArguments:
 
 
 @dataclass
+class TuningArguments:
+    """Which parts of the VLM learn (vision tower, projector, language model), how, and how fast."""
+
+    tuning_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": "qlora (4-bit LLM + LoRA), lora, lora_llm_full_vit, partial_llm_full_vit, vit_only, projector_only "
+            "or full. Default: qlora with `load_in_4bit`, lora with `use_peft`, else full.",
+            "choices": [
+                "qlora", "lora", "lora_llm_full_vit", "partial_llm_full_vit", "vit_only", "projector_only", "full",
+            ],
+        },
+    )  # fmt: skip
+    train_projector: bool = field(
+        default=False, metadata={"help": "lora/qlora: also train the projector in full (saved with the adapter)."}
+    )
+    llm_frozen_layers: int = field(
+        default=0,
+        metadata={"help": "partial_llm_full_vit: freeze the first N language-model layers (and the embeddings)."},
+    )
+    vision_lora_r: int | None = field(
+        default=None,
+        metadata={"help": "lora/qlora: also put LoRA of this rank on the (otherwise frozen) vision tower."},
+    )
+    learning_rate_llm: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the language model's trained weights (default: learning_rate)."},
+    )
+    learning_rate_vit: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the vision tower's trained weights (default: learning_rate)."},
+    )
+    learning_rate_projector: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: learning_rate)."}
+    )
+    vit_unfreeze_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Staged unfreezing: the vision tower stays unchanged for this fraction of the training steps, "
+            "then trains at learning_rate_vit (its learning rate is zero until then)."
+        },
+    )
+
+
+@dataclass
 class EvaluationArguments:
     """Answer-level evaluation: greedy generation on the evaluation split, scored with relaxed accuracy and exact match.
 

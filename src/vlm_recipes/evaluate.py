@@ -22,7 +22,7 @@ from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.metrics import MATCHERS
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
 from vlm_recipes.hub import EVAL_RESULTS_FILE
-from vlm_recipes.modeling.loading import load_for_inference
+from vlm_recipes.modeling.loading import load_for_inference, trains_in_4bit
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.sft import RECIPE_PARTS as SFT_RECIPE_PARTS
 
@@ -112,6 +112,10 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
         print_main(f"Data check: {data_report.rejected} evaluation row(s) rejected and skipped", data_report.table())
     data_report.stop_if_too_many_rejected(data_args.max_bad_fraction)
 
+    # The precision the recipe trains in (4-bit for qlora), for the base and the adapter alike.
+    model_args.load_in_4bit = trains_in_4bit(
+        {"tuning_strategy": recipe.tuning.tuning_strategy, "load_in_4bit": model_args.load_in_4bit}
+    )
     model, processor, _ = load_for_inference(model_args, command.adapter, training_args.trust_remote_code)
     options = {
         "batch_size": evaluation.eval_generation_batch_size or training_args.per_device_eval_batch_size,

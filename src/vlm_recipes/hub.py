@@ -18,6 +18,7 @@ import yaml
 
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.loading import trains_in_4bit
 from vlm_recipes.training.outputs import RECIPE_FILE, TRAINING_LOG, losses, read_saved_recipe
 from vlm_recipes.training.plots import PLOT_FILE
 
@@ -201,7 +202,7 @@ class RunFacts:
             recipe_text=recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else "",
             base_model=base_model,
             is_adapter=adapter_config is not None,
-            quantized=bool(recipe.get("load_in_4bit")),
+            quantized=trains_in_4bit(recipe),
             log_history=_read_json(output_dir / TRAINING_LOG) or [],
             eval_results=_read_json(output_dir / EVAL_RESULTS_FILE),
             has_plot=(output_dir / PLOT_FILE).is_file(),
@@ -215,6 +216,8 @@ def _format_number(value: Any) -> str:
 def _training_section(facts: RunFacts) -> list[str]:
     recipe = facts.recipe
     method = "QLoRA (4-bit base)" if facts.quantized else "LoRA" if facts.is_adapter else "full fine-tuning"
+    if recipe.get("tuning_strategy"):
+        method += f", tuning strategy `{recipe['tuning_strategy']}`"
     lines = ["## Training", ""]
     lines.append(f"- method: supervised fine-tuning with TRL's `SFTTrainer`, {method}")
     if recipe.get("dataset_name"):

@@ -3,27 +3,30 @@
     accelerate launch --config_file accelerate_configs/single_gpu.yaml -m vlm_recipes.sft recipes/chartqa.yaml
     python -m vlm_recipes.sft recipes/chartqa.yaml --learning_rate 1e-4 --max_steps 200
 
-Reads top to bottom: parse the recipe, check the output folder, load and format the data, load the model and processor,
-apply LoRA, train with TRL's `SFTTrainer`, save the adapter, the processor, the training log and the recipe as run.
+Reads top to bottom: parse the recipe, check the output folder, load and format the data, load the model and processor
+and apply the tuning strategy (which parts train, LoRA, 4-bit), train with TRL's `SFTTrainer` (plus per-part learning
+rates), save the adapter, the processor, the training log and the recipe as run.
 """
 
 from accelerate import PartialState
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
-from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments
+from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments, TuningArguments
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push, push_output_dir
-from vlm_recipes.modeling.loading import apply_lora, load_model_and_processor
+from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
+from vlm_recipes.training.optimization import VLMSFTTrainer
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
 
 RECIPE_PARTS = {
     "data": DataArguments,
     "model": ModelArguments,
+    "tuning": TuningArguments,
     "run": RunArguments,
     "training": SFTConfig,
     "evaluation": EvaluationArguments,
@@ -36,7 +39,7 @@ VISION_SFT_DEFAULTS = {
 }
 
 
-def build_trainer(recipe: Recipe) -> SFTTrainer:
+def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     data_args, model_args, run_args, training_args = recipe.data, recipe.model, recipe.run, recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
@@ -56,21 +59,24 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
     )
     data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
 
-    model, processor, family = load_model_and_processor(model_args, training_args.trust_remote_code)
-    model = apply_lora(model, model_args, family)
+    loaded = load_for_training(
+        model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
+    )
 
-    trainer = SFTTrainer(
-        model=model,
+    trainer = VLMSFTTrainer(
+        model=loaded.model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=processor,
+        processing_class=loaded.processor,
+        tuning_plan=loaded.plan,
+        model_family=loaded.family,
     )
     add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
     return trainer
 
 
-def train(recipe: Recipe) -> SFTTrainer:
+def train(recipe: Recipe) -> VLMSFTTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
     trainer = build_trainer(recipe)
     trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))

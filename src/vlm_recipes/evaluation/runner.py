@@ -40,32 +40,16 @@ def _generate_sharded(model: Any, processor: Any, rows: Sequence[dict[str, Any]]
         model,
         processor,
         [rows[i] for i in mine],
-        **{**options, "progress": options["progress"] and state.is_main_process},
+        **{**options, "progress": options.get("progress", True) and state.is_main_process},
     )
     by_index = dict(gather_object(list(zip(mine, answers))))
     return [by_index[i] for i in indices]
 
 
-def evaluate_rows(
-    model: Any,
-    processor: Any,
-    rows: Sequence[dict[str, Any]],
-    *,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    progress: bool = True,
-    description: str = "Evaluating",
-) -> EvaluationOutcome:
-    """Greedy answers for `rows` (formatted rows with `messages`, `images` and optionally `answers`), scored."""
-    predictions = _generate_sharded(
-        model,
-        processor,
-        rows,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-        description=description,
-    )
+def evaluate_rows(model: Any, processor: Any, rows: Sequence[dict[str, Any]], **generation: Any) -> EvaluationOutcome:
+    """Greedy answers for `rows` (formatted rows with `messages`, `images` and optionally `answers`), scored.
+    `generation` takes the options of `generate_answers` (batch_size, max_new_tokens, progress, description)."""
+    predictions = _generate_sharded(model, processor, rows, **generation)
     texts = _without_images(rows)
     records, row_scores = [], []
     for index, prediction in enumerate(predictions):

@@ -43,9 +43,15 @@ class ModelFamily:
         """Modules that stay in 16 bit under 4-bit loading: the vision tower, the projector and the output head."""
         return list(dict.fromkeys([self.vision_tower, self.projector, self.lm_head]))
 
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """A parameter or module name as on the bare model: PEFT's wrapper segments removed."""
+        name = name.removeprefix("base_model.model.")
+        return _PEFT_SEGMENTS.sub("", name)
+
     def part_of(self, parameter_name: str) -> str:
         """'projector', 'vision_tower', 'language_model' or 'other' for a parameter (or module) name."""
-        name = parameter_name.removeprefix("base_model.model.")
+        name = self.canonical_name(parameter_name)
         if _under(name, self.projector):
             return "projector"
         if _under(name, self.vision_tower):
@@ -53,6 +59,10 @@ class ModelFamily:
         if _under(name, self.language_model) or _under(name, self.lm_head):
             return "language_model"
         return "other"
+
+
+# peft inserts these between a wrapped module's name and its own parameters
+_PEFT_SEGMENTS = re.compile(r"\.(modules_to_save\.[^.]+|original_module|base_layer)(?=\.|$)")
 
 
 def _under(name: str, prefix: str) -> bool:

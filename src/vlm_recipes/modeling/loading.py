@@ -2,16 +2,24 @@
 
 import json
 import logging
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from vlm_recipes.configs import ModelArguments
+from vlm_recipes.configs import ModelArguments, TuningArguments
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily, get_family
+from vlm_recipes.modeling.strategies import (
+    STRATEGIES,
+    TuningPlan,
+    apply_strategy,
+    resolve_strategy,
+    trainable_parameter_table,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -125,31 +133,30 @@ def load_model_and_processor(
     return model, processor, family
 
 
-def lora_config(model_args: ModelArguments, family: ModelFamily) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type=model_args.lora_task_type,
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or family.lora_target_regex(),
-        modules_to_save=model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        bias="none",
-    )
+@dataclass
+class TrainingModel:
+    model: Any
+    processor: Any
+    family: ModelFamily
+    plan: TuningPlan
 
 
-def apply_lora(model: Any, model_args: ModelArguments, family: ModelFamily) -> Any:
-    """Wrap the model with a LoRA adapter on the language model when the recipe asks (`use_peft` or 4-bit)."""
-    if model_args.load_in_4bit and not model_args.use_peft:
-        raise RecipeError("A 4-bit model trains only through an adapter: set `use_peft: true` with `load_in_4bit`.")
-    if not model_args.use_peft:
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(model_args, family))
+def load_for_training(
+    model_args: ModelArguments,
+    tuning: TuningArguments,
+    learning_rate: float,
+    explicit_fields: set[str] | frozenset[str] = frozenset(),
+    trust_remote_code: bool = False,
+) -> TrainingModel:
+    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy."""
+    config = load_config(model_args, trust_remote_code)
+    family = get_family(config)
+    plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
+    processor = load_processor(model_args, trust_remote_code)
+    model = load_model(model_args, config, trust_remote_code)
+    model = apply_strategy(model, plan, model_args, family)
+    print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
+    return TrainingModel(model=model, processor=processor, family=family, plan=plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,6 +179,12 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path} is not valid JSON: {error}") from None
 
 
+def trains_in_4bit(settings: dict[str, Any]) -> bool:
+    """Whether a recipe's fields load the base in 4 bit: a 4-bit `tuning_strategy` (qlora), else `load_in_4bit`."""
+    strategy = STRATEGIES.get(settings.get("tuning_strategy") or "")
+    return strategy.four_bit if strategy else bool(settings.get("load_in_4bit"))
+
+
 def adapter_model_arguments(adapter: str | Path, base: str | None = None, **overrides: Any) -> ModelArguments:
     """Model settings to load an adapter's base: the base named in `adapter_config.json` (or `base`), and the model
     fields of the recipe saved with the adapter (revision, dtype, attention, image pixel bounds, 4-bit)."""
@@ -179,7 +192,9 @@ def adapter_model_arguments(adapter: str | Path, base: str | None = None, **over
 
     adapter_config = read_adapter_config(adapter)
     known = {f.name for f in fields(ModelArguments)}
-    settings = {key: value for key, value in read_saved_recipe(adapter).items() if key in known}
+    saved = read_saved_recipe(adapter)
+    settings = {key: value for key, value in saved.items() if key in known}
+    settings["load_in_4bit"] = trains_in_4bit(saved)  # evaluated and chatted with as trained
     settings["model_name_or_path"] = base or adapter_config.get("base_model_name_or_path")
     if not settings["model_name_or_path"]:
         raise RecipeError(f"{adapter}/{ADAPTER_CONFIG} names no base model; pass the base model's path or Hub id.")

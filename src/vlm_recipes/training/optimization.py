@@ -1,0 +1,72 @@
+"""Optimizer groups per VLM part and staged unfreezing of the vision tower, as a mixin for TRL's trainers.
+
+The Trainer's own scheduler drives every group; staged unfreezing multiplies the vision tower's schedule by zero until
+its step, so the tower's weights do not change, without toggling `requires_grad` (which DDP cannot follow mid-run).
+"""
+
+import math
+from typing import Any
+
+from trl import SFTTrainer
+
+from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.families import ModelFamily
+from vlm_recipes.modeling.strategies import TuningPlan, parameter_groups
+
+
+class PartLearningRatesMixin:
+    """Put before a Trainer class: `class MyTrainer(PartLearningRatesMixin, SFTTrainer)`."""
+
+    def __init__(
+        self, *args: Any, tuning_plan: TuningPlan | None = None, model_family: ModelFamily | None = None, **kwargs: Any
+    ):
+        self.tuning_plan = tuning_plan
+        self.model_family = model_family
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None or self.tuning_plan is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = parameter_groups(
+            opt_model,
+            self.tuning_plan,
+            self.model_family,
+            self.args.weight_decay,
+            set(self.get_decay_parameter_names(opt_model)),
+        )
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, opt_model
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        plan = self.tuning_plan
+        if plan is None or not plan.vit_unfreeze_ratio:
+            return scheduler
+        if not hasattr(scheduler, "lr_lambdas"):
+            raise RecipeError(
+                f"vit_unfreeze_ratio needs a LambdaLR schedule (linear, cosine, constant, ...); "
+                f"lr_scheduler_type '{self.args.lr_scheduler_type}' is not one."
+            )
+        unfreeze_step = math.ceil(plan.vit_unfreeze_ratio * num_training_steps)
+        for index, group in enumerate(scheduler.optimizer.param_groups):
+            if group.get("part") == "vision_tower":
+                scheduler.lr_lambdas[index] = _after(unfreeze_step, scheduler.lr_lambdas[index])
+        # LambdaLR applied the original factors at construction: apply the staged ones from step 0.
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        return scheduler
+
+
+def _after(step: int, factor: Any) -> Any:
+    def staged(current_step: int) -> float:
+        return 0.0 if current_step < step else factor(current_step)
+
+    return staged
+
+
+class VLMSFTTrainer(PartLearningRatesMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""

@@ -1,0 +1,248 @@
+"""Tuning strategies: after real optimizer steps exactly the intended parameters changed, with the configured rates."""
+
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.families import FAMILIES
+from vlm_recipes.modeling.strategies import STRATEGIES
+from vlm_recipes.modeling.tiny import TINY_BUILDERS
+from vlm_recipes.recipe import parse_recipe
+from vlm_recipes.sft import RECIPE_PARTS, build_trainer
+
+
+FAMILIES_WITH_TINY_MODELS = [name for name in FAMILIES if name in TINY_BUILDERS]
+RATES = {"learning_rate": 1e-3, "learning_rate_llm": 2e-3, "learning_rate_vit": 3e-3, "learning_rate_projector": 4e-3}
+PART_RATE = {"language_model": 2e-3, "vision_tower": 3e-3, "projector": 4e-3, "other": 1e-3}
+
+
+def build(model_dir, data_dir, output_dir, *extra):
+    recipe = parse_recipe(
+        RECIPE_PARTS,
+        [
+            "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
+            "--max_train_samples", "4", "--report_to", "none", "--bf16", "false", "--dtype", "float32",
+            "--lr_scheduler_type", "constant", "--weight_decay", "0.1", "--lora_dropout", "0", "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+            *map(str, extra),
+        ],
+    )  # fmt: skip
+    return build_trainer(recipe)
+
+
+def snapshot(model):
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+class Snapshots(TrainerCallback):
+    """Parameter values after each optimizer step of a real `trainer.train()`."""
+
+    def __init__(self, model):
+        self.model, self.by_step = model, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.by_step[state.global_step] = snapshot(self.model)
+
+
+def train_and_snapshot(trainer):
+    snapshots = Snapshots(trainer.model)
+    snapshots.by_step[0] = snapshot(trainer.model)
+    trainer.add_callback(snapshots)
+    trainer.train()
+    return snapshots.by_step
+
+
+def layer_of(canonical, family):
+    match = re.match(rf"{re.escape(family.language_model_layers)}\.(\d+)\.", canonical)
+    return int(match.group(1)) if match else None
+
+
+def should_train(name, strategy, family, frozen_layers=0, vision_lora=False, train_projector=False):
+    """The test's own statement of each strategy's table row (independent of the product's implementation)."""
+    part, canonical = family.part_of(name), family.canonical_name(name)
+    if ".original_module." in name:
+        return False
+    if strategy in ("qlora", "lora", "lora_llm_full_vit"):
+        if "lora_" in name:
+            return part == "language_model" or (vision_lora and part == "vision_tower")
+        full_parts = {"vision_tower", "projector"} if strategy == "lora_llm_full_vit" else set()
+        if train_projector:
+            full_parts.add("projector")
+        return "modules_to_save" in name and part in full_parts
+    if part in ("vision_tower", "projector"):
+        return strategy in ("partial_llm_full_vit", "vit_only", "full") or (
+            strategy == "projector_only" and part == "projector"
+        )
+    if strategy == "full":
+        return True
+    if strategy == "partial_llm_full_vit":
+        layer = layer_of(canonical, family)
+        if layer is None:
+            return "embed" not in canonical or frozen_layers == 0
+        return layer >= frozen_layers
+    return False
+
+
+CASES = [
+    ("qlora", []),
+    ("qlora", ["--train_projector", "true", "--vision_lora_r", "4"]),
+    ("lora", []),
+    ("lora_llm_full_vit", []),
+    ("partial_llm_full_vit", ["--llm_frozen_layers", "1"]),
+    ("vit_only", []),
+    ("projector_only", []),
+    ("full", []),
+]
+
+
+@pytest.mark.parametrize("family_name", FAMILIES_WITH_TINY_MODELS)
+@pytest.mark.parametrize(
+    "strategy, extra", CASES, ids=lambda v: v if isinstance(v, str) else "-".join(v)[2:] or "plain"
+)
+def test_exactly_the_intended_parameters_change(tiny_models, chartqa_dir, tmp_path, family_name, strategy, extra):
+    family = FAMILIES[family_name]
+    flags = dict(zip(extra[::2], extra[1::2]))
+    rates = {
+        key: value
+        for key, value in RATES.items()
+        if key == "learning_rate"
+        or strategy in ("lora_llm_full_vit", "partial_llm_full_vit", "full")
+        or (key == "learning_rate_llm" and strategy in ("qlora", "lora"))
+        or (key == "learning_rate_vit" and (strategy == "vit_only" or "--vision_lora_r" in flags))
+        or (
+            key == "learning_rate_projector"
+            and (strategy in ("vit_only", "projector_only") or "--train_projector" in flags)
+        )
+    }
+    rate_args = [item for key, value in rates.items() for item in (f"--{key}", value)]
+    if strategy == "qlora":
+        rate_args += ["--bf16", "true", "--dtype", "bfloat16"]  # 4-bit compute in bf16, as the recipes run it
+    trainer = build(
+        tiny_models(family_name), chartqa_dir, tmp_path / "out", "--tuning_strategy", strategy, *extra, *rate_args
+    )
+    # Two steps: LoRA's A matrices only get a gradient once B has left zero.
+    steps = train_and_snapshot(trainer)
+    before, after = steps[0], steps[2]
+
+    intended = {
+        name
+        for name in before
+        if should_train(
+            name,
+            strategy,
+            family,
+            frozen_layers=int(flags.get("--llm_frozen_layers", 0)),
+            vision_lora="--vision_lora_r" in flags,
+            train_projector="--train_projector" in flags,
+        )
+    }
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= intended, f"changed but should be frozen: {sorted(changed - intended)[:8]}"
+    assert intended - changed == set(), f"should train but did not change: {sorted(intended - changed)[:8]}"
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == intended
+
+    modules = dict(trainer.model.named_modules())
+    is_norm = {name: "Norm" in type(modules[name.rsplit(".", 1)[0]]).__name__ for name in before}
+    for group in trainer.optimizer.param_groups:
+        expected = rates.get(
+            f"learning_rate_{dict(vision_tower='vit', projector='projector').get(group['part'], 'llm')}", 1e-3
+        )
+        assert group["lr"] == pytest.approx(expected), group["part"]
+        no_decay = all("lora_" in n or "bias" in n or is_norm[n] or "embed" in n for n in group["names"])
+        assert group["weight_decay"] == (0.0 if no_decay else 0.1)
+
+
+def test_staged_unfreezing_keeps_the_vision_tower_unchanged_until_its_step(tiny_qwen, chartqa_dir, tmp_path):
+    trainer = build(
+        tiny_qwen,
+        chartqa_dir,
+        tmp_path / "o",
+        "--tuning_strategy",
+        "full",
+        "--vit_unfreeze_ratio",
+        "0.5",
+        "--max_steps",
+        "4",
+    )
+    family = FAMILIES["qwen2_5_vl"]
+    vision = [name for name, _ in trainer.model.named_parameters() if family.part_of(name) == "vision_tower"]
+    llm = [name for name, _ in trainer.model.named_parameters() if ".layers." in name and "language_model" in name]
+    steps = train_and_snapshot(trainer)
+    # The first half (steps 1 and 2 of 4): the vision tower stays as it was while the language model learns.
+    assert all(torch.equal(steps[0][name], steps[2][name]) for name in vision)
+    assert all(not torch.equal(steps[0][name], steps[2][name]) for name in llm)
+    assert all(not torch.equal(steps[2][name], steps[3][name]) for name in vision)
+
+
+def test_full_parts_trained_next_to_lora_are_saved_with_the_adapter(tiny_qwen, chartqa_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    trainer = build(tiny_qwen, chartqa_dir, tmp_path / "o", "--tuning_strategy", "lora", "--train_projector", "true")
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_qwen), tmp_path / "adapter")
+    trained = dict(trainer.model.named_parameters())
+    for name, parameter in reloaded.named_parameters():
+        if "modules_to_save" in name and "merger" in name:
+            assert torch.equal(parameter, trained[name].detach())
+
+
+@pytest.fixture
+def config_only_model(tiny_qwen, tmp_path):
+    """The tiny model's folder without its weights: a check that passes must happen before any weights load."""
+    folder = tmp_path / "no_weights"
+    shutil.copytree(tiny_qwen, folder)
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--tuning_strategy", "partial_llm_full_vit", "--llm_frozen_layers", "5"],
+            "llm_frozen_layers is 5, but qwen2_5_vl has 2",
+        ),
+        (
+            ["--tuning_strategy", "lora", "--learning_rate_vit", "1e-4"],
+            "`learning_rate_vit` is set, but tuning_strategy 'lora' keeps the vision tower frozen",
+        ),
+        (["--tuning_strategy", "vit_only", "--learning_rate_llm", "1e-4"], "keeps the language model frozen"),
+        (
+            ["--tuning_strategy", "lora", "--load_in_4bit", "true"],
+            "tuning_strategy 'lora' means `load_in_4bit: false`",
+        ),
+        (["--tuning_strategy", "full", "--vision_lora_r", "4"], "`vision_lora_r` adds LoRA to a frozen vision tower"),
+        (["--tuning_strategy", "lora", "--vit_unfreeze_ratio", "0.3"], "keeps it frozen"),
+    ],
+)
+def test_bad_strategy_settings_fail_before_any_weights_load(config_only_model, chartqa_dir, tmp_path, extra, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        build(config_only_model, chartqa_dir, tmp_path / "o", *extra)
+
+
+def test_unknown_strategy_in_a_recipe_file_is_named(config_only_model, chartqa_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tuning_strategy: qlora_plus\n")
+    with pytest.raises(
+        RecipeError, match="Unknown tuning_strategy 'qlora_plus'. Choose one of: " + ", ".join(STRATEGIES)
+    ):
+        trainer_recipe = parse_recipe(
+            RECIPE_PARTS,
+            [
+                str(recipe),
+                "--model_name_or_path",
+                str(config_only_model),
+                "--dataset_name",
+                str(chartqa_dir),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ],
+        )
+        build_trainer(trainer_recipe)
