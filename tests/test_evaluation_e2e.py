@@ -256,3 +256,14 @@ def test_adapter_of_another_architecture_is_refused(trained, tiny_models, tmp_pa
     with pytest.raises(SystemExit):
         main(["--adapter", str(tmp_path), *ask])
     assert "holds no LoRA adapter (no adapter_config.json)" in capsys.readouterr().err
+
+
+def test_help_lists_the_evaluation_fields(capsys):
+    from vlm_recipes.evaluate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for field in ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_max_samples", "--max_new_tokens"):
+        assert field in out
