@@ -1,7 +1,9 @@
 """The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,13 +136,54 @@ def load_for_training(
     learning_rate: float,
     explicit_fields: set[str] | frozenset[str] = frozenset(),
     trust_remote_code: bool = False,
+    start_adapter: str | None = None,
+    merge_start_adapter: bool = False,
 ) -> TrainingModel:
-    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy."""
+    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy.
+
+    `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
+    strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
+    """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
     processor = load_processor(model_args, trust_remote_code)
     model = load_model(model_args, config, trust_remote_code)
-    model = apply_strategy(model, plan, model_args, family)
+    if start_adapter and merge_start_adapter:
+        model = merge_adapter(model, start_adapter)
+    if start_adapter and not merge_start_adapter:
+        model = load_adapter(model, start_adapter, trainable=True)
+    else:
+        model = apply_strategy(model, plan, model_args, family)
     print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
     return TrainingModel(model=model, processor=processor, family=family, plan=plan)
+
+
+def load_adapter(model: Any, adapter_path: str, *, trainable: bool) -> Any:
+    """Put a saved LoRA adapter (the output folder of an SFT run) on `model`, as its adapter named "default"."""
+    from peft import PeftModel
+
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise RecipeError(
+            f"{path} holds no adapter_config.json: expected the output folder of a LoRA/QLoRA run "
+            "(`vlm_recipes.sft` with a lora or qlora tuning strategy)."
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as error:
+        # A size mismatch or a missing target module: the adapter was trained on another model.
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        raise RecipeError(
+            f"The adapter in {path} (trained on '{base}') does not fit this model: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def merge_adapter(model: Any, adapter_path: str) -> Any:
+    """`model` with a saved LoRA adapter merged into its weights, in place: one model, no adapter left."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        raise RecipeError(
+            "Merging an adapter into a 4-bit model rounds the merged weights back to 4 bit, so the result is not "
+            "the adapter's model. Keep the adapter separate instead, or merge into a 16-bit model."
+        )
+    return load_adapter(model, adapter_path, trainable=False).merge_and_unload()
