@@ -334,12 +334,12 @@ def preference(
             raise FormatError(
                 "is missing, and 'chosen' and 'rejected' share no leading turns to take as the prompt",
                 column="prompt",
+                reason="'prompt' is missing",
             )
         if not chosen or not rejected:
             check_distinct(chosen, rejected)  # identical conversations leave no completion
-            raise FormatError(
-                "has no answer after the shared prompt turns", column="chosen" if not chosen else "rejected"
-            )
+            column = "chosen" if not chosen else "rejected"
+            raise FormatError("has no answer after the prompt turns", column=column, reason=f"'{column}' is empty")
     else:
         prompt = _preference_messages(row, "prompt", "user")
     for column, completion in (("chosen", chosen), ("rejected", rejected)):
