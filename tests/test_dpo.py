@@ -19,9 +19,9 @@ FROM_SFT_RECIPE = REPO_ROOT / "recipes" / "demo" / "dpo_from_sft.yaml"
 
 @pytest.fixture(scope="module")
 def preference_dir(tmp_path_factory):
-    from vlm_recipes.data.synthetic import save_preference_dataset
+    from vlm_recipes.data.synthetic import save_generated_dataset
 
-    return save_preference_dataset(tmp_path_factory.mktemp("prefs"), train_rows=48, test_rows=8, seed=0)
+    return save_generated_dataset(tmp_path_factory.mktemp("prefs"), "rlaif_v", train_rows=48, test_rows=8, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from PIL import Image
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.formatters import FormatError, find_matching_formatters, get_formatter, preference, rlaif_v
 from vlm_recipes.data.loading import load_datasets
-from vlm_recipes.data.synthetic import Chart, make_preference_rows, save_preference_dataset, wrong_answer
+from vlm_recipes.data.synthetic import Chart, make_preference_rows, save_generated_dataset, wrong_answer
 from vlm_recipes.errors import DataError, RecipeError
 
 
@@ -202,7 +202,7 @@ def test_generated_preferences_load_format_and_collate_with_trl(tmp_path, tiny_q
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    folder = save_preference_dataset(tmp_path / "prefs", train_rows=6, test_rows=2, seed=3)
+    folder = save_generated_dataset(tmp_path / "prefs", "rlaif_v", train_rows=6, test_rows=2, seed=3)
     data_args = DataArguments(dataset_name=str(folder), formatter="rlaif_v", system_prompt="One word.")
     train, evaluation, report = load_datasets(data_args, task="preference")
     assert (len(train), len(evaluation), report.rejected) == (6, 2, 0)

@@ -194,11 +194,7 @@ def save_chartqa_dataset(
     seed: int = 0,
     sizes: ImageSizeRange = ImageSizeRange(),
 ) -> Path:
-    splits = {
-        "train": make_chartqa_rows(train_rows, seed=seed, sizes=sizes),
-        "test": make_chartqa_rows(test_rows, seed=seed + 1, sizes=sizes),
-    }
-    return save_splits(output_dir, splits, chartqa_features())
+    return save_generated_dataset(output_dir, "chartqa", train_rows, test_rows, seed, sizes)
 
 
 # Half the rejected answers also ignore the "single word or number" instruction. A tiny random model cannot read the
@@ -274,22 +270,25 @@ def rlaif_v_features():
     )
 
 
-def save_preference_dataset(
+SCHEMAS = {"chartqa": (make_chartqa_rows, chartqa_features), "rlaif_v": (make_preference_rows, rlaif_v_features)}
+
+
+def save_generated_dataset(
     output_dir: str | Path,
-    train_rows: int = 128,
-    test_rows: int = 16,
+    schema: str = "chartqa",
+    train_rows: int = 256,
+    test_rows: int = 32,
     seed: int = 0,
     sizes: ImageSizeRange = ImageSizeRange(),
 ) -> Path:
-    """An RLAIF-V-shaped preference dataset folder (parquet, train and test splits) that the `rlaif_v` formatter reads."""
+    """A dataset folder of generated rows in `schema`'s layout (`chartqa`, or `rlaif_v` preference pairs), with train
+    and test splits; the test split is drawn with another seed."""
+    make_rows, features = SCHEMAS[schema]
     splits = {
-        "train": make_preference_rows(train_rows, seed=seed, sizes=sizes),
-        "test": make_preference_rows(test_rows, seed=seed + 1, sizes=sizes),
+        "train": make_rows(train_rows, seed=seed, sizes=sizes),
+        "test": make_rows(test_rows, seed=seed + 1, sizes=sizes),
     }
-    return save_splits(output_dir, splits, rlaif_v_features())
-
-
-SCHEMAS = {"chartqa": save_chartqa_dataset, "rlaif_v": save_preference_dataset}
+    return save_splits(output_dir, splits, features())
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -310,7 +309,7 @@ def cli(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     sizes = REALISTIC_SIZES if args.realistic_sizes else ImageSizeRange()
-    path = SCHEMAS[args.schema](args.output_dir, args.train_rows, args.test_rows, args.seed, sizes)
+    path = save_generated_dataset(args.output_dir, args.schema, args.train_rows, args.test_rows, args.seed, sizes)
     print(f"Wrote {args.train_rows} train and {args.test_rows} test {args.schema} rows to {path}")
 
 
