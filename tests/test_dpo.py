@@ -159,6 +159,15 @@ def test_recipes_that_cannot_work_are_explained(
     assert fragment in err
 
 
+def test_help_lists_the_dpo_fields(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for field in ("--sft_adapter_path", "--reference", "--beta", "--tuning_strategy", "--formatter"):
+        assert field in out
+
+
 def test_too_many_bad_pairs_stop_before_the_model_loads(capsys, tiny_qwen, tmp_path):
     rows = [{"prompt": "<image>Q", "chosen": "4", "rejected": "4", "images": ["a.png"]}] * 3
     rows.append({"prompt": "<image>Q", "chosen": "4", "rejected": "5", "images": ["a.png"]})

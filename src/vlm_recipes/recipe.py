@@ -115,7 +115,7 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
         parser.set_defaults_with_config(**settings)
 
     for name in _cli_field_names(argv):
-        if name not in actions:
+        if name not in actions and name != "help":  # argparse prints the fields and exits
             raise RecipeError(_unknown_field_message(name, known, "command line"))
     if (
         "use_cpu" in actions
