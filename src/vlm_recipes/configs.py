@@ -182,3 +182,28 @@ class EvaluationArguments:
         default=None,
         metadata={"help": "Rows per generation batch (left-padded). Default: `per_device_eval_batch_size`."},
     )
+
+
+@dataclass
+class PolicyArguments:
+    """DPO: where the trained policy starts (the base model, or an SFT run's adapter) and what the reference is."""
+
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start DPO from this SFT adapter (the output folder of `vlm_recipes.sft` with LoRA). Without it, "
+            "DPO trains a new LoRA adapter on the base model and the reference is the base model (adapter disabled)."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the reference (the SFT policy) is formed when starting from `sft_adapter_path`. "
+            "`sft_adapter` (default): the SFT adapter keeps training and a frozen copy of it is the reference; exact "
+            "with 16-bit and 4-bit bases, costs a second adapter (small). `sft_merged`: the SFT adapter is merged into "
+            "the 16-bit base weights (in place), a new LoRA adapter trains on top and the reference is the merged "
+            "model with that adapter disabled; the saved DPO adapter then applies on top of base + SFT adapter. "
+            "Not with `load_in_4bit` (merging into 4-bit weights rounds them). Neither keeps a second model copy.",
+            "choices": ["sft_adapter", "sft_merged"],
+        },
+    )

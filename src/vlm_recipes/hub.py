@@ -19,6 +19,7 @@ import yaml
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.loading import trains_in_4bit
+from vlm_recipes.recipe import entry_point_of
 from vlm_recipes.training.outputs import RECIPE_FILE, TRAINING_LOG, losses, read_saved_recipe
 from vlm_recipes.training.plots import PLOT_FILE
 
@@ -188,6 +189,7 @@ class RunFacts:
     log_history: list[dict[str, Any]]
     eval_results: dict[str, Any] | None
     has_plot: bool
+    entry_point: str
 
     @classmethod
     def read(cls, output_dir: str | Path) -> "RunFacts":
@@ -196,16 +198,18 @@ class RunFacts:
         adapter_config = _read_json(output_dir / "adapter_config.json")
         base_model = (adapter_config or {}).get("base_model_name_or_path") or recipe.get("model_name_or_path")
         recipe_path = output_dir / RECIPE_FILE
+        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
         return cls(
             output_dir=output_dir,
             recipe=recipe,
-            recipe_text=recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else "",
+            recipe_text=recipe_text,
             base_model=base_model,
             is_adapter=adapter_config is not None,
             quantized=trains_in_4bit(recipe),
             log_history=_read_json(output_dir / TRAINING_LOG) or [],
             eval_results=_read_json(output_dir / EVAL_RESULTS_FILE),
             has_plot=(output_dir / PLOT_FILE).is_file(),
+            entry_point=entry_point_of(recipe_text),
         )
 
 
@@ -219,7 +223,12 @@ def _training_section(facts: RunFacts) -> list[str]:
     if recipe.get("tuning_strategy"):
         method += f", tuning strategy `{recipe['tuning_strategy']}`"
     lines = ["## Training", ""]
-    lines.append(f"- method: supervised fine-tuning with TRL's `SFTTrainer`, {method}")
+    training = (
+        "direct preference optimization with TRL's `DPOTrainer`"
+        if facts.entry_point == "vlm_recipes.dpo"
+        else "supervised fine-tuning with TRL's `SFTTrainer`"
+    )
+    lines.append(f"- method: {training}, {method}")
     if recipe.get("dataset_name"):
         split = recipe.get("dataset_train_split", "train")
         lines.append(
@@ -333,7 +342,7 @@ def model_card(facts: RunFacts, repo_id: str, license_name: str | None) -> str:
     if dataset and not _is_local(dataset):
         metadata["datasets"] = [dataset]
     metadata["pipeline_tag"] = "image-text-to-text"
-    metadata["tags"] = ["vlm-recipes", "trl", "sft"] + (
+    metadata["tags"] = ["vlm-recipes", "trl", "dpo" if facts.entry_point == "vlm_recipes.dpo" else "sft"] + (
         ["qlora" if facts.quantized else "lora"] if facts.is_adapter else []
     )
     base = facts.base_model or "an unknown base model"

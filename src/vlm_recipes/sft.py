@@ -8,19 +8,17 @@ and apply the tuning strategy (which parts train, LoRA, 4-bit), train with TRL's
 rates), save the adapter, the processor, the training log and the recipe as run.
 """
 
-from accelerate import PartialState
 from trl import SFTConfig
 
 from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments, TuningArguments
-from vlm_recipes.console import print_main, setup_console
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
-from vlm_recipes.hub import prepare_training_push, push_output_dir
+from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.run import prepare_output_and_data, train_and_save
 
 
 RECIPE_PARTS = {
@@ -41,23 +39,9 @@ VISION_SFT_DEFAULTS = {
 
 def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
-    data_args, model_args, run_args, training_args = recipe.data, recipe.model, recipe.run, recipe.training
+    model_args, training_args = recipe.model, recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    output_dir = prepare_output_dir(
-        training_args.output_dir,
-        overwrite=run_args.overwrite_output_dir,
-        resume=resume_requested(training_args.resume_from_checkpoint),
-        is_main_process=PartialState().is_main_process,
-    )
-
-    # Data first: a missing column, or too many bad rows, fails before any weights load.
-    train_dataset, eval_dataset, data_report = load_datasets(
-        data_args,
-        seed=training_args.seed,
-        need_eval=training_args.eval_strategy != "no",
-        num_proc=training_args.dataset_num_proc,
-    )
-    data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
+    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
     loaded = load_for_training(
         model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
@@ -78,14 +62,9 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
 
 def train(recipe: Recipe) -> VLMSFTTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
-    trainer = build_trainer(recipe)
-    trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))
-    output_dir = recipe.training.output_dir
-    save_outputs(trainer, recipe, output_dir)
-    print_main(*summary_lines(trainer.state.log_history, output_dir, keys=("eval_relaxed_accuracy",)))
-    if hub_target is not None and trainer.is_world_process_zero():
-        push_output_dir(output_dir, hub_target)
-    return trainer
+    return train_and_save(
+        build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
+    )
 
 
 @exit_on_recipe_error

@@ -147,14 +147,25 @@ def load_for_training(
     learning_rate: float,
     explicit_fields: set[str] | frozenset[str] = frozenset(),
     trust_remote_code: bool = False,
+    start_adapter: str | None = None,
+    merge_start_adapter: bool = False,
 ) -> TrainingModel:
-    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy."""
+    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy.
+
+    `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
+    strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
+    """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
     processor = load_processor(model_args, trust_remote_code)
     model = load_model(model_args, config, trust_remote_code)
-    model = apply_strategy(model, plan, model_args, family)
+    if start_adapter and merge_start_adapter:
+        model = merge_adapter(model, start_adapter)
+    if start_adapter and not merge_start_adapter:
+        model = load_adapter(model, start_adapter, trainable=True)
+    else:
+        model = apply_strategy(model, plan, model_args, family)
     print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
     return TrainingModel(model=model, processor=processor, family=family, plan=plan)
 
@@ -239,18 +250,20 @@ def check_adapter_fits(adapter: str | Path, config: Any, model_name: str, trust_
         )
 
 
-def load_adapter(model: Any, adapter: str | Path, model_name: str) -> Any:
-    """`model` with the adapter loaded for inference (a peft `PeftModel`); a clear error when it does not fit."""
+def load_adapter(model: Any, adapter: str | Path, model_name: str | None = None, *, trainable: bool = False) -> Any:
+    """`model` with a saved LoRA adapter as its "default" adapter (a peft `PeftModel`), frozen for inference or
+    `trainable` to train further; a clear error when it does not fit."""
     import warnings
 
     from peft import PeftModel
 
     recorded = read_adapter_config(adapter).get("base_model_name_or_path")
     trained_on = f" It was trained on {recorded}." if recorded else ""
+    model_name = model_name or getattr(model, "name_or_path", None) or "this model"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
         except (ValueError, RuntimeError, KeyError) as error:
             cause = " ".join(str(error).split())[:400]
             raise RecipeError(f"The adapter in {adapter} does not fit {model_name}: {cause}.{trained_on}") from None
@@ -281,3 +294,13 @@ def load_for_inference(
             )
     model.eval()
     return model, processor, family
+
+
+def merge_adapter(model: Any, adapter_path: str | Path) -> Any:
+    """`model` with a saved LoRA adapter merged into its weights, in place: one model, no adapter left."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        raise RecipeError(
+            "Merging an adapter into a 4-bit model rounds the merged weights back to 4 bit, so the result is not "
+            "the adapter's model. Keep the adapter separate instead, or merge into a 16-bit model."
+        )
+    return load_adapter(model, adapter_path).merge_and_unload()
