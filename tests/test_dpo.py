@@ -148,7 +148,7 @@ def run_main(capsys, argv):
         (["--sft_adapter_path", "SFT", "--tuning_strategy", "qlora", "--reference", "sft_merged"],
          "would merge the SFT adapter into 4-bit weights"),
         (["--sft_adapter_path", "SFT", "--tuning_strategy", "full"], "use tuning_strategy lora or qlora, not 'full'"),
-        (["--sft_adapter_path", "/nowhere"], "/nowhere holds no adapter_config.json"),
+        (["--sft_adapter_path", "/nowhere"], "Adapter folder /nowhere does not exist"),
     ],
 )  # fmt: skip
 def test_recipes_that_cannot_work_are_explained(

@@ -26,7 +26,7 @@ from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import load_config, load_for_training
+from vlm_recipes.modeling.loading import load_config, load_for_training, read_adapter_config
 from vlm_recipes.modeling.strategies import resolve_strategy
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
@@ -86,6 +86,7 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if policy.sft_adapter_path is None:
         return
+    read_adapter_config(policy.sft_adapter_path)  # a missing or non-adapter folder fails here, not after loading
     policy.reference = policy.reference or "sft_adapter"
     if not plan.strategy.uses_lora:
         raise RecipeError(
