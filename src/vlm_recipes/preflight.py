@@ -21,11 +21,10 @@ from typing import Any
 from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
-from vlm_recipes.data.formatters import FORMATTERS
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
-from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.recipe import Recipe, entry_point_of, parse_recipe
 
 
 VERIFY_ROWS = 8  # rows whose token counts are compared with TRL's collator
@@ -40,28 +39,28 @@ class PreflightArguments:
     )
 
 
-def _entry_point(argv: list[str]) -> tuple[Any, str]:
-    """(the entry-point module whose recipe this is, the formatter task), from the recipe's `formatter`."""
-    import yaml
+# Entry point -> (formatter task, {recipe part: name of the module's defaults for it}).
+ENTRY_POINTS = {
+    "vlm_recipes.sft": ("sft", {"training": "VISION_SFT_DEFAULTS"}),
+    "vlm_recipes.dpo": ("preference", {"training": "VISION_DPO_DEFAULTS", "data": "PREFERENCE_DATA_DEFAULTS"}),
+}
 
-    formatter = "chartqa"
-    if argv and argv[0].endswith((".yaml", ".yml")) and Path(argv[0]).is_file():
-        content = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
-        formatter = content.get("formatter", formatter) if isinstance(content, dict) else formatter
-    for index, arg in enumerate(argv):
-        if arg == "--formatter" and index + 1 < len(argv):
-            formatter = argv[index + 1]
-        elif arg.startswith("--formatter="):
-            formatter = arg.split("=", 1)[1]
-    task = FORMATTERS[formatter].task if formatter in FORMATTERS else "sft"
-    if task == "sft":
-        from vlm_recipes import sft as entry_point
-    else:
-        try:
-            from vlm_recipes import dpo as entry_point
-        except ImportError:
-            raise RecipeError(f"formatter '{formatter}' is for {task} data, which needs `vlm_recipes.dpo`.") from None
-    return entry_point, task
+
+def _entry_point(argv: list[str]) -> tuple[Any, str]:
+    """(the entry-point module the recipe is for, by its `# entry point:` line (default SFT), the formatter task)."""
+    import importlib
+
+    text = Path(argv[0]).read_text(encoding="utf-8") if argv and Path(argv[0]).is_file() else ""
+    name = entry_point_of(text)
+    if name not in ENTRY_POINTS:
+        raise RecipeError(f"preflight checks recipes of {', '.join(ENTRY_POINTS)}; this one is for {name}.")
+    return importlib.import_module(name), ENTRY_POINTS[name][0]
+
+
+def _defaults(entry_point: Any) -> dict[str, dict[str, Any]]:
+    """The entry point's own defaults over TRL's, by recipe part, as its `build_trainer` applies them."""
+    parts = ENTRY_POINTS[entry_point.__name__][1]
+    return {part: getattr(entry_point, name) for part, name in parts.items() if hasattr(entry_point, name)}
 
 
 def _parts(entry_point: Any) -> dict[str, type]:
@@ -116,7 +115,7 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
     return sum(a == b for a, b in zip(counted, expected)), len(sample)
 
 
-def preflight(recipe: Recipe, task: str, defaults: dict[str, Any]) -> dict[str, Any]:
+def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
     from vlm_recipes.configs import DataArguments, ModelArguments, TuningArguments
     from vlm_recipes.modeling.families import get_family
@@ -124,7 +123,8 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, Any]) -> dict[str, 
     from vlm_recipes.modeling.memory import estimate_peak_memory
     from vlm_recipes.modeling.strategies import resolve_strategy
 
-    recipe.apply_defaults("training", defaults)
+    for part, values in defaults.items():
+        recipe.apply_defaults(part, values)
     data_args, model_args = _part(recipe, DataArguments), _part(recipe, ModelArguments)
     reliability, training_args = _part(recipe, ReliabilityArguments), recipe.training
     tuning = recipe.parts.get("tuning") or TuningArguments()
@@ -144,7 +144,7 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, Any]) -> dict[str, 
         data_args,
         seed=training_args.seed,
         need_eval=need_eval,
-        task="sft" if task == "sft" else "preference",
+        task=task,
         num_proc=training_args.dataset_num_proc,
     )
     counter = TokenCounter(processor)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     entry_point, task = _entry_point(argv)
     recipe = parse_recipe(_parts(entry_point), argv, prog="python -m vlm_recipes.preflight")
-    preflight(recipe, task, getattr(entry_point, "VISION_SFT_DEFAULTS", {}))
+    preflight(recipe, task, _defaults(entry_point))
 
 
 if __name__ == "__main__":

@@ -8,19 +8,24 @@ and apply the tuning strategy (which parts train, LoRA, 4-bit), train with TRL's
 rates), save the adapter, the processor, the training log and the recipe as run.
 """
 
-from accelerate import PartialState
 from trl import SFTConfig
 
-from vlm_recipes.configs import DataArguments, ModelArguments, ReliabilityArguments, RunArguments, TuningArguments
-from vlm_recipes.console import print_main, setup_console
-from vlm_recipes.data.checks import check_training_data
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.configs import (
+    DataArguments,
+    EvaluationArguments,
+    ModelArguments,
+    ReliabilityArguments,
+    RunArguments,
+    TuningArguments,
+)
+from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
-from vlm_recipes.modeling.loading import load_for_training, load_processor
+from vlm_recipes.hub import prepare_training_push
+from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
-from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
+from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.run import prepare_output_and_data, train_and_save
 
 
 RECIPE_PARTS = {
@@ -28,8 +33,9 @@ RECIPE_PARTS = {
     "model": ModelArguments,
     "tuning": TuningArguments,
     "run": RunArguments,
-    "reliability": ReliabilityArguments,
     "training": SFTConfig,
+    "evaluation": EvaluationArguments,
+    "reliability": ReliabilityArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
@@ -41,33 +47,9 @@ VISION_SFT_DEFAULTS = {
 
 def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
-    data_args, model_args, run_args, training_args = recipe.data, recipe.model, recipe.run, recipe.training
+    model_args, training_args = recipe.model, recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    output_dir = prepare_output_dir(
-        training_args.output_dir,
-        overwrite=run_args.overwrite_output_dir,
-        resume=resume_requested(training_args.resume_from_checkpoint),
-        is_main_process=PartialState().is_main_process,
-    )
-
-    # Data first: a missing column, or too many bad rows, fails before any weights load.
-    train_dataset, eval_dataset, data_report = load_datasets(
-        data_args,
-        seed=training_args.seed,
-        need_eval=training_args.eval_strategy != "no",
-        num_proc=training_args.dataset_num_proc,
-    )
-    # Every row checked (images decode, RGB, sizes, text, placeholders, length) with the processor alone, no weights.
-    train_dataset, eval_dataset = check_training_data(
-        train_dataset,
-        eval_dataset,
-        data_report,
-        load_processor(model_args, training_args.trust_remote_code),
-        recipe.reliability,
-        training_args.max_length,
-        training_args.dataset_num_proc,
-    )
-    data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
+    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
     loaded = load_for_training(
         model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
@@ -82,18 +64,15 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
         tuning_plan=loaded.plan,
         model_family=loaded.family,
     )
-    return install_fault_guards(trainer, recipe.reliability)
+    add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
+    return trainer
 
 
 def train(recipe: Recipe) -> VLMSFTTrainer:
-    trainer = build_trainer(recipe)
-    output_dir = recipe.training.output_dir
-    trainer.train(
-        resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
+    return train_and_save(
+        build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
     )
-    save_outputs(trainer, recipe, output_dir)
-    print_main(*summary_lines(trainer.state.log_history, output_dir))
-    return trainer
 
 
 @exit_on_recipe_error
