@@ -180,7 +180,8 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
 
     longest = max(lengths["train"]["tokens"]["max"], lengths.get("eval", {}).get("tokens", {}).get("max", 0))
     longest_image = max(split.image_tokens and max(split.image_tokens) or 0 for split in checked.values())
-    memory = estimate_peak_memory(config, family, plan, model_args, training_args, longest, longest_image)
+    pairs = 2 if task == "preference" else 1  # chosen and rejected run together
+    memory = estimate_peak_memory(config, family, plan, model_args, training_args, longest, longest_image, pairs)
     print("", *memory.lines(), sep="\n")
 
     result = {

@@ -80,7 +80,7 @@ class MemoryEstimate:
             f"  gradients + optimizer        {gib(self.training_states):>10}   "
             f"({self.trainable_parameters:,} trained parameters)",
             f"  activations, checkpointing   {gib(self.activations_checkpointed):>10}   "
-            f"({self.tokens:,} tokens: batch x longest row)",
+            f"({self.tokens:,} tokens: sequences per batch x longest row)",
             f"  activations, no checkpoint.  {gib(self.activations_full):>10}",
             f"  logits and loss              {gib(self.logits):>10}",
             f"  CUDA context, allocator      {gib(OVERHEAD_BYTES):>10}",
@@ -164,8 +164,12 @@ def estimate_peak_memory(
     training_args: Any,
     longest_row_tokens: int,
     longest_row_image_tokens: int = 0,
+    sequences_per_row: int = 1,
 ) -> MemoryEstimate:
-    """The estimate for `plan` (a `TuningPlan` from `resolve_strategy`) at the recipe's batch size."""
+    """The estimate for `plan` (a `TuningPlan` from `resolve_strategy`) at the recipe's batch size.
+
+    `sequences_per_row`: 2 for preference pairs, whose chosen and rejected sequences run in one forward pass (the
+    reference pass runs without a graph and adds no stored activations)."""
     from vlm_recipes.modeling.strategies import apply_strategy
 
     dtype = _dtype(model_args.dtype)
@@ -194,7 +198,7 @@ def estimate_peak_memory(
             trainable += parameter.numel()
             states += int(parameter.numel() * element * (1 + state_factor))
 
-    batch = training_args.per_device_train_batch_size
+    batch = training_args.per_device_train_batch_size * sequences_per_row
     tokens = batch * longest_row_tokens
     element = 4 if dtype == torch.float32 else 2
     lora_kind = "lora_dropout" if model_args.lora_dropout else "lora"
