@@ -15,6 +15,7 @@ from vlm_recipes.configs import DataArguments, ModelArguments, RunArguments, Tun
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.optimization import VLMSFTTrainer
@@ -60,15 +61,19 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
         model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
     )
 
-    return VLMSFTTrainer(
-        model=loaded.model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=loaded.processor,
-        tuning_plan=loaded.plan,
-        model_family=loaded.family,
-    )
+    # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
+    with training_chat_template(loaded.processor, loaded.family, training_args) as attach_template:
+        return attach_template(
+            VLMSFTTrainer(
+                model=loaded.model,
+                args=training_args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=loaded.processor,
+                tuning_plan=loaded.plan,
+                model_family=loaded.family,
+            )
+        )
 
 
 def train(recipe: Recipe) -> VLMSFTTrainer:

@@ -178,6 +178,25 @@ def _vision_linear_names(model: Any, family: ModelFamily) -> list[str]:
     ]
 
 
+def _savable_modules(model: Any, prefixes: tuple[str, ...]) -> list[str]:
+    """Module names peft can save next to an adapter: a module list (Qwen3-VL's DeepStack mergers) by its members.
+
+    A bare parameter (LLaVA-Next's `image_newline`) is no module, so it cannot be saved with an adapter: it stays frozen
+    under the LoRA strategies.
+    """
+    import torch
+
+    modules = dict(model.named_modules())
+    names = []
+    for prefix in prefixes:
+        module = modules.get(prefix)
+        if isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict):
+            names += [f"{prefix}.{child}" for child, _ in module.named_children()]
+        elif module is not None:
+            names.append(prefix)
+    return names
+
+
 def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, family: ModelFamily) -> Any:
     from peft import LoraConfig
 
@@ -192,14 +211,20 @@ def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, famil
     # Parts trained in full next to the adapter are saved with it (peft's modules_to_save), so the adapter folder alone
     # restores them. A projector inside the vision tower is covered by the tower's entry.
     full_parts = [family.vision_tower] if plan.modes["vision_tower"] == FULL else []
-    if plan.modes["projector"] == FULL and not any(family.projector.startswith(p + ".") for p in full_parts):
-        full_parts.append(family.projector)
+    if plan.modes["projector"] == FULL:
+        full_parts += [
+            name
+            for name in _savable_modules(model, family.projector)
+            if not any(name.startswith(part + ".") for part in full_parts)
+        ]
     return LoraConfig(
         task_type=model_args.lora_task_type,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=targets,
+        # Fused expert weights of a mixture-of-experts model (3-D parameters, not nn.Linear), unless the recipe picks
+        target_parameters=None if model_args.lora_target_modules else family.lora_target_parameters(),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         modules_to_save=(model_args.lora_modules_to_save or []) + full_parts or None,
