@@ -184,11 +184,25 @@ def qwen_generation(tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def build_and_save(output_dir: Path, model_class: Any, config: Any, processor: Any, generation: dict, seed: int):
+def build_and_save(
+    output_dir: Path,
+    model_class: Any,
+    config: Any,
+    processor: Any,
+    generation: dict,
+    seed: int,
+    zero_initialised: tuple[str, ...] = (),
+) -> None:
+    """Random weights from `seed`; `zero_initialised` names parameters transformers initialises to zero where a trained
+    checkpoint's are not (drawn like the others here, so images reach the language model and gradients the vision
+    tower)."""
     import torch
 
     torch.manual_seed(seed)
-    save_tiny(output_dir, model_class(config), processor, generation)
+    model = model_class(config)
+    for name in zero_initialised:
+        torch.nn.init.normal_(model.get_parameter(name), std=INIT_RANGE)
+    save_tiny(output_dir, model, processor, generation)
 
 
 def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: str) -> None:
@@ -611,7 +625,15 @@ def build_gemma3(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
         eos_token_id=[tokenizer.eos_token_id, ids["<end_of_turn>"]],
         pad_token_id=tokenizer.pad_token_id,
     )
-    build_and_save(output_dir, Gemma3ForConditionalGeneration, config, processor, generation, seed)
+    build_and_save(
+        output_dir,
+        Gemma3ForConditionalGeneration,
+        config,
+        processor,
+        generation,
+        seed,
+        zero_initialised=("model.multi_modal_projector.mm_input_projection_weight",),
+    )
 
 
 # google/gemma-4-E2B-it tokenizer_config.json: the special tokens the processor and the chat template use, by name
