@@ -35,6 +35,11 @@ $(DEMO_DATA)/data/train-00000-of-00001.parquet: | $(INSTALLED)
 demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00001.parquet
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
 
+# Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
+demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family $* --output_dir $(CACHE)/tiny/$*
+	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
+
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests
 

@@ -76,6 +76,12 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     )
 
 
+def logged_losses(output_dir):
+    """The training losses an entry point logged in its output folder's training_log.json."""
+    log = json.loads((Path(output_dir) / "training_log.json").read_text())
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
 def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user error: exit code 2, one `error:` message holding every fragment, and no Python traceback."""
     assert result.returncode == 2, f"exit {result.returncode}\nSTDERR:\n{result.stderr[-6000:]}"
