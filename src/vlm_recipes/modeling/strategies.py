@@ -283,20 +283,34 @@ def trainable_parameter_table(model: Any, family: ModelFamily) -> str:
     return "\n".join(rows)
 
 
-def _no_weight_decay(name: str, decay_names: set[str]) -> bool:
-    return name not in decay_names or "lora_" in name or _is_embedding(name)
+def _embedding_parameters(model: Any) -> set[str]:
+    """Parameters of embedding tables, by module type (names differ across families: Gemma 4's `embed_vision` is a
+    linear projector, Qwen3-VL's `pos_embed` and CLIP's `position_embedding` are tables)."""
+    import torch
+
+    return {
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _no_weight_decay(name: str, decay_names: set[str], embeddings: set[str]) -> bool:
+    return name not in decay_names or "lora_" in name or name in embeddings or _is_embedding(name)
 
 
 def parameter_groups(
     model: Any, plan: TuningPlan, family: ModelFamily, weight_decay: float, decay_names: set[str]
 ) -> list[dict]:
     """One optimizer group per (part, decay) with the part's learning rate; LoRA, biases, norms, embeddings: no decay."""
+    embeddings = _embedding_parameters(model)
     groups: dict[tuple[str, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         part = family.part_of(name)
-        decay = not _no_weight_decay(name, decay_names)
+        decay = not _no_weight_decay(name, decay_names, embeddings)
         group = groups.setdefault(
             (part, decay),
             {
