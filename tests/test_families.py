@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import trainer_for
+from conftest import REPO_ROOT, trainer_for
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -14,9 +14,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES, get_family
-from vlm_recipes.modeling.loading import load_processor
+from vlm_recipes.modeling.loading import check_family_settings, load_config, load_processor
 from vlm_recipes.modeling.strategies import apply_strategy, resolve_strategy
 from vlm_recipes.modeling.tiny import TINY_BUILDERS
+from vlm_recipes.recipe import parse_recipe
+from vlm_recipes.sft import RECIPE_PARTS
 
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -191,3 +193,30 @@ def test_gemma4_max_pixels_picks_the_soft_token_budget(tiny_models):
 def test_fixed_size_families_refuse_pixel_bounds_with_the_reason(tiny_models, family_name):
     with pytest.raises(RecipeError, match=f"`image_max_pixels` does not apply to {family_name}"):
         processor_with(tiny_models(family_name), image_max_pixels=500_000)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped recipe of every family
+
+
+def family_recipe(family_name):
+    return REPO_ROOT / "recipes" / ("chartqa.yaml" if family_name == "qwen2_5_vl" else f"{family_name}.yaml")
+
+
+@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+def test_each_family_recipe_passes_its_family_checks(tiny_models, family_name):
+    """The real recipe's settings, on the family's tiny model: strategy, LoRA settings and image bounds all accepted."""
+    family, path = FAMILIES[family_name], family_recipe(family_name)
+    assert f"model_name_or_path: {family.example_model}\n" in path.read_text()  # the real model id
+    recipe = parse_recipe(RECIPE_PARTS, [str(path), "--model_name_or_path", str(tiny_models(family_name))])
+    config = load_config(recipe.model)
+    resolve_strategy(recipe.tuning, recipe.model, config, family, recipe.training.learning_rate, set(recipe.settings))
+    check_family_settings(recipe.model, family)
+    processor = load_processor(recipe.model, family=family)
+    if recipe.model.image_max_pixels is not None:  # a bound in the family's own terms took effect
+        assert (
+            processor.image_processor.to_dict()
+            != load_processor(
+                ModelArguments(model_name_or_path=str(tiny_models(family_name))), family=family
+            ).image_processor.to_dict()
+        )
