@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from vlm_recipes.modeling.chat_templates import read_template
 TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+# SigLIP / CLIP / Gemma 4 vision towers (Qwen's name their fields differently)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 # Wider than the usual 0.02: with 64 hidden units, 0.02 leaves the frozen output head too weak for a LoRA adapter to
 # move the logits, so the tiny models' loss would barely fall under LoRA (measured: 6.4 -> 5.7 in 80 QLoRA steps at
 # 0.02; 6.5 -> 3.1 at 0.1).
@@ -254,14 +257,8 @@ def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: st
     build_and_save(output_dir, Model, config, processor, qwen_generation(tokenizer), seed)
 
 
-@register_tiny_builder("qwen2_5_vl")
-def build_qwen2_5_vl(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen_vl(output_dir, vocab_size, seed, version="2.5")
-
-
-@register_tiny_builder("qwen2_vl")
-def build_qwen2_vl(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen_vl(output_dir, vocab_size, seed, version="2")
+register_tiny_builder("qwen2_5_vl")(partial(_qwen_vl, version="2.5"))
+register_tiny_builder("qwen2_vl")(partial(_qwen_vl, version="2"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,19 +340,8 @@ def _qwen3(output_dir: Path, vocab_size: int | None, seed: int, *, variant: str)
     build_and_save(output_dir, model_class, config, processor, qwen_generation(tokenizer), seed)
 
 
-@register_tiny_builder("qwen3_vl")
-def build_qwen3_vl(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen3(output_dir, vocab_size, seed, variant="qwen3_vl")
-
-
-@register_tiny_builder("qwen3_vl_moe")
-def build_qwen3_vl_moe(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen3(output_dir, vocab_size, seed, variant="qwen3_vl_moe")
-
-
-@register_tiny_builder("qwen3_5")
-def build_qwen3_5(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen3(output_dir, vocab_size, seed, variant="qwen3_5")
+for _variant in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+    register_tiny_builder(_variant)(partial(_qwen3, variant=_variant))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,6 +392,14 @@ def text_config_ids(tokenizer: Any) -> dict[str, int | None]:
     return dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+
+
+def generation_ids(tokenizer: Any, end_of_turn: str | None = None) -> dict[str, Any]:
+    """The generation config's token ids; generation also stops at the chat template's end-of-turn token."""
+    ids = text_config_ids(tokenizer)
+    if end_of_turn is not None:
+        ids["eos_token_id"] = [ids["eos_token_id"], tokenizer.convert_tokens_to_ids(end_of_turn)]
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,23 +453,17 @@ def build_smolvlm(output_dir: Path, vocab_size: int | None = None, seed: int = 0
             initializer_range=INIT_RANGE,
             rope_theta=273768.0,
             **text_config_ids(tokenizer),
-        ),  # fmt: skip
+        ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=SMOLVLM_TILE,
             patch_size=patch_size,
-        ),  # fmt: skip
+        ),
         scale_factor=SMOLVLM_SCALE_FACTOR,
         image_token_id=ids["<image>"],
         pad_token_id=tokenizer.pad_token_id,
     )
-    generation = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    build_and_save(output_dir, Idefics3ForConditionalGeneration, config, processor, generation, seed)
+    build_and_save(output_dir, Idefics3ForConditionalGeneration, config, processor, generation_ids(tokenizer), seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,8 +496,7 @@ def _llava(output_dir: Path, vocab_size: int | None, seed: int, *, next_version:
     )
     text = dict(**TINY_TEXT, vocab_size=vocab_size or len(tokenizer), initializer_range=INIT_RANGE)
     vision = dict(
-        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32,
+        model_type="clip_vision_model", **TINY_VISION, image_size=image_size, patch_size=patch_size, projection_dim=32,
     )  # fmt: skip
     # The real models drop CLIP's class token ("default" strategy) and read the second-to-last vision layer.
     common = dict(
@@ -549,20 +536,11 @@ def _llava(output_dir: Path, vocab_size: int | None, seed: int, *, next_version:
             text_config=dict(model_type="llama", **text, **text_config_ids(tokenizer)), **common
         )
         model_class = transformers.LlavaForConditionalGeneration
-    generation = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    build_and_save(output_dir, model_class, config, processor, generation, seed)
+    build_and_save(output_dir, model_class, config, processor, generation_ids(tokenizer), seed)
 
 
-@register_tiny_builder("llava")
-def build_llava(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _llava(output_dir, vocab_size, seed, next_version=False)
-
-
-@register_tiny_builder("llava_next")
-def build_llava_next(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _llava(output_dir, vocab_size, seed, next_version=True)
+register_tiny_builder("llava")(partial(_llava, next_version=False))
+register_tiny_builder("llava_next")(partial(_llava, next_version=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -606,31 +584,23 @@ def build_gemma3(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
             vocab_size=vocab_size or len(tokenizer),
             initializer_range=INIT_RANGE,
             **text_config_ids(tokenizer),
-        ),  # fmt: skip
+        ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=GEMMA3_IMAGE_SIZE,
             patch_size=14,
-        ),  # fmt: skip
+        ),
         mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
-    )
-    generation = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, ids["<end_of_turn>"]],
-        pad_token_id=tokenizer.pad_token_id,
     )
     build_and_save(
         output_dir,
         Gemma3ForConditionalGeneration,
         config,
         processor,
-        generation,
+        generation_ids(tokenizer, "<end_of_turn>"),
         seed,
         zero_initialised=("model.multi_modal_projector.mm_input_projection_weight",),
     )
@@ -690,18 +660,15 @@ def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
             hidden_size_per_layer_input=8,
             vocab_size_per_layer_input=vocab,
             **text_config_ids(tokenizer),
-        ),  # fmt: skip
+        ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             num_key_value_heads=2,
             head_dim=16,
             patch_size=16,
             pooling_kernel_size=3,
             position_embedding_size=256,
-        ),  # fmt: skip
+        ),
         audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
         image_token_id=ids["<|image|>"],
         boi_token_id=ids["<|image>"],
@@ -711,12 +678,9 @@ def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
         boa_token_id=ids["<|audio>"],
         eoa_token_index=ids["<audio|>"],
     )
-    generation = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, ids["<turn|>"]],
-        pad_token_id=tokenizer.pad_token_id,
+    build_and_save(
+        output_dir, Gemma4ForConditionalGeneration, config, processor, generation_ids(tokenizer, "<turn|>"), seed
     )
-    build_and_save(output_dir, Gemma4ForConditionalGeneration, config, processor, generation, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
