@@ -220,3 +220,18 @@ def test_each_family_recipe_passes_its_family_checks(tiny_models, family_name):
                 ModelArguments(model_name_or_path=str(tiny_models(family_name))), family=family
             ).image_processor.to_dict()
         )
+
+
+def test_smolvlm2_architecture_shares_the_smolvlm_row(tiny_models):
+    """SmolVLM2 (model type `smolvlm`) has the module tree of SmolVLM/Idefics3, which the tiny model builds."""
+    from transformers import SmolVLMConfig
+
+    settings = json.loads((tiny_models("smolvlm") / "config.json").read_text())
+    for key in ("model_type", "architectures", "transformers_version"):
+        settings.pop(key, None)
+    model = AutoModelForImageTextToText.from_config(SmolVLMConfig(**settings))
+    family = get_family(model)
+    assert family.name == "smolvlm" and type(model).__name__ == "SmolVLMForConditionalGeneration"
+    assert {family.part_of(name) for name, _ in model.named_parameters()} == set(PARTS)
+    targets = [name for name, _ in model.named_modules() if re.fullmatch(family.lora_target_regex(), name)]
+    assert len(targets) == 7 * model.config.text_config.num_hidden_layers

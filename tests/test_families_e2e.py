@@ -70,3 +70,24 @@ def test_sft_trains_every_family_and_saves_its_adapter(sft_runs, tiny_models, fa
     saved_template = (output_dir / "chat_template.jinja").read_text(encoding="utf-8")
     assert saved_template == (tiny_models(family) / "chat_template.jinja").read_text(encoding="utf-8")
     assert "Assistant-only loss with" in result.stderr  # which training template trains is said
+
+
+def test_the_moe_adapter_reloads_with_lora_on_its_experts(sft_runs, tiny_models):
+    """peft's target_parameters adapter (LoRA on the fused expert weights) saves and loads back onto the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    output_dir, result = sft_runs["qwen3_vl_moe"]
+    assert_ok(result)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_models("qwen3_vl_moe"), dtype=torch.float32)
+    input_ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        base_logits = base(input_ids=input_ids).logits
+    model = PeftModel.from_pretrained(base, output_dir)
+    experts = [
+        name for name, module in model.named_modules() if name.endswith("mlp.experts") and hasattr(module, "lora_A")
+    ]
+    assert len(experts) == base.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=input_ids).logits, base_logits)  # the trained adapter is applied
