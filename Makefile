@@ -7,14 +7,16 @@ INSTALLED := $(VENV)/.installed
 CACHE := .cache
 TINY_MODEL := $(CACHE)/tiny/qwen2_5_vl
 DEMO_DATA := $(CACHE)/data/chartqa_synthetic
+DEMO_PREFERENCES := $(CACHE)/data/rlaif_v_synthetic
 RECIPE ?= recipes/chartqa.yaml
+DPO_RECIPE ?= recipes/rlaif_v.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
 # This checkout's sources win over any installed copy (also in a git worktree that shares another checkout's .venv).
 export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test sft style quality clean-demo
+.PHONY: install demo test sft dpo style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -31,9 +33,15 @@ $(TINY_MODEL)/config.json: | $(INSTALLED)
 $(DEMO_DATA)/data/train-00000-of-00001.parquet: | $(INSTALLED)
 	$(PY) -m vlm_recipes.data.synthetic --output_dir $(DEMO_DATA) --train_rows 256 --test_rows 32
 
-# The main job, offline on CPU: a tiny random Qwen2.5-VL, generated charts, QLoRA SFT through the real entry point.
-demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00001.parquet
+$(DEMO_PREFERENCES)/data/train-00000-of-00001.parquet: | $(INSTALLED)
+	$(PY) -m vlm_recipes.data.synthetic --schema rlaif_v --output_dir $(DEMO_PREFERENCES) --train_rows 128 --test_rows 16
+
+# The main job, offline on CPU: a tiny random Qwen2.5-VL, generated charts, QLoRA SFT through the real entry point,
+# then DPO from that SFT adapter on generated chart preferences (reward margin and accuracy printed at start and end).
+demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00001.parquet \
+		$(DEMO_PREFERENCES)/data/train-00000-of-00001.parquet
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
+	$(OFFLINE) $(PY) -m vlm_recipes.dpo recipes/demo/dpo_from_sft.yaml
 
 # Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
 demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
@@ -46,6 +54,11 @@ test: $(INSTALLED)
 # make sft RECIPE=recipes/chartqa.yaml [ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml]
 sft: $(INSTALLED)
 	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.sft $(RECIPE)
+
+# make dpo [RECIPE=recipes/rlaif_v.yaml] [ACCELERATE_CONFIG=...]: RECIPE given on the command line wins over DPO_RECIPE.
+dpo: $(INSTALLED)
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.dpo \
+		$(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(DPO_RECIPE))
 
 style: $(INSTALLED)
 	$(VENV)/bin/ruff format src tests benchmarks

@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO_ROOT
 
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.recipe import parse_recipe, save_recipe
+from vlm_recipes.recipe import entry_point_of, parse_recipe, save_recipe
 from vlm_recipes.sft import RECIPE_PARTS as SFT_PARTS
 
 
@@ -19,12 +19,7 @@ def recipe_parts(path: Path) -> dict:
     """The entry point a recipe is for: its `# entry point:` comment, or SFT."""
     import importlib
 
-    text = path.read_text(encoding="utf-8")
-    module = "vlm_recipes.sft"
-    for line in text.splitlines():
-        if line.startswith("# entry point:"):
-            module = line.split(":", 1)[1].strip()
-    return importlib.import_module(module).RECIPE_PARTS
+    return importlib.import_module(entry_point_of(path.read_text(encoding="utf-8"))).RECIPE_PARTS
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO_ROOT)))

@@ -151,3 +151,59 @@ class TuningArguments:
             "then trains at learning_rate_vit (its learning rate is zero until then)."
         },
     )
+
+
+@dataclass
+class EvaluationArguments:
+    """Answer-level evaluation: greedy generation on the evaluation split, scored with relaxed accuracy and exact match.
+
+    `python -m vlm_recipes.evaluate` uses every evaluation row (after `max_eval_samples`); during training the same
+    evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on `eval_max_samples` rows.
+    """
+
+    eval_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "At every evaluation during training, also generate answers and log eval/relaxed_accuracy and "
+            "eval/exact_match to the trainer's loggers (`report_to`). Needs an evaluation split and `eval_strategy`."
+        },
+    )
+    eval_max_samples: int | None = field(
+        default=64,
+        metadata={
+            "help": "Rows of the evaluation split (the first N, the same every time) that generation runs on during "
+            "training; `null` for all. Not to be confused with `max_eval_samples`, which trims the split itself."
+        },
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "Longest generated answer, in tokens (ChartQA answers are a few tokens)."}
+    )
+    eval_generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per generation batch (left-padded). Default: `per_device_eval_batch_size`."},
+    )
+
+
+@dataclass
+class PolicyArguments:
+    """DPO: where the trained policy starts (the base model, or an SFT run's adapter) and what the reference is."""
+
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start DPO from this SFT adapter (the output folder of `vlm_recipes.sft` with LoRA). Without it, "
+            "DPO trains a new LoRA adapter on the base model and the reference is the base model (adapter disabled)."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the reference (the SFT policy) is formed when starting from `sft_adapter_path`. "
+            "`sft_adapter` (default): the SFT adapter keeps training and a frozen copy of it is the reference; exact "
+            "with 16-bit and 4-bit bases, costs a second adapter (small). `sft_merged`: the SFT adapter is merged into "
+            "the 16-bit base weights (in place), a new LoRA adapter trains on top and the reference is the merged "
+            "model with that adapter disabled; the saved DPO adapter then applies on top of base + SFT adapter. "
+            "Not with `load_in_4bit` (merging into 4-bit weights rounds them). Neither keeps a second model copy.",
+            "choices": ["sft_adapter", "sft_merged"],
+        },
+    )

@@ -9,6 +9,7 @@ does not read as numbers, are converted with the field's own type.
 import difflib
 import os
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class Recipe:
     parts: dict[str, Any]
     source: str | None
     settings: dict[str, Any]
+    entry_point: str | None = None  # the module that ran it, e.g. "vlm_recipes.dpo"
 
     def apply_defaults(self, part: str, defaults: dict[str, Any]) -> None:
         """Set fields of `part` that neither the recipe file nor the command line set (our defaults over TRL's)."""
@@ -115,7 +117,7 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
         parser.set_defaults_with_config(**settings)
 
     for name in _cli_field_names(argv):
-        if name not in actions:
+        if name not in actions and name != "help":  # argparse answers `--help` itself
             raise RecipeError(_unknown_field_message(name, known, "command line"))
     if (
         "use_cpu" in actions
@@ -135,19 +137,35 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
         for instance in instances:
             if name in {f.name for f in fields(instance)}:
                 settings[name] = getattr(instance, name)
-    return Recipe(parts=by_kind, source=recipe_path, settings=settings)
+    entry_point = prog.removeprefix("python -m ").strip() if prog else None
+    return Recipe(parts=by_kind, source=recipe_path, settings=settings, entry_point=entry_point)
+
+
+ENTRY_POINT_COMMENT = "# entry point:"  # first line of a recipe that another entry point than SFT runs
+
+
+def entry_point_of(recipe_text: str, default: str = "vlm_recipes.sft") -> str:
+    """The module a recipe file is for: its `# entry point: ...` comment line, or SFT."""
+    for line in recipe_text.splitlines():
+        if line.startswith(ENTRY_POINT_COMMENT):
+            return line.removeprefix(ENTRY_POINT_COMMENT).strip()
+    return default
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the recipe as run (file plus overrides) next to the outputs. Fields that hold secrets are left out."""
     safe = {key: value for key, value in recipe.settings.items() if "token" not in key.lower()}
     with open(path, "w", encoding="utf-8") as handle:
+        if recipe.entry_point:
+            handle.write(f"{ENTRY_POINT_COMMENT} {recipe.entry_point}\n")
         if recipe.source:
             handle.write(f"# recipe: {recipe.source}, with command-line overrides applied\n")
         yaml.safe_dump(_plain(safe), handle, sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):  # `--eval_strategy steps` on the command line parses to an enum (a str subclass)
+        return _plain(value.value)
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -8,18 +8,18 @@ and apply the tuning strategy (which parts train, LoRA, 4-bit), train with TRL's
 rates), save the adapter, the processor, the training log and the recipe as run.
 """
 
-from accelerate import PartialState
 from trl import SFTConfig
 
-from vlm_recipes.configs import DataArguments, ModelArguments, RunArguments, TuningArguments
-from vlm_recipes.console import print_main, setup_console
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments, TuningArguments
+from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.run import prepare_output_and_data, train_and_save
 
 
 RECIPE_PARTS = {
@@ -28,6 +28,7 @@ RECIPE_PARTS = {
     "tuning": TuningArguments,
     "run": RunArguments,
     "training": SFTConfig,
+    "evaluation": EvaluationArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
@@ -39,23 +40,9 @@ VISION_SFT_DEFAULTS = {
 
 def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
-    data_args, model_args, run_args, training_args = recipe.data, recipe.model, recipe.run, recipe.training
+    model_args, training_args = recipe.model, recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    output_dir = prepare_output_dir(
-        training_args.output_dir,
-        overwrite=run_args.overwrite_output_dir,
-        resume=resume_requested(training_args.resume_from_checkpoint),
-        is_main_process=PartialState().is_main_process,
-    )
-
-    # Data first: a missing column, or too many bad rows, fails before any weights load.
-    train_dataset, eval_dataset, data_report = load_datasets(
-        data_args,
-        seed=training_args.seed,
-        need_eval=training_args.eval_strategy != "no",
-        num_proc=training_args.dataset_num_proc,
-    )
-    data_report.publish(output_dir, data_args.max_bad_fraction, PartialState().is_main_process)
+    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
     loaded = load_for_training(
         model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
@@ -63,7 +50,7 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
 
     # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
     with training_chat_template(loaded.processor, loaded.family, training_args) as attach_template:
-        return attach_template(
+        trainer = attach_template(
             VLMSFTTrainer(
                 model=loaded.model,
                 args=training_args,
@@ -74,15 +61,15 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
                 model_family=loaded.family,
             )
         )
+    add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
+    return trainer
 
 
 def train(recipe: Recipe) -> VLMSFTTrainer:
-    trainer = build_trainer(recipe)
-    trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))
-    output_dir = recipe.training.output_dir
-    save_outputs(trainer, recipe, output_dir)
-    print_main(*summary_lines(trainer.state.log_history, output_dir))
-    return trainer
+    hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
+    return train_and_save(
+        build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
+    )
 
 
 @exit_on_recipe_error

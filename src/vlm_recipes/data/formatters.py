@@ -1,7 +1,9 @@
 """Formatters: one small pure function per dataset shape, from a dataset row to TRL's vision format.
 
-SFT formatters return `{"images": [...], "messages": [...]}`: each message's `content` is a list of
-`{"type": "image"}` / `{"type": "text", "text": ...}` blocks in reading order, one image block per image. Images pass
+SFT formatters (`task="sft"`) return `{"images": [...], "messages": [...]}`; preference formatters
+(`task="preference"`, for DPO) return `{"images", "prompt", "chosen", "rejected"}`, where the three are lists of
+messages. Each message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` blocks in
+reading order, one image block per image. Images pass
 through untouched (a PIL image, an encoded `{"bytes", "path"}` dict, or a file path), so formatting never decodes a
 picture; `vlm_recipes.data.loading` casts the `images` column to an image feature afterwards. A formatter may add
 `answers` (the reference answers, for evaluation); the trainer ignores it.
@@ -198,17 +200,33 @@ def conversations(
     """A user's own conversations: `messages` (role/content) or LLaVA-style `conversations` (from/value), with
     `<image>` placeholders in the text and `images` (a list of paths) or `image` (one path)."""
     column, turns = _conversation_turns(row)
+    messages = _messages_from_turns(turns, column)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise FormatError("has no assistant turn to learn from", column=column)
+    return {"images": _row_images(row, messages, column, image_root), "messages": with_system(messages, system_prompt)}
+
+
+def _messages_from_turns(turns: list[Any], column: str, empty_reason: str | None = None) -> list[dict[str, Any]]:
     messages = []
     for index, turn in enumerate(turns):
         role, blocks = _turn_role_and_blocks(turn, column, index)
         if not blocks:
-            raise FormatError(f"turn {index} ({role}) is empty", column=column, reason=f"empty {role} turn")
+            raise FormatError(
+                f"turn {index} ({role}) is empty", column=column, reason=empty_reason or f"empty {role} turn"
+            )
         messages.append({"role": role, "content": blocks})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise FormatError("has no assistant turn to learn from", column=column)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = system_messages(system_prompt) + messages
+    return messages
 
+
+def with_system(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """`messages` with the recipe's system prompt first, unless the row brings its own system turn."""
+    if system_prompt and messages[0]["role"] != "system":
+        return system_messages(system_prompt) + messages
+    return messages
+
+
+def _row_images(row: dict[str, Any], messages: list[dict[str, Any]], column: str, image_root: Any) -> list[Any]:
+    """The row's `images` (a list) or `image` (one), resolved; one image per image block of `messages`."""
     image_column = "images" if row.get("images") is not None else "image"
     images = row.get(image_column)
     images = [] if images is None else images if isinstance(images, list) else [images]
@@ -220,7 +238,128 @@ def conversations(
             column=column,
             reason=f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
         )
-    return {"images": [resolve_image(image, image_root) for image in images], "messages": messages}
+    return [resolve_image(image, image_root) for image in images]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference formatters (DPO)
+#
+# They return TRL's conversational preference format: `{"images", "prompt", "chosen", "rejected"}`, where `prompt` is
+# the conversation up to the answer (image blocks included) and `chosen`/`rejected` are the preferred and dispreferred
+# assistant turns. TRL's vision collator repeats each row's images for the chosen and the rejected sequence.
+
+
+def assistant_turn(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [text_block(text)]}
+
+
+def check_distinct(chosen: Any, rejected: Any) -> None:
+    """A pair whose answers are the same teaches nothing (its DPO gradient is zero): reject it."""
+    if chosen == rejected:
+        raise FormatError(
+            "is identical to 'chosen'", column="rejected", reason="'chosen' and 'rejected' are identical"
+        )
+
+
+@register_formatter(
+    "rlaif_v", required_columns=(("image",), ("question",), ("chosen",), ("rejected",)), task="preference"
+)
+def rlaif_v(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) -> dict[str, Any]:
+    """openbmb/RLAIF-V-Dataset rows (`image`, `question`, `chosen`, `rejected` as text): one image, one question,
+    a preferred and a dispreferred answer."""
+    if row.get("image") is None:
+        raise FormatError("is missing", column="image")
+    question = split_placeholders(require_text(row, "question"))
+    if count_image_blocks([{"content": question}]) == 0:
+        question = [image_block(), *question]  # RLAIF-V questions carry no placeholder: the image comes first
+    elif count_image_blocks([{"content": question}]) > 1:
+        raise FormatError(
+            f"has more than one {IMAGE_PLACEHOLDER} placeholder for its one image",
+            column="question",
+            reason=f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
+        )
+    chosen, rejected = require_text(row, "chosen"), require_text(row, "rejected")
+    check_distinct(chosen, rejected)
+    prompt = with_system([{"role": "user", "content": question}], system_prompt)
+    return {
+        "images": [row["image"]],
+        "prompt": prompt,
+        "chosen": [assistant_turn(chosen)],
+        "rejected": [assistant_turn(rejected)],
+    }
+
+
+def _preference_messages(row: dict[str, Any], column: str, default_role: str) -> list[dict[str, Any]]:
+    """A prompt or completion given as text or as a list of turns, as messages (an empty one is rejected)."""
+    value = row.get(column)
+    if value is None:
+        raise FormatError("is missing", column=column)
+    if isinstance(value, str):
+        if not value.strip():
+            raise FormatError("is empty", column=column)
+        return [{"role": default_role, "content": split_placeholders(value)}]
+    if not isinstance(value, list):
+        raise FormatError(
+            f"should be text or a list of turns, got {type(value).__name__}",
+            column=column,
+            reason=f"'{column}' is not text or turns",
+        )
+    if not value:
+        raise FormatError("is empty", column=column)
+    return _messages_from_turns(value, column, empty_reason=f"'{column}' is empty")
+
+
+def _split_implicit_prompt(
+    chosen: list[dict[str, Any]], rejected: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt, chosen, rejected) from two full conversations: the turns they share are the prompt."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+@register_formatter("preference", required_columns=(("chosen",), ("rejected",)), task="preference")
+def preference(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
+    """Preference data already in conversational form (`prompt`, `chosen`, `rejected` as turns or text, with
+    `images` or `image`), such as HuggingFaceH4/rlaif-v_formatted or a JSONL with image paths; without `prompt`, the
+    turns `chosen` and `rejected` share are the prompt."""
+    chosen = _preference_messages(row, "chosen", "assistant")
+    rejected = _preference_messages(row, "rejected", "assistant")
+    if row.get("prompt") is None:
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+        if not prompt:
+            raise FormatError(
+                "is missing, and 'chosen' and 'rejected' share no leading turns to take as the prompt",
+                column="prompt",
+                reason="'prompt' is missing",
+            )
+        if not chosen or not rejected:
+            check_distinct(chosen, rejected)  # identical conversations leave no completion
+            column = "chosen" if not chosen else "rejected"
+            raise FormatError("has no answer after the prompt turns", column=column, reason=f"'{column}' is empty")
+    else:
+        prompt = _preference_messages(row, "prompt", "user")
+    for column, completion in (("chosen", chosen), ("rejected", rejected)):
+        if any(message["role"] != "assistant" for message in completion):
+            raise FormatError(
+                "should hold assistant turns only (the conversation before the answer belongs in 'prompt')",
+                column=column,
+                reason="non-assistant turn in a completion",
+            )
+        if count_image_blocks(completion):
+            raise FormatError(
+                "holds an image; images belong in 'prompt'", column=column, reason="image in a completion"
+            )
+    check_distinct(chosen, rejected)
+    return {
+        "images": _row_images(row, prompt, "prompt", image_root),
+        "prompt": with_system(prompt, system_prompt),
+        "chosen": chosen,
+        "rejected": rejected,
+    }
 
 
 def find_matching_formatters(columns: list[str], task: str | None = None) -> list[str]:

@@ -218,10 +218,12 @@ def load_datasets(
     need_eval: bool = False,
     task: str = "sft",
     num_proc: int | None = None,
-) -> tuple[Dataset, Dataset | None, DataReport]:
+    format_train: bool = True,
+) -> tuple[Dataset | None, Dataset | None, DataReport]:
     """The formatted train split, the formatted evaluation split (or None), and the report of rejected rows.
 
     The caller publishes the report (`DataReport.publish`), which stops the run when too many rows were rejected.
+    `format_train=False` (evaluation only) returns None for the train split and skips formatting it.
     """
     get_formatter(data_args.formatter, task)  # an unknown formatter fails before any data loads
     splits, source, image_root = _load_splits(data_args)
@@ -250,9 +252,12 @@ def load_datasets(
         )
 
     report = DataReport()
-    train = format_split(
-        _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc
-    )
+    if format_train:
+        train = format_split(
+            _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc
+        )
+    else:
+        train = None
     if evaluation is not None:
         evaluation = format_split(
             _first(evaluation, data_args.max_eval_samples),
@@ -265,6 +270,9 @@ def load_datasets(
             num_proc,
         )
     logger.info(
-        "Data: %d training rows, %s evaluation rows from %s", len(train), len(evaluation) if evaluation else 0, source
+        "Data: %d training rows, %s evaluation rows from %s",
+        len(train) if train is not None else 0,
+        len(evaluation) if evaluation else 0,
+        source,
     )
     return train, evaluation, report

@@ -1,10 +1,14 @@
-"""Generated ChartQA-shaped data: bar and line charts drawn with known values, and questions about them.
+"""Generated chart data with known values: ChartQA-shaped questions and answers, RLAIF-V-shaped preference pairs.
 
 Rows follow the Hub dataset HuggingFaceM4/ChartQA (`image`, `query`, `label` as a list of strings,
 `human_or_machine`), so the `chartqa` formatter and evaluation treat them exactly like the real data. The folder written
 by `save_chartqa_dataset` holds parquet files per split and loads with `datasets.load_dataset(folder)`.
 
+Preference rows follow openbmb/RLAIF-V-Dataset (`image`, `question`, `chosen`, `rejected`, ...): the correct answer is
+`chosen`, a wrong one drawn from the same chart is `rejected`, so DPO has a real signal to learn.
+
     python -m vlm_recipes.data.synthetic --output_dir .cache/data/chartqa_synthetic --train_rows 256 --test_rows 32
+    python -m vlm_recipes.data.synthetic --schema rlaif_v --output_dir .cache/data/rlaif_v_synthetic --train_rows 128
 """
 
 import argparse
@@ -114,6 +118,34 @@ def line_chart_questions(years: list[int], values: list[float], rng: random.Rand
     ]
 
 
+@dataclass
+class Chart:
+    """One drawn chart, the questions it answers, and what it shows by kind (labels, years, values): wrong answers
+    are drawn from the same kind as the right one."""
+
+    image: Image.Image
+    questions: list[tuple[str, str]]
+    shown: list[list[str]]
+
+
+def random_chart(rng: random.Random, sizes: ImageSizeRange) -> Chart:
+    """A bar chart (60%) or a line chart with random categories, years and values."""
+    size = (rng.randint(sizes.min_width, sizes.max_width), rng.randint(sizes.min_height, sizes.max_height))
+    color = rng.choice(COLORS)
+    if rng.random() < 0.6:
+        labels = rng.sample(CATEGORIES, rng.randint(3, 6))
+        values = [float(rng.randint(1, 99)) for _ in labels]
+        image = draw_bar_chart(labels, values, size, color)
+        return Chart(image, bar_chart_questions(labels, values, rng), [labels, [_number(v) for v in values]])
+    first = rng.choice(FIRST_YEAR_CHOICES)
+    years = list(range(first, first + rng.randint(4, 8)))
+    values = [round(rng.uniform(1, 90), 1) for _ in years]
+    image = draw_line_chart(years, values, size, color)
+    return Chart(
+        image, line_chart_questions(years, values, rng), [[str(y) for y in years], [_number(v) for v in values]]
+    )
+
+
 def make_chartqa_rows(
     num_rows: int, seed: int = 0, sizes: ImageSizeRange = ImageSizeRange(), questions_per_chart: int = 2
 ) -> list[dict[str, Any]]:
@@ -121,21 +153,11 @@ def make_chartqa_rows(
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     while len(rows) < num_rows:
-        size = (rng.randint(sizes.min_width, sizes.max_width), rng.randint(sizes.min_height, sizes.max_height))
-        color = rng.choice(COLORS)
-        if rng.random() < 0.6:
-            labels = rng.sample(CATEGORIES, rng.randint(3, 6))
-            values = [float(rng.randint(1, 99)) for _ in labels]
-            image = draw_bar_chart(labels, values, size, color)
-            questions = bar_chart_questions(labels, values, rng)
-        else:
-            first = rng.choice(FIRST_YEAR_CHOICES)
-            years = list(range(first, first + rng.randint(4, 8)))
-            values = [round(rng.uniform(1, 90), 1) for _ in years]
-            image = draw_line_chart(years, values, size, color)
-            questions = line_chart_questions(years, values, rng)
-        for query, answer in rng.sample(questions, min(questions_per_chart, len(questions))):
-            rows.append({"image": image, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)})
+        chart = random_chart(rng, sizes)
+        for query, answer in rng.sample(chart.questions, min(questions_per_chart, len(chart.questions))):
+            rows.append(
+                {"image": chart.image, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)}
+            )
     return rows[:num_rows]
 
 
@@ -172,16 +194,113 @@ def save_chartqa_dataset(
     seed: int = 0,
     sizes: ImageSizeRange = ImageSizeRange(),
 ) -> Path:
+    return save_generated_dataset(output_dir, "chartqa", train_rows, test_rows, seed, sizes)
+
+
+# Half the rejected answers also ignore the "single word or number" instruction. A tiny random model cannot read the
+# chart, so it can tell right from wrong only by memorising pairs; the wordy half it learns from the text within a few
+# dozen DPO steps, so the demo shows the reward margin and accuracy rising, as they do for a real model.
+WORDY_REJECTED_SHARE = 0.5
+WORDY_PHRASINGS = ("The answer is {}.", "Looking at the chart, it is {}.", "It is {}, according to the chart.")
+
+
+def rejected_answer(answer: str, chart: Chart, rng: random.Random) -> str:
+    wrong = wrong_answer(answer, chart, rng)
+    return rng.choice(WORDY_PHRASINGS).format(wrong) if rng.random() < WORDY_REJECTED_SHARE else wrong
+
+
+def wrong_answer(answer: str, chart: Chart, rng: random.Random) -> str:
+    """A plausible wrong answer: the other of Yes/No, another label, year or value the same chart shows, or (for
+    counts and differences, which the chart does not show) a nearby number."""
+    if answer in ("Yes", "No"):
+        return "No" if answer == "Yes" else "Yes"
+    for kind in chart.shown:
+        others = [shown for shown in kind if shown != answer]
+        if answer in kind and others:
+            return rng.choice(others)
+    try:
+        return _number(round(float(answer) + rng.choice([-1, 1]) * rng.randint(1, 9), 2))
+    except ValueError:
+        return rng.choice([category for category in CATEGORIES if category != answer])
+
+
+def make_preference_rows(
+    num_rows: int, seed: int = 0, sizes: ImageSizeRange = ImageSizeRange(), questions_per_chart: int = 2
+) -> list[dict[str, Any]]:
+    """`num_rows` rows in openbmb/RLAIF-V-Dataset's schema: a chart, a question about it, the correct answer as
+    `chosen` and a wrong one (another value or word from the same chart, or Yes/No flipped) as `rejected`."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    while len(rows) < num_rows:
+        chart = random_chart(rng, sizes)
+        for question, answer in rng.sample(chart.questions, min(questions_per_chart, len(chart.questions))):
+            index = len(rows)
+            rows.append(
+                {
+                    "ds_name": "synthetic_charts",
+                    "image": chart.image,
+                    "question": question,
+                    "chosen": answer,
+                    "rejected": rejected_answer(answer, chart, rng),
+                    "origin_dataset": "vlm_recipes.data.synthetic",
+                    "origin_split": "generated",
+                    "idx": index,
+                    "image_path": f"charts/{index}.png",
+                }
+            )
+    return rows[:num_rows]
+
+
+def rlaif_v_features():
+    from datasets import Features, Image, Value
+
+    text = Value("string")
+    return Features(
+        {
+            "ds_name": text,
+            "image": Image(),
+            "question": text,
+            "chosen": text,
+            "rejected": text,
+            "origin_dataset": text,
+            "origin_split": text,
+            "idx": Value("int64"),
+            "image_path": text,
+        }
+    )
+
+
+SCHEMAS = {"chartqa": (make_chartqa_rows, chartqa_features), "rlaif_v": (make_preference_rows, rlaif_v_features)}
+
+
+def save_generated_dataset(
+    output_dir: str | Path,
+    schema: str = "chartqa",
+    train_rows: int = 256,
+    test_rows: int = 32,
+    seed: int = 0,
+    sizes: ImageSizeRange = ImageSizeRange(),
+) -> Path:
+    """A dataset folder of generated rows in `schema`'s layout (`chartqa`, or `rlaif_v` preference pairs), with train
+    and test splits; the test split is drawn with another seed."""
+    make_rows, features = SCHEMAS[schema]
     splits = {
-        "train": make_chartqa_rows(train_rows, seed=seed, sizes=sizes),
-        "test": make_chartqa_rows(test_rows, seed=seed + 1, sizes=sizes),
+        "train": make_rows(train_rows, seed=seed, sizes=sizes),
+        "test": make_rows(test_rows, seed=seed + 1, sizes=sizes),
     }
-    return save_splits(output_dir, splits, chartqa_features())
+    return save_splits(output_dir, splits, features())
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a generated ChartQA-shaped dataset (parquet) to a folder.")
+    parser = argparse.ArgumentParser(description="Write a generated ChartQA- or RLAIF-V-shaped dataset (parquet).")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--schema",
+        choices=sorted(SCHEMAS),
+        default="chartqa",
+        help="chartqa: questions with answers (SFT); rlaif_v: questions with a correct `chosen` and a wrong "
+        "`rejected` answer (DPO).",
+    )
     parser.add_argument("--train_rows", type=int, default=256)
     parser.add_argument("--test_rows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -190,8 +309,8 @@ def cli(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     sizes = REALISTIC_SIZES if args.realistic_sizes else ImageSizeRange()
-    path = save_chartqa_dataset(args.output_dir, args.train_rows, args.test_rows, args.seed, sizes)
-    print(f"Wrote {args.train_rows} train and {args.test_rows} test rows to {path}")
+    path = save_generated_dataset(args.output_dir, args.schema, args.train_rows, args.test_rows, args.seed, sizes)
+    print(f"Wrote {args.train_rows} train and {args.test_rows} test {args.schema} rows to {path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,13 @@ from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily, get_family
 from vlm_recipes.modeling.image_size import bound_image_size
-from vlm_recipes.modeling.strategies import TuningPlan, apply_strategy, resolve_strategy, trainable_parameter_table
+from vlm_recipes.modeling.strategies import (
+    STRATEGIES,
+    TuningPlan,
+    apply_strategy,
+    resolve_strategy,
+    trainable_parameter_table,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -91,9 +99,9 @@ def check_family_settings(model_args: ModelArguments, family: ModelFamily) -> No
         )
 
 
-def _device_map(quantized: bool) -> Any:
-    if not quantized:
-        return None  # the Trainer (or accelerate) places the model
+def _device_map(quantized: bool, for_inference: bool = False) -> Any:
+    if not quantized and not (for_inference and torch.cuda.is_available()):
+        return None  # the Trainer (or accelerate) places the model; inference without a GPU runs on the CPU
     if torch.cuda.is_available():
         from accelerate import PartialState
 
@@ -101,7 +109,9 @@ def _device_map(quantized: bool) -> Any:
     return "cpu"
 
 
-def load_model(model_args: ModelArguments, config: Any, trust_remote_code: bool = False) -> Any:
+def load_model(
+    model_args: ModelArguments, config: Any, trust_remote_code: bool = False, for_inference: bool = False
+) -> Any:
     family = get_family(config)
     quantization = quantization_config(model_args, family)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -110,7 +120,7 @@ def load_model(model_args: ModelArguments, config: Any, trust_remote_code: bool 
         dtype=_torch_dtype(model_args.dtype),
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization,
-        device_map=_device_map(quantization is not None),
+        device_map=_device_map(quantization is not None, for_inference),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
@@ -118,13 +128,16 @@ def load_model(model_args: ModelArguments, config: Any, trust_remote_code: bool 
 
 
 def load_model_and_processor(
-    model_args: ModelArguments, trust_remote_code: bool = False
+    model_args: ModelArguments, trust_remote_code: bool = False, for_inference: bool = False
 ) -> tuple[Any, Any, ModelFamily]:
-    """(model, processor, family). The family is checked from the config before any weights load."""
+    """(model, processor, family). The family is checked from the config before any weights load.
+
+    `for_inference` places the model on this process's GPU when there is one (training leaves that to the Trainer).
+    """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     processor = load_processor(model_args, trust_remote_code, family)
-    model = load_model(model_args, config, trust_remote_code)
+    model = load_model(model_args, config, trust_remote_code, for_inference)
     return model, processor, family
 
 
@@ -142,14 +155,161 @@ def load_for_training(
     learning_rate: float,
     explicit_fields: set[str] | frozenset[str] = frozenset(),
     trust_remote_code: bool = False,
+    start_adapter: str | None = None,
+    merge_start_adapter: bool = False,
 ) -> TrainingModel:
-    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy."""
+    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy.
+
+    `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
+    strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
+    """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
     check_family_settings(model_args, family)
     processor = load_processor(model_args, trust_remote_code, family)
     model = load_model(model_args, config, trust_remote_code)
-    model = apply_strategy(model, plan, model_args, family)
+    if start_adapter and merge_start_adapter:
+        model = merge_adapter(model, start_adapter)
+    if start_adapter and not merge_start_adapter:
+        model = load_adapter(model, start_adapter, trainable=True)
+    else:
+        model = apply_strategy(model, plan, model_args, family)
     print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
     return TrainingModel(model=model, processor=processor, family=family, plan=plan)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A trained adapter on its base model: evaluation, chat and merge
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
+    """The adapter's `adapter_config.json`; a clear error when the folder holds no adapter."""
+    path = Path(adapter) / ADAPTER_CONFIG
+    if not path.is_file():
+        what = "does not exist" if not Path(adapter).exists() else f"holds no LoRA adapter (no {ADAPTER_CONFIG})"
+        raise RecipeError(f"Adapter folder {adapter} {what}. Pass the `output_dir` of a LoRA/QLoRA training run.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{path} is not valid JSON: {error}") from None
+
+
+def trains_in_4bit(settings: dict[str, Any]) -> bool:
+    """Whether a recipe's fields load the base in 4 bit: a 4-bit `tuning_strategy` (qlora), else `load_in_4bit`."""
+    strategy = STRATEGIES.get(settings.get("tuning_strategy") or "")
+    return strategy.four_bit if strategy else bool(settings.get("load_in_4bit"))
+
+
+def adapter_model_arguments(adapter: str | Path, base: str | None = None, **overrides: Any) -> ModelArguments:
+    """Model settings to load an adapter's base: the base named in `adapter_config.json` (or `base`), and the model
+    fields of the recipe saved with the adapter (revision, dtype, attention, image pixel bounds, 4-bit)."""
+    from vlm_recipes.training.outputs import read_saved_recipe
+
+    adapter_config = read_adapter_config(adapter)
+    known = {f.name for f in fields(ModelArguments)}
+    saved = read_saved_recipe(adapter)
+    settings = {key: value for key, value in saved.items() if key in known}
+    settings["load_in_4bit"] = trains_in_4bit(saved)  # evaluated and chatted with as trained
+    settings["model_name_or_path"] = base or adapter_config.get("base_model_name_or_path")
+    if not settings["model_name_or_path"]:
+        raise RecipeError(f"{adapter}/{ADAPTER_CONFIG} names no base model; pass the base model's path or Hub id.")
+    if base is None and adapter_config.get("revision"):
+        settings.setdefault("model_revision", adapter_config["revision"])
+    settings.update(overrides)
+    return ModelArguments(**settings)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    text = config.get_text_config()
+    return {
+        "model_type": config.model_type,
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_hidden_layers": getattr(text, "num_hidden_layers", None),
+    }
+
+
+def check_adapter_fits(adapter: str | Path, config: Any, model_name: str, trust_remote_code: bool = False) -> None:
+    """Refuse an adapter trained on another architecture, before any weights load. The base it names is compared
+    with `model_name` when the two differ and its config can be read (offline, a Hub id may not be)."""
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not recorded or _same_model(str(recorded), str(model_name)):
+        return
+    try:
+        recorded_config = AutoConfig.from_pretrained(recorded, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        logger.info(
+            "Could not read the config of %s, the adapter's base; its weights are checked on loading", recorded
+        )
+        return
+    theirs, mine = _architecture(recorded_config), _architecture(config)
+    differences = [f"{name} {theirs[name]} vs {mine[name]}" for name in theirs if theirs[name] != mine[name]]
+    if differences:
+        raise RecipeError(
+            f"The adapter in {adapter} was trained on {recorded}, which does not match {model_name} "
+            f"({', '.join(differences)}). Load it onto the model it was trained on."
+        )
+
+
+def load_adapter(model: Any, adapter: str | Path, model_name: str | None = None, *, trainable: bool = False) -> Any:
+    """`model` with a saved LoRA adapter as its "default" adapter (a peft `PeftModel`), frozen for inference or
+    `trainable` to train further; a clear error when it does not fit."""
+    import warnings
+
+    from peft import PeftModel
+
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    trained_on = f" It was trained on {recorded}." if recorded else ""
+    model_name = model_name or getattr(model, "name_or_path", None) or "this model"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        except (ValueError, RuntimeError, KeyError) as error:
+            cause = " ".join(str(error).split())[:400]
+            raise RecipeError(f"The adapter in {adapter} does not fit {model_name}: {cause}.{trained_on}") from None
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise RecipeError(
+                f"The adapter in {adapter} does not fit {model_name}: some of its weights have no place in the model "
+                f"({str(warning.message)[:300]}).{trained_on}"
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model
+
+
+def load_for_inference(
+    model_args: ModelArguments, adapter: str | Path | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any, ModelFamily]:
+    """(model, processor, family) in eval mode for generation, on the GPU when there is one. With `adapter`: checked
+    against the base first, loaded on it, and the processor saved with the adapter (the one training used)."""
+    if adapter is not None:
+        config = load_config(model_args, trust_remote_code)
+        check_adapter_fits(adapter, config, model_args.model_name_or_path, trust_remote_code)
+    model, processor, family = load_model_and_processor(model_args, trust_remote_code, for_inference=True)
+    if adapter is not None:
+        model = load_adapter(model, adapter, model_args.model_name_or_path)
+        if any((Path(adapter) / name).is_file() for name in PROCESSOR_FILES):
+            processor = load_processor(
+                replace(model_args, model_name_or_path=str(adapter), model_revision=None), trust_remote_code, family
+            )
+    model.eval()
+    return model, processor, family
+
+
+def merge_adapter(model: Any, adapter_path: str | Path) -> Any:
+    """`model` with a saved LoRA adapter merged into its weights, in place: one model, no adapter left."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        raise RecipeError(
+            "Merging an adapter into a 4-bit model rounds the merged weights back to 4 bit, so the result is not "
+            "the adapter's model. Keep the adapter separate instead, or merge into a 16-bit model."
+        )
+    return load_adapter(model, adapter_path).merge_and_unload()

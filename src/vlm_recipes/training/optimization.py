@@ -7,7 +7,7 @@ its step, so the tower's weights do not change, without toggling `requires_grad`
 import math
 from typing import Any
 
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
@@ -70,3 +70,7 @@ def _after(step: int, factor: Any) -> Any:
 
 class VLMSFTTrainer(PartLearningRatesMixin, SFTTrainer):
     """TRL's `SFTTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""
+
+
+class VLMDPOTrainer(PartLearningRatesMixin, DPOTrainer):
+    """TRL's `DPOTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""

@@ -61,6 +61,20 @@ def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
         save_recipe(recipe, output_dir / RECIPE_FILE)
 
 
+def read_saved_recipe(folder: str | Path) -> dict[str, Any]:
+    """The fields of the `recipe.yaml` saved with a run's outputs ({} when the folder has none)."""
+    import yaml
+
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    return content if isinstance(content, dict) else {}
+
+
 def summary_lines(log_history: list[dict[str, Any]], output_dir: str | Path, keys: tuple[str, ...] = ()) -> list[str]:
     """What a user wants at the end: where the outputs are and how the metrics moved from first to last log."""
     lines = [f"Outputs in {Path(output_dir).resolve()}"]

@@ -1,0 +1,176 @@
+"""Direct preference optimization (DPO) of a vision-language model from a YAML recipe.
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml -m vlm_recipes.dpo recipes/rlaif_v.yaml
+    python -m vlm_recipes.dpo recipes/rlaif_v.yaml --sft_adapter_path outputs/my-sft-run --beta 0.1
+
+Reads top to bottom: parse the recipe, check it (the reference it implies included), check the output folder, load and
+format the preference data, load the model and processor and form the policy (the tuning strategy's new adapter, or the
+SFT adapter it starts from), train with TRL's `DPOTrainer`, save the adapter, the processor, the training log and the
+recipe as run.
+
+With LoRA the reference is never a second copy of the model: for a new adapter it is the model with the adapter
+disabled; from an SFT adapter it is a frozen copy of that adapter, or the base with the SFT adapter merged into it
+(`reference`, see `vlm_recipes.configs.PolicyArguments`). Strategies without an adapter (`full`, `vit_only`, ...) get
+TRL's default, a second, frozen copy of the model.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from trl import DPOConfig
+
+from vlm_recipes.configs import DataArguments, ModelArguments, PolicyArguments, RunArguments, TuningArguments
+from vlm_recipes.console import setup_console
+from vlm_recipes.errors import RecipeError, exit_on_recipe_error
+from vlm_recipes.hub import prepare_training_push
+from vlm_recipes.modeling.families import get_family
+from vlm_recipes.modeling.loading import load_config, load_for_training, read_adapter_config
+from vlm_recipes.modeling.strategies import resolve_strategy
+from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.optimization import VLMDPOTrainer
+from vlm_recipes.training.run import prepare_output_and_data, train_and_save
+
+
+logger = logging.getLogger(__name__)
+
+RECIPE_PARTS = {
+    "data": DataArguments,
+    "model": ModelArguments,
+    "tuning": TuningArguments,
+    "policy": PolicyArguments,
+    "run": RunArguments,
+    "training": DPOConfig,
+}
+
+# Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
+VISION_DPO_DEFAULTS = {
+    "max_length": None,  # TRL's 1024 cuts prompt + answer, inside the image tokens of larger images
+}
+PREFERENCE_DATA_DEFAULTS = {"formatter": "rlaif_v"}
+
+# What DPO learning looks like: the reward margin (chosen minus rejected, in units of beta) and how often chosen wins.
+DPO_METRICS = ("rewards/margins", "rewards/accuracies")
+
+# Recipe fields that shape a new adapter; an SFT adapter trained further keeps the shape it was saved with.
+NEW_ADAPTER_FIELDS = (
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "vision_lora_r",
+    "train_projector",
+)  # fmt: skip
+SFT_ADAPTER_COPY = "sft_adapter"  # with `reference: sft_merged`, the SFT adapter the DPO adapter sits on
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Settings that cannot work together fail here, before any data or weights load; `reference` gets its default."""
+    model_args, policy, training_args = recipe.model, recipe.policy, recipe.training
+    if training_args.precompute_ref_log_probs:
+        raise RecipeError(
+            "`precompute_ref_log_probs` is not available for vision data (TRL processes images on the fly); the "
+            "reference pass runs with each batch. Remove it from the recipe."
+        )
+    if policy.reference is not None and policy.sft_adapter_path is None:
+        raise RecipeError(
+            f"`reference: {policy.reference}` forms the reference from an SFT adapter: set `sft_adapter_path` too "
+            "(without one, the reference is the base model)."
+        )
+    config = load_config(model_args, training_args.trust_remote_code)
+    plan = resolve_strategy(
+        recipe.tuning, model_args, config, get_family(config), training_args.learning_rate, set(recipe.settings)
+    )
+    if training_args.sync_ref_model and plan.strategy.uses_lora:
+        raise RecipeError(
+            "`sync_ref_model` needs a separate reference model; with a LoRA adapter the reference is the model "
+            "itself with the adapter disabled (or a frozen adapter copy), so there is none to sync."
+        )
+    if policy.sft_adapter_path is None:
+        return
+    read_adapter_config(policy.sft_adapter_path)  # a missing or non-adapter folder fails here, not after loading
+    policy.reference = policy.reference or "sft_adapter"
+    if not plan.strategy.uses_lora:
+        raise RecipeError(
+            f"DPO from `sft_adapter_path` trains a LoRA adapter: use tuning_strategy lora or qlora, not "
+            f"'{plan.strategy.name}'. For full fine-tuning, merge the SFT adapter into the model first and point "
+            "`model_name_or_path` at the merged model."
+        )
+    if policy.reference == "sft_merged" and plan.strategy.four_bit:
+        raise RecipeError(
+            "`reference: sft_merged` with 4-bit loading would merge the SFT adapter into 4-bit weights, which rounds "
+            "them: neither the policy nor the reference would be the SFT model. Use `reference: sft_adapter` (exact "
+            "with 4 bit: the SFT adapter stays on the 4-bit base it was trained on) or tuning_strategy lora (16 bit)."
+        )
+    ignored = [name for name in NEW_ADAPTER_FIELDS if name in recipe.settings]
+    if policy.reference == "sft_adapter" and ignored:
+        logger.warning(
+            "%s: not used with `reference: sft_adapter`, which trains the SFT adapter further as it was saved.",
+            ", ".join(ignored),
+        )
+
+
+def use_disabled_adapter_as_reference(model: Any) -> None:
+    """A new adapter starts as the identity, so the reference is the model with the adapter disabled. TRL takes any
+    adapter it is handed as pretrained and adds a frozen copy named "ref" as the reference: for a new adapter that copy
+    equals the disabled adapter, at the cost of its memory and a LoRA pass per batch, so it goes."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
+def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
+    """Everything up to training: recipe and output folder checked, data formatted, policy formed, trainer built."""
+    model_args, policy, training_args = recipe.model, recipe.policy, recipe.training
+    recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
+    recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
+    check_recipe(recipe)
+    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="preference")
+
+    loaded = load_for_training(
+        model_args,
+        recipe.tuning,
+        training_args.learning_rate,
+        set(recipe.settings),
+        training_args.trust_remote_code,
+        start_adapter=policy.sft_adapter_path,
+        merge_start_adapter=policy.reference == "sft_merged",
+    )
+    trainer = VLMDPOTrainer(
+        model=loaded.model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=loaded.processor,
+        tuning_plan=loaded.plan,
+        model_family=loaded.family,
+    )
+    if policy.reference != "sft_adapter":
+        use_disabled_adapter_as_reference(trainer.model)
+    trainer.add_callback(TrainingPlotCallback())  # training_plot.png: loss and reward metrics by step
+    if trainer.is_world_process_zero():
+        save_sft_adapter_copy(recipe)
+    return trainer
+
+
+def save_sft_adapter_copy(recipe: Recipe) -> None:
+    """With `reference: sft_merged` the DPO adapter applies on top of base + SFT adapter: keep both in one folder."""
+    if recipe.policy.reference != "sft_merged":
+        return
+    target = Path(recipe.training.output_dir) / SFT_ADAPTER_COPY
+    target.mkdir(exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(Path(recipe.policy.sft_adapter_path).expanduser() / name, target / name)
+
+
+def train(recipe: Recipe) -> VLMDPOTrainer:
+    hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
+    return train_and_save(build_trainer(recipe), recipe, summary_keys=DPO_METRICS, hub_target=hub_target)
+
+
+@exit_on_recipe_error
+def main(argv: list[str] | None = None) -> None:
+    setup_console()
+    recipe = parse_recipe(RECIPE_PARTS, argv, prog="python -m vlm_recipes.dpo")
+    train(recipe)
+
+
+if __name__ == "__main__":
+    main()

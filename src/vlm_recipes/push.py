@@ -1,0 +1,49 @@
+"""Push a finished output folder to the Hugging Face Hub, with a model card.
+
+    python -m vlm_recipes.push outputs/qwen2.5-vl-7b-chartqa-qlora --hub_model_id your-name/qwen2.5-vl-chartqa
+
+Pushes the adapter (or model) weights, the processor, the recipe as run, the training log and plot, and the evaluation
+results; never checkpoints, optimizer states or pickles (see `vlm_recipes.hub`). The token comes from `--hub_token`,
+else HF_TOKEN, else the login cached by `hf auth login`; it is never printed or written anywhere.
+"""
+
+import argparse
+
+from vlm_recipes.console import setup_console
+from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.hub import hub_target, push_output_dir
+from vlm_recipes.training.outputs import read_saved_recipe
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in {"true", "yes", "1"}:
+        return True
+    if text.lower() in {"false", "no", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@exit_on_recipe_error
+def main(argv: list[str] | None = None) -> str:
+    setup_console()
+    parser = argparse.ArgumentParser(prog="python -m vlm_recipes.push", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="The output folder of a finished training run.")
+    parser.add_argument("--hub_model_id", default=None, help="owner/name of the repository (default: the recipe's).")
+    parser.add_argument(
+        "--hub_private_repo",
+        type=_bool,
+        default=None,
+        help="Create the repository private (true) or public (false). Default: the recipe's, else the Hub's default. "
+        "An existing repository keeps its visibility.",
+    )
+    parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the cached login).")
+    parser.add_argument("--commit_message", default=None)
+    args = parser.parse_args(argv)
+    saved = read_saved_recipe(args.output_dir)
+    private = args.hub_private_repo if args.hub_private_repo is not None else saved.get("hub_private_repo")
+    target = hub_target(args.hub_model_id or saved.get("hub_model_id"), private, args.hub_token)
+    return push_output_dir(args.output_dir, target, args.commit_message)
+
+
+if __name__ == "__main__":
+    main()

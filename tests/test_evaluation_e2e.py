@@ -1,0 +1,269 @@
+"""Evaluation during training and through `python -m vlm_recipes.evaluate`, merging, chat, and the push at the end of
+training, on the tiny model. One short training run (in this process, so the Hub stand-in can record the push) feeds
+every test here."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, assert_ok, run_module
+from test_hub import TOKEN, HubStandIn
+
+from vlm_recipes.configs import DataArguments
+from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.evaluation.metrics import score_predictions
+
+
+pytestmark = pytest.mark.e2e
+
+SYSTEM_PROMPT = "Answer the question about the chart with a single word or number."  # the demo recipe's
+EVAL_ROWS = 6
+
+
+class LogRecorder:
+    """Stands in for a logger integration (wandb, trackio, tensorboard): it sees what their `on_log` sees."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                recorder.logs.append(dict(logs))
+
+        self.logs, self.callback = [], Callback()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen, chartqa_dir, tmp_path_factory):
+    """A 6-step LoRA run that evaluates by generation at steps 3 and 6 and pushes to a (stand-in) Hub at the end."""
+    from vlm_recipes import sft
+
+    output_dir = tmp_path_factory.mktemp("eval") / "run"
+    recorder, hub = LogRecorder(), HubStandIn()
+    build_trainer = sft.build_trainer
+
+    def build_and_record(recipe):
+        trainer = build_trainer(recipe)
+        trainer.add_callback(recorder.callback)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as patch:
+        hub.install(patch)
+        patch.setenv("HF_TOKEN", TOKEN)
+        patch.setattr(sft, "build_trainer", build_and_record)
+        sft.main(
+            [
+                str(REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml"),
+                "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(chartqa_dir),
+                "--output_dir", str(output_dir), "--overwrite_output_dir", "false", "--dtype", "float32",
+                "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "6", "--logging_steps", "1",
+                "--eval_strategy", "steps", "--eval_steps", "3", "--eval_max_samples", "4", "--max_new_tokens", "4",
+                "--push_to_hub", "true", "--hub_model_id", "me/tiny-chartqa", "--hub_private_repo", "true",
+            ]
+        )  # fmt: skip
+    return output_dir, recorder, hub
+
+
+def test_generation_evaluation_is_logged_at_every_evaluation(trained):
+    output_dir, recorder, _ = trained
+    log = json.loads((output_dir / "training_log.json").read_text())
+    evaluations = [entry for entry in log if "eval_relaxed_accuracy" in entry]
+    assert [entry["step"] for entry in evaluations] == [3, 6]
+    assert all(0.0 <= entry["eval_relaxed_accuracy"] <= 1.0 for entry in evaluations)
+    assert all(entry["eval_exact_match"] <= entry["eval_relaxed_accuracy"] for entry in evaluations)
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [
+        3,
+        6,
+    ]  # the Trainer's own evaluation still runs
+
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    logged = [logs for logs in recorder.logs if "eval_relaxed_accuracy" in logs]
+    assert len(logged) == 2  # what every logger integration receives...
+    assert "eval/relaxed_accuracy" in rewrite_logs(logged[0])  # ...and shows as eval/relaxed_accuracy
+
+
+def test_a_plot_of_the_training_lands_in_the_output_folder(trained):
+    from PIL import Image
+
+    output_dir, _, _ = trained
+    plot = Image.open(output_dir / "training_plot.png")
+    assert plot.format == "PNG" and plot.size[0] > 1.5 * plot.size[1]  # loss panel and evaluation panel
+
+
+def test_the_adapter_is_pushed_once_at_the_end_with_its_card(trained):
+    output_dir, _, hub = trained
+    assert [repo["private"] for repo in hub.repos] == [True]
+    (commit,) = hub.commits
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "training_plot.png"} <= set(
+        commit["files"]
+    )
+    assert {"tokenizer.json", "processor_config.json", "recipe.yaml", "training_log.json"} <= set(commit["files"])
+    assert not any(name.endswith((".bin", ".pt", ".pth")) or "/" in name for name in commit["files"])
+    card = commit["files"]["README.md"].decode()
+    assert "eval_relaxed_accuracy" in card and "training loss:" in card and "me/tiny-chartqa" in card
+    assert (output_dir / "README.md").read_text() == card  # the local folder holds the same card
+    recipe = (output_dir / "recipe.yaml").read_text()
+    assert "push_to_hub: true" in recipe and TOKEN not in recipe and TOKEN not in card
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    output_dir, _, _ = trained
+    results_dir = tmp_path_factory.mktemp("results")
+    result = run_module(
+        "vlm_recipes.evaluate", output_dir / "recipe.yaml", "--adapter", output_dir, "--output_dir", results_dir,
+        "--max_eval_samples", EVAL_ROWS, "--max_new_tokens", 4, "--per_device_eval_batch_size", 4,
+    )  # fmt: skip
+    assert_ok(result)
+    return results_dir, result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_command_compares_base_and_adapter(evaluated, tiny_qwen, trained):
+    results_dir, result = evaluated
+    results = json.loads((results_dir / "eval_results.json").read_text())
+    assert results["rows"] == EVAL_ROWS and results["split"] == "test"
+    assert results["adapter"] == str(trained[0]) and results["base_model"] == str(tiny_qwen)
+    predictions = {name: read_jsonl(results_dir / f"predictions_{name}.jsonl") for name in ("base", "adapter")}
+    for name, rows in predictions.items():
+        assert len(rows) == EVAL_ROWS
+        assert set(rows[0]) >= {"question", "labels", "prediction", "correct", "exact_match"}
+        recomputed = score_predictions([r["prediction"] for r in rows], [r["labels"] for r in rows])
+        assert {k: results["results"][name][k] for k in recomputed} == recomputed
+        assert [r["correct"] for r in rows].count(True) == round(recomputed["relaxed_accuracy"] * EVAL_ROWS)
+    # The same questions, and different answers: the adapter was on for one and off for the other.
+    assert [r["question"] for r in predictions["base"]] == [r["question"] for r in predictions["adapter"]]
+    assert [r["prediction"] for r in predictions["base"]] != [r["prediction"] for r in predictions["adapter"]]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "base", "adapter", "change"]
+    assert any(line.startswith("relaxed_accuracy") for line in result.stdout.splitlines())
+
+
+def test_evaluate_never_overwrites_results(evaluated, trained, capsys):
+    from vlm_recipes.evaluate import main
+
+    results_dir, _ = evaluated
+    before = (results_dir / "eval_results.json").read_bytes()
+    with pytest.raises(SystemExit) as info:
+        main([str(trained[0] / "recipe.yaml"), "--adapter", str(trained[0]), "--output_dir", str(results_dir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "eval_results.json already exists" in err and "--overwrite_results" in err
+    assert (results_dir / "eval_results.json").read_bytes() == before
+
+
+def test_evaluate_without_an_evaluation_split(trained, tmp_path, capsys):
+    from vlm_recipes.evaluate import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(trained[0] / "recipe.yaml"), "--dataset_test_split", "validation", "--output_dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no split 'validation'" in err and "eval_split_size" in err
+    assert not (tmp_path / "eval_results.json").exists()
+
+
+def test_chat_answers_like_the_evaluation(evaluated, trained, tiny_qwen, chartqa_dir, tmp_path, capsys):
+    from vlm_recipes.chat import main
+
+    results_dir, _ = evaluated
+    _, rows, _ = load_datasets(DataArguments(dataset_name=str(chartqa_dir), max_eval_samples=1), need_eval=True)
+    image = tmp_path / "chart.png"
+    rows[0]["images"][0].save(image)
+    question = rows[0]["messages"][-2]["content"][-1]["text"]
+    common = ["--image", str(image), "--question", question, "--max_new_tokens", "4", "--dtype", "float32"]
+
+    base_reply = main(["--model", str(tiny_qwen), "--system_prompt", SYSTEM_PROMPT, *common])
+    adapter_reply = main(["--adapter", str(trained[0]), *common])  # the base and system prompt from the adapter
+    expected = {name: read_jsonl(results_dir / f"predictions_{name}.jsonl")[0] for name in ("base", "adapter")}
+    assert expected["base"]["question"] == question
+    assert base_reply == expected["base"]["prediction"] and adapter_reply == expected["adapter"]["prediction"]
+    assert capsys.readouterr().out.splitlines()[0] == base_reply
+
+
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, tmp_path, capsys):
+    """Merging an adapter trained with QLoRA: the base loads in 32 bit, and the merged weights give base + adapter."""
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_recipes.merge import main
+
+    adapter = tmp_path / "qlora_adapter"
+    shutil.copytree(trained[0], adapter)
+    recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
+    assert recipe["tuning_strategy"] == "lora"
+    (adapter / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "tuning_strategy": "qlora", "dtype": "bfloat16"}))
+    merged_dir = main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert "trained with QLoRA: the base loads unquantized" in capsys.readouterr().out
+
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    files = {path.name for path in merged_dir.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files and "adapter_config.json" not in files
+
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (112, 84), "orange")], return_tensors="pt")
+    with torch.no_grad():
+        base = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)
+        base_logits = base(**inputs).logits
+        with_adapter = PeftModel.from_pretrained(base, adapter)(**inputs).logits
+        merged = AutoModelForImageTextToText.from_pretrained(merged_dir)(**inputs).logits
+    assert (with_adapter - base_logits).abs().max() > 1e-2  # the adapter changes the outputs...
+    assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)  # ...and the merged model reproduces them
+
+
+def test_adapter_of_another_architecture_is_refused(trained, tiny_models, tmp_path, capsys):
+    from vlm_recipes.chat import main
+
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    ask = ["--image", str(image), "--question", "Q?", "--max_new_tokens", "2"]
+
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(tiny_models("qwen2_vl")), "--adapter", str(trained[0]), *ask])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"The adapter in {trained[0]} was trained on" in err and "model_type qwen2_5_vl vs qwen2_vl" in err
+
+    # An adapter for a wider model of the same family (as a 7B adapter on a 3B base): its weights do not fit.
+    from safetensors.torch import load_file, save_file
+
+    wider = tmp_path / "wider"
+    shutil.copytree(trained[0], wider)
+    weights = load_file(wider / "adapter_model.safetensors")
+    save_file(
+        {name: torch.zeros(t.shape[0], 96) if "lora_A" in name else t for name, t in weights.items()},
+        str(wider / "adapter_model.safetensors"),
+    )
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(wider), *ask])
+    err = capsys.readouterr().err
+    assert f"The adapter in {wider} does not fit" in err and "size mismatch" in err and "Traceback" not in err
+
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(tmp_path), *ask])
+    assert "holds no LoRA adapter (no adapter_config.json)" in capsys.readouterr().err
+
+
+def test_help_lists_the_evaluation_fields(capsys):
+    from vlm_recipes.evaluate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for field in ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_max_samples", "--max_new_tokens"):
+        assert field in out

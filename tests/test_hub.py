@@ -1,0 +1,256 @@
+"""Pushing to the Hub, tested at the huggingface_hub boundary: stand-ins record what would be sent, and any other
+network call fails the test."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from vlm_recipes.errors import RecipeError
+from vlm_recipes.hub import CARD_MARKER, RunFacts, hub_target, model_card, push_output_dir
+from vlm_recipes.push import main as push_main
+
+
+TOKEN = "hf_testTOKEN0123456789abcdefSECRET"
+PEFT_TEMPLATE = "---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\n<!-- Provide a quick summary of what the model is/does. -->\n"
+
+
+class HubStandIn:
+    """Records `create_repo` and `create_commit` calls (with the bytes of every file) and answers `model_info`."""
+
+    def __init__(self, license_name=None):
+        self.repos, self.commits, self.model_infos = [], [], []
+        self.license_name = license_name
+
+    def install(self, monkeypatch):
+        import httpx2
+        from huggingface_hub import HfApi
+
+        stand_in = self
+
+        def create_repo(api, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
+            stand_in.repos.append({"repo_id": repo_id, "private": private, "token": api.token, "kwargs": kwargs})
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(api, repo_id, operations, *, commit_message, **kwargs):
+            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+            stand_in.commits.append(
+                {"repo_id": repo_id, "files": files, "message": commit_message, "token": api.token}
+            )
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+        def model_info(api, repo_id, **kwargs):
+            stand_in.model_infos.append(repo_id)
+            return SimpleNamespace(card_data={"license": stand_in.license_name} if stand_in.license_name else None)
+
+        def no_network(*args, **kwargs):
+            raise AssertionError("an HTTP request was sent past the stand-ins")
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "model_info", model_info)
+        monkeypatch.setattr(httpx2.Client, "send", no_network)
+        return self
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    """No token anywhere huggingface_hub looks: HF_TOKEN unset, no cached login."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    """A finished LoRA run's folder, with what a run leaves that must NOT be pushed."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "peft_type": "LORA", "r": 16})
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        (folder / name).write_text("{}")
+    recipe = {
+        "model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "tuning_strategy": "qlora",
+        "lora_r": 16,
+        "dataset_name": "HuggingFaceM4/ChartQA",
+        "formatter": "chartqa",
+        "system_prompt": "Answer with a single word or number.",
+        "learning_rate": 0.0002,
+        "output_dir": str(folder),
+    }
+    (folder / "recipe.yaml").write_text("# recipe: recipes/chartqa.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
+    log = [
+        {"loss": 2.5, "step": 10},
+        {"loss": 0.7, "step": 200},
+        {"eval_loss": 0.8, "step": 200},
+        {"eval_relaxed_accuracy": 0.61, "eval_exact_match": 0.55, "step": 200},
+    ]
+    (folder / "training_log.json").write_text(json.dumps(log))
+    (folder / "eval_results.json").write_text(
+        json.dumps(
+            {
+                "dataset": "HuggingFaceM4/ChartQA",
+                "split": "test",
+                "rows": 500,
+                "results": {
+                    "base": {"relaxed_accuracy": 0.42, "exact_match": 0.3, "rows": 500},
+                    "adapter": {"relaxed_accuracy": 0.64, "exact_match": 0.58, "rows": 500},
+                },
+            }
+        )
+    )
+    (folder / "training_plot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "README.md").write_text(PEFT_TEMPLATE)  # PEFT writes this on save: replaced by the real card
+    # Left local: checkpoints, optimizer/scheduler states, pickles, predictions.
+    (folder / "checkpoint-100").mkdir()
+    (folder / "checkpoint-100" / "optimizer.pt").write_bytes(b"x")
+    (folder / "checkpoint-100" / "adapter_model.safetensors").write_bytes(b"x")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "predictions_adapter.jsonl"):
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+EXPECTED_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "eval_results.json",
+    "processor_config.json",
+    "recipe.yaml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training_log.json",
+    "training_plot.png",
+}
+
+
+def test_push_sends_the_adapter_processor_card_and_results_only(monkeypatch, output_dir, capsys):
+    hub = HubStandIn(license_name="apache-2.0").install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    url = push_main([str(output_dir), "--hub_model_id", "me/qwen-chartqa", "--hub_private_repo", "true"])
+    assert url == "https://huggingface.co/me/qwen-chartqa"
+
+    assert hub.repos == [{"repo_id": "me/qwen-chartqa", "private": True, "token": TOKEN, "kwargs": {}}]
+    (commit,) = hub.commits
+    assert commit["repo_id"] == "me/qwen-chartqa" and commit["token"] == TOKEN
+    assert set(commit["files"]) == EXPECTED_FILES  # no checkpoint, optimizer, scheduler, pickle, predictions
+    for name, content in commit["files"].items():
+        assert content == (output_dir / name).read_bytes(), name
+    assert hub.model_infos == ["Qwen/Qwen2.5-VL-7B-Instruct"]  # the base model's license, and nothing else
+
+    card = commit["files"]["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and metadata["license"] == "apache-2.0"
+    assert metadata["datasets"] == ["HuggingFaceM4/ChartQA"] and metadata["library_name"] == "peft"
+    assert "qlora" in metadata["tags"] and CARD_MARKER in card
+    assert "| relaxed_accuracy | 0.4200 | 0.6400 |" in card  # evaluation, base and adapter side by side
+    assert "training loss: 2.5000 at step 10 -> 0.7000 at step 200" in card
+    assert "eval_relaxed_accuracy 0.6100" in card
+    assert 'PeftModel.from_pretrained(base, "me/qwen-chartqa")' in card  # usage snippet
+    assert "Answer with a single word or number." in card  # ... with the system prompt it was trained with
+    assert "dataset_name: HuggingFaceM4/ChartQA" in card and "learning_rate: 0.0002" in card  # the recipe
+
+    out = capsys.readouterr()
+    assert "Kept local (not pushed): checkpoint-100/, optimizer.pt, predictions_adapter.jsonl" in out.out
+    for text in [out.out, out.err, card] + [content.decode(errors="ignore") for content in commit["files"].values()]:
+        assert TOKEN not in text
+    assert all(TOKEN not in path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
+
+
+def test_hub_token_argument_and_a_hand_written_card(monkeypatch, output_dir, no_token, capsys):
+    hub = HubStandIn().install(monkeypatch)
+    (output_dir / "README.md").write_text("# My own card\n")
+    push_main([str(output_dir), "--hub_model_id", "me/run", "--hub_token", TOKEN])
+    (commit,) = hub.commits
+    assert commit["token"] == TOKEN and hub.repos[0]["private"] is None  # the Hub's default visibility
+    assert commit["files"]["README.md"] == b"# My own card\n"  # kept as written
+    assert "written by hand" in capsys.readouterr().out
+
+
+def test_push_without_a_token_says_how_to_get_one(monkeypatch, output_dir, no_token, capsys):
+    hub = HubStandIn().install(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        push_main([str(output_dir), "--hub_model_id", "me/run"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err
+    assert hub.repos == [] and hub.commits == []
+
+
+@pytest.mark.parametrize(
+    "repo_id, message", [(None, "needs `hub_model_id`"), ("not a/valid/repo", "is not a valid repository id")]
+)
+def test_bad_repository_ids(monkeypatch, repo_id, message):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(RecipeError, match=message):
+        hub_target(repo_id)
+
+
+def test_a_refused_push_keeps_the_outputs_and_says_how_to_retry(monkeypatch, output_dir):
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    HubStandIn().install(monkeypatch)
+    response = httpx2.Response(403, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+
+    def refuse(*args, **kwargs):
+        raise HfHubHTTPError("403 Forbidden: you don't have the rights to create a model under this namespace",
+                             response=response)  # fmt: skip
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    with pytest.raises(RecipeError) as info:
+        push_output_dir(output_dir, hub_target("someone-else/run", token=TOKEN))
+    message = str(info.value)
+    assert "403 Forbidden" in message and "lacks write access" in message
+    assert f"python -m vlm_recipes.push {output_dir} --hub_model_id someone-else/run" in message
+    assert TOKEN not in message and (output_dir / "adapter_model.safetensors").exists()
+
+
+def test_card_for_a_local_base_model_names_its_license_and_no_hub_metadata(tmp_path, output_dir):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    (output_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    (output_dir / "eval_results.json").unlink()
+    facts = RunFacts.read(output_dir)
+    from vlm_recipes.hub import base_model_license
+
+    card = model_card(facts, "me/run", base_model_license(str(base)))
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in metadata  # a local path is not a Hub id; the Hub would reject it
+    assert metadata["license"] == "mit" and "License: `mit`" in card
+    assert "Not evaluated yet" in card
+
+
+def test_training_that_would_push_without_a_token_stops_before_it_starts(
+    no_token, tiny_qwen, chartqa_dir, tmp_path, capsys
+):
+    from conftest import REPO_ROOT
+
+    from vlm_recipes.sft import main
+
+    output_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                str(REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml"),
+                "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(chartqa_dir),
+                "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id", "me/run",
+            ]
+        )  # fmt: skip
+    assert info.value.code == 2
+    assert "needs a Hugging Face token" in capsys.readouterr().err
+    assert not output_dir.exists()  # nothing loaded, nothing trained
