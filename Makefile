@@ -43,6 +43,11 @@ demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
 	$(OFFLINE) $(PY) -m vlm_recipes.dpo recipes/demo/dpo_from_sft.yaml
 
+# Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
+demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family $* --output_dir $(CACHE)/tiny/$*
+	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
+
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests
 
