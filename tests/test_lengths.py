@@ -73,12 +73,13 @@ def test_count_equals_the_collators_non_padding_tokens(processor):
 
 
 def test_count_follows_the_recipes_pixel_bounds(processor, tiny_qwen):
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
-    from vlm_recipes.modeling.loading import set_image_pixel_bounds
+    from vlm_recipes.modeling.families import get_family
+    from vlm_recipes.modeling.image_size import bound_image_size
 
     bounded = AutoProcessor.from_pretrained(tiny_qwen)
-    set_image_pixel_bounds(bounded, None, 256 * 28 * 28)
+    bound_image_size(bounded, get_family(AutoConfig.from_pretrained(tiny_qwen)), None, 256 * 28 * 28)
     big = (2000, 1500)
     assert TokenCounter(processor).image_tokens(*big) > 256 >= TokenCounter(bounded).image_tokens(*big)
     output = bounded(text=["<|image_pad|>"], images=[Image.new("RGB", big)])

@@ -51,10 +51,11 @@ def load_processor(
     model_args: ModelArguments, trust_remote_code: bool = False, family: ModelFamily | None = None
 ) -> Any:
     """The model's processor, with the recipe's image-size bounds in its family's rule (`modeling.image_size`)."""
+    # The family first: an unsupported model gets the table of families, not a processor traceback.
+    family = family or get_family(load_config(model_args, trust_remote_code))
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
-    family = family or get_family(load_config(model_args, trust_remote_code))
     bound_image_size(processor, family, model_args.image_min_pixels, model_args.image_max_pixels)
     return processor
 
