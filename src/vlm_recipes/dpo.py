@@ -30,6 +30,7 @@ from vlm_recipes.modeling.loading import load_config, load_for_training, read_ad
 from vlm_recipes.modeling.strategies import resolve_strategy
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.distributed import describe_launch
 from vlm_recipes.training.optimization import VLMDPOTrainer
 from vlm_recipes.training.run import prepare_output_and_data, train_and_save
 
@@ -132,6 +133,7 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
         training_args.trust_remote_code,
         start_adapter=policy.sft_adapter_path,
         merge_start_adapter=policy.reference == "sft_merged",
+        shard_parameters=describe_launch(training_args).shards_parameters,
     )
     trainer = VLMDPOTrainer(
         model=loaded.model,

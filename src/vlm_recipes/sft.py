@@ -17,6 +17,7 @@ from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
+from vlm_recipes.training.distributed import describe_launch
 from vlm_recipes.training.optimization import VLMSFTTrainer
 from vlm_recipes.training.run import prepare_output_and_data, train_and_save
 
@@ -44,7 +45,12 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
     loaded = load_for_training(
-        model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
+        model_args,
+        recipe.tuning,
+        training_args.learning_rate,
+        set(recipe.settings),
+        training_args.trust_remote_code,
+        shard_parameters=describe_launch(training_args).shards_parameters,
     )
 
     trainer = VLMSFTTrainer(
