@@ -265,6 +265,33 @@ def test_zero3_adapter_is_complete_and_matches_the_unsharded_one(zero3_run, refe
     )
 
 
+def test_dpo_from_an_sft_adapter_under_zero3_saves_its_frozen_reference_whole(tiny_qwen, reference, tmp_path_factory):
+    """The Trainer saves a peft model under ZeRO-3 from the gathered trainable weights only: DPO's frozen reference
+    copy of the SFT adapter (`ref/`) came out with no tensors at all until the recipe gathered it too."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (`make install` installs it)")
+    from safetensors.torch import load_file
+
+    from vlm_recipes.data.synthetic import save_generated_dataset
+
+    root = tmp_path_factory.mktemp("dpo_zero3")
+    preferences = save_generated_dataset(root / "data", "rlaif_v", train_rows=8, test_rows=2, seed=0)
+    args = [
+        REPO_ROOT / "recipes" / "demo" / "dpo_from_sft.yaml", "--model_name_or_path", tiny_qwen,
+        "--tuning_strategy", "lora", "--sft_adapter_path", reference, "--dataset_name", preferences,
+        "--output_dir", root / "run", "--overwrite_output_dir", "false", "--dtype", "float32", "--bf16", "false",
+        "--max_steps", 2, "--per_device_train_batch_size", 2,
+    ]  # fmt: skip
+    result = accelerate_launch("zero3.yaml", *args, module="vlm_recipes.dpo")
+    assert_ok(result)
+    sft, frozen, trained = (
+        load_file(path / "adapter_model.safetensors") for path in (reference, root / "run" / "ref", root / "run")
+    )
+    assert frozen.keys() == sft.keys() == trained.keys()
+    for key, tensor in sft.items():
+        torch.testing.assert_close(frozen[key], tensor)  # the reference is the SFT adapter, whole
+    assert any(not torch.equal(trained[key], tensor) for key, tensor in sft.items())  # the policy trained
+
+
 def test_fsdp_on_cpu_is_refused_rather_than_silently_ddp(tiny_qwen, chartqa_dir, tmp_path):
     """accelerate 1.15 applies FSDP only on GPUs (`AcceleratorState` picks FSDP for MULTI_GPU-like launches; CPU
     processes are MULTI_CPU): fsdp.yaml on CPUs would train with plain DDP, each process holding the whole model."""

@@ -151,6 +151,33 @@ def end_process_group_at_exit() -> None:
         _registered_at_exit = True
 
 
+def _is_adapter_weight(name: str) -> bool:
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+def save_frozen_adapters_under_zero3(trainer: Any, output_dir: str) -> None:
+    """Save the adapters again, gathered whole, when ZeRO-3 would leave a frozen one empty. Call on every process.
+
+    Under ZeRO-3 the Trainer saves a peft model from the gathered *trainable* weights only; an adapter kept frozen
+    beside the trained one (DPO's reference copy of the SFT adapter, `ref/`) is written with no tensors at all. Here
+    every adapter weight, trained or frozen, is gathered (a collective step) and the main process saves all adapters."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    model = trainer.model
+    if not (is_deepspeed_zero3_enabled() and hasattr(model, "peft_config")):
+        return
+    weights = {name: p for name, p in model.named_parameters() if _is_adapter_weight(name)}
+    if all(p.requires_grad for p in weights.values()):
+        return  # the Trainer's save holds them all
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(weights.values()), modifier_rank=None):
+        if trainer.is_world_process_zero():
+            state_dict = {name: p.detach().cpu().clone() for name, p in weights.items()}
+            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    wait_for_everyone()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Text-only rows among image rows
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.recipe import Recipe, save_recipe
+from vlm_recipes.training.distributed import save_frozen_adapters_under_zero3
 
 
 TRAINING_LOG = "training_log.json"
@@ -53,6 +54,7 @@ def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
     """Adapter (or model) and processor via the trainer, the saved adapters read back, the training log and the
     recipe as run."""
     trainer.save_model(str(output_dir))
+    save_frozen_adapters_under_zero3(trainer, str(output_dir))
     if trainer.is_world_process_zero():
         check_saved_adapters(trainer.model, output_dir)
         output_dir = Path(output_dir)
@@ -97,8 +99,8 @@ def check_saved_adapters(model: Any, output_dir: str | Path) -> None:
         raise RecipeError(
             "The saved adapter is incomplete, so it would not reproduce the trained model: "
             + "; ".join(problems)
-            + ". Under DeepSpeed ZeRO-3 the weights must be gathered when saving: set `zero3_save_16bit_model: true` "
-            "in the accelerate config (DeepSpeed's `stage3_gather_16bit_weights_on_model_save`)."
+            + ". Under DeepSpeed ZeRO-3 the shards must be gathered when saving: check that the accelerate config "
+            "sets `zero3_save_16bit_model: true` (DeepSpeed's `stage3_gather_16bit_weights_on_model_save`)."
         )
 
 

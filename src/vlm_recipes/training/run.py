@@ -10,6 +10,7 @@ from transformers import set_seed
 from vlm_recipes.console import print_main
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.hub import HubTarget, push_output_dir
+from vlm_recipes.modeling.loading import TrainingModel, load_for_training
 from vlm_recipes.recipe import Recipe
 from vlm_recipes.training.distributed import (
     check_launch,
@@ -56,6 +57,21 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return output_dir, train_dataset, eval_dataset
+
+
+def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
+    """`modeling.loading.load_for_training` with the recipe's fields, for this launch (4-bit weights stored to shard
+    under ZeRO-3/FSDP). `start`: DPO's `start_adapter` and `merge_start_adapter`."""
+    training_args = recipe.training
+    return load_for_training(
+        recipe.model,
+        recipe.tuning,
+        training_args.learning_rate,
+        set(recipe.settings),
+        training_args.trust_remote_code,
+        shard_parameters=describe_launch(training_args).shards_parameters,
+        **start,
+    )
 
 
 def train_and_save(
