@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test sft dpo style quality clean-demo
+.PHONY: install demo test sft dpo preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -47,6 +47,11 @@ demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
 	$(OFFLINE) $(PY) -m vlm_recipes.dpo recipes/demo/dpo_from_sft.yaml
 
+# Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
+demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family $* --output_dir $(CACHE)/tiny/$*
+	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
+
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests
 
@@ -58,6 +63,10 @@ sft: $(INSTALLED)
 dpo: $(INSTALLED)
 	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.dpo \
 		$(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(DPO_RECIPE))
+
+# make preflight RECIPE=recipes/chartqa.yaml: the data checks, token lengths, padding and a memory estimate, no weights
+preflight: $(INSTALLED)
+	$(PY) -m vlm_recipes.preflight $(RECIPE)
 
 style: $(INSTALLED)
 	$(VENV)/bin/ruff format src tests benchmarks

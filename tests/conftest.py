@@ -76,6 +76,12 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     )
 
 
+def logged_losses(output_dir):
+    """The training losses an entry point logged in its output folder's training_log.json."""
+    log = json.loads((Path(output_dir) / "training_log.json").read_text())
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
 def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user error: exit code 2, one `error:` message holding every fragment, and no Python traceback."""
     assert result.returncode == 2, f"exit {result.returncode}\nSTDERR:\n{result.stderr[-6000:]}"
@@ -83,3 +89,37 @@ def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     message = result.stderr[result.stderr.rfind("error:") :]
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a trainer in process (no subprocess), and reading its collated labels
+
+
+def trainer_for(model_dir, dataset, output_dir, *extra):
+    """The SFT trainer `vlm_recipes.sft` would build for this model and data (16-bit LoRA, fp32, CPU)."""
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.sft import RECIPE_PARTS, build_trainer
+
+    recipe = parse_recipe(
+        RECIPE_PARTS,
+        [
+            "--model_name_or_path", str(model_dir), "--dataset_name", str(dataset), "--output_dir", str(output_dir),
+            "--use_peft", "true", "--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--report_to", "none",
+            "--lora_dropout", "0",  # also what LoRA on fused MoE experts needs
+            *map(str, extra),
+        ],
+    )  # fmt: skip
+    return build_trainer(recipe)
+
+
+def labelled_spans(labels):
+    """Contiguous runs of labelled positions, as lists of token ids."""
+    spans, current = [], []
+    for token in labels.tolist():
+        if token == -100:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(token)
+    return spans + ([current] if current else [])

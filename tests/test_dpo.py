@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import REPO_ROOT, assert_ok, run_module
+from PIL import Image
 
 from vlm_recipes.dpo import RECIPE_PARTS, build_trainer, main, train
 from vlm_recipes.recipe import parse_recipe
@@ -172,6 +173,7 @@ def test_too_many_bad_pairs_stop_before_the_model_loads(capsys, tiny_qwen, tmp_p
     rows = [{"prompt": "<image>Q", "chosen": "4", "rejected": "4", "images": ["a.png"]}] * 3
     rows.append({"prompt": "<image>Q", "chosen": "4", "rejected": "5", "images": ["a.png"]})
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")  # the valid pair's image exists (the data checks look)
     argv = dpo_args(LORA_RECIPE, tiny_qwen, tmp_path / "p.jsonl", tmp_path / "o", "--formatter", "preference")
     err = run_main(capsys, [*argv, "--dataset_test_split", "none"])
     assert "3 of 4 rows of the 'train' split were rejected" in err and "'chosen' and 'rejected' are identical" in err

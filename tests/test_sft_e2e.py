@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_clear_error, assert_ok, run_module
+from conftest import REPO_ROOT, assert_clear_error, assert_ok, logged_losses, run_module
 from PIL import Image
 
 from vlm_recipes.sft import main
@@ -21,11 +21,6 @@ def sft_args(recipe, model, data, output_dir, *extra):
         "--overwrite_output_dir", "false", "--max_train_samples", "16", "--max_steps", "30", "--logging_steps", "1",
         *extra,
     ]  # fmt: skip
-
-
-def logged_losses(output_dir):
-    log = json.loads((output_dir / "training_log.json").read_text())
-    return [entry["loss"] for entry in log if "loss" in entry]
 
 
 def assert_learned(losses):
@@ -144,6 +139,7 @@ def test_placeholder_mismatch_names_the_line(capsys, tiny_qwen, tmp_path):
         },
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")  # the valid row's image exists (the data checks look)
     err = run_main(
         capsys,
         sft_args("sft_lora.yaml", tiny_qwen, tmp_path / "d.jsonl", tmp_path / "o", "--formatter", "conversations"),

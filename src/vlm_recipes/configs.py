@@ -207,3 +207,46 @@ class PolicyArguments:
             "choices": ["sft_adapter", "sft_merged"],
         },
     )
+
+
+@dataclass
+class ReliabilityArguments:
+    """Data checks before training (also run by `python -m vlm_recipes.preflight`) and fault guards during it."""
+
+    check_data: bool = field(
+        default=True,
+        metadata={
+            "help": "Before training, check every train and eval row: each image decodes in full and is converted to "
+            "RGB and to a size the processor takes, the text is present, `<image>` placeholders match the images, "
+            "and text plus image tokens fit `max_length`. Bad rows are skipped and counted in data_report.json."
+        },
+    )
+    too_long: str = field(
+        default="drop",
+        metadata={
+            "help": "A row longer than `max_length` (text plus image tokens) is dropped, or its images are downscaled "
+            "until it fits (dropped if even the smallest images do not). Never truncated inside its image tokens.",
+            "choices": ["drop", "downscale"],
+        },
+    )
+    min_image_side: int = field(
+        default=4,
+        metadata={
+            "help": "Images with a side shorter than this many pixels are rejected (a 1x1 image is a placeholder, "
+            "not content). Longer sides the processor cannot take are scaled up to its minimum."
+        },
+    )
+    check_num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes for the data checks. Default: `dataset_num_proc`, else one per CPU core (up to 8) for "
+            "datasets over 2,000 rows, one process below that."
+        },
+    )
+    stop_on_nonfinite_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training at the first NaN or infinite loss or gradient, before the optimizer applies it, "
+            "naming the step and the last complete checkpoint."
+        },
+    )

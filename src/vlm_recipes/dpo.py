@@ -21,7 +21,14 @@ from typing import Any
 
 from trl import DPOConfig
 
-from vlm_recipes.configs import DataArguments, ModelArguments, PolicyArguments, RunArguments, TuningArguments
+from vlm_recipes.configs import (
+    DataArguments,
+    ModelArguments,
+    PolicyArguments,
+    ReliabilityArguments,
+    RunArguments,
+    TuningArguments,
+)
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
@@ -43,6 +50,7 @@ RECIPE_PARTS = {
     "policy": PolicyArguments,
     "run": RunArguments,
     "training": DPOConfig,
+    "reliability": ReliabilityArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.

@@ -10,10 +10,18 @@ rates), save the adapter, the processor, the training log and the recipe as run.
 
 from trl import SFTConfig
 
-from vlm_recipes.configs import DataArguments, EvaluationArguments, ModelArguments, RunArguments, TuningArguments
+from vlm_recipes.configs import (
+    DataArguments,
+    EvaluationArguments,
+    ModelArguments,
+    ReliabilityArguments,
+    RunArguments,
+    TuningArguments,
+)
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
+from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
@@ -27,6 +35,7 @@ RECIPE_PARTS = {
     "run": RunArguments,
     "training": SFTConfig,
     "evaluation": EvaluationArguments,
+    "reliability": ReliabilityArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
@@ -44,15 +53,19 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
 
     loaded = load_training_model(recipe)
 
-    trainer = VLMSFTTrainer(
-        model=loaded.model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=loaded.processor,
-        tuning_plan=loaded.plan,
-        model_family=loaded.family,
-    )
+    # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
+    with training_chat_template(loaded.processor, loaded.family, training_args) as attach_template:
+        trainer = attach_template(
+            VLMSFTTrainer(
+                model=loaded.model,
+                args=training_args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=loaded.processor,
+                tuning_plan=loaded.plan,
+                model_family=loaded.family,
+            )
+        )
     add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
     return trainer
 

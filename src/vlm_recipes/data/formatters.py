@@ -132,7 +132,9 @@ def count_image_blocks(messages: list[dict[str, Any]]) -> int:
 
 
 @register_formatter("chartqa", required_columns=(("image",), ("query",), ("label",)))
-def chartqa(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) -> dict[str, Any]:
+def chartqa(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
     """HuggingFaceM4/ChartQA rows (`image`, `query`, `label` as a list of strings): one question, one answer."""
     labels = row.get("label")
     if isinstance(labels, str | int | float):
@@ -149,11 +151,18 @@ def chartqa(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) 
         {"role": "user", "content": [image_block(), text_block(require_text(row, "query"))]},
         {"role": "assistant", "content": [text_block(answers[0])]},
     ]
-    return {"images": [row["image"]], "messages": messages, "answers": answers}
+    return {"images": [resolve_image(row["image"], image_root)], "messages": messages, "answers": answers}
 
 
 def _conversation_turns(row: dict[str, Any]) -> tuple[str, list[Any]]:
     column = "messages" if row.get("messages") is not None else "conversations"
+    if row.get(column) is None:
+        columns = ", ".join(sorted(key for key in row if row[key] is not None))
+        raise FormatError(
+            f"the row has neither 'messages' nor 'conversations' (its columns: {columns})",
+            column="messages",
+            reason="no 'messages' or 'conversations' in the row",
+        )
     turns = row.get(column)
     if not isinstance(turns, list) or not turns:
         raise FormatError("should be a non-empty list of turns", column=column)
@@ -190,6 +199,12 @@ def _turn_role_and_blocks(turn: Any, column: str, index: int) -> tuple[str, list
                     reason="malformed turn",
                 )
         return role, blocks
+    if content is not None:
+        raise FormatError(
+            f"turn {index} should hold text, got {type(content).__name__} {content!r:.40}",
+            column=column,
+            reason="turn is not text",
+        )
     raise FormatError(f"turn {index} has no text (`content` or `value`)", column=column, reason="malformed turn")
 
 

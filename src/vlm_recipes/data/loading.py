@@ -21,6 +21,9 @@ from vlm_recipes.errors import DataError, RecipeError
 logger = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".jsonl", ".json")
+# Each formatted row says where it came from ("line 18", "row 17"), so later checks name the source row. TRL's vision
+# trainer drops the column with the other non-model columns.
+SOURCE_ROW = "source_row"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -122,7 +125,7 @@ def _format_rows(
     for index, row in enumerate(rows):
         number = row.pop("_line", index)
         try:
-            formatted.append(spec.function(row, **options))
+            formatted.append({**spec.function(row, **options), SOURCE_ROW: f"line {number}"})
         except FormatError as error:
             message = str(
                 DataError(str(error), source=report.source, row=number, column=error.column, row_label="line")
@@ -170,7 +173,8 @@ def _format_dataset(
         dataset = dataset.select(kept)
 
     return dataset.map(
-        lambda row: spec.function(row, **options),
+        lambda row, index: {**spec.function(row, **options), SOURCE_ROW: f"row {kept[index]}"},
+        with_indices=True,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
         desc=f"Formatting with '{spec.name}'",

@@ -30,6 +30,8 @@ class SplitReport:
     source: str
     rows: int = 0
     rejections: dict[str, Rejection] = field(default_factory=dict)
+    # Rows kept after a fix (an image converted to RGB, resized to a size the processor takes), by kind.
+    fixes: dict[str, Rejection] = field(default_factory=dict)
 
     @property
     def rejected(self) -> int:
@@ -59,9 +61,20 @@ class DataReport:
         if len(rejection.examples) < MAX_EXAMPLES:
             rejection.examples.append(where)
 
+    def fix(self, split: str, where: str, kind: str) -> None:
+        """Count one row of `split` that is kept after a fix of this `kind`."""
+        fixed = self.splits[split].fixes.setdefault(kind, Rejection(reason=kind))
+        fixed.count += 1
+        if len(fixed.examples) < MAX_EXAMPLES:
+            fixed.examples.append(where)
+
     @property
     def rejected(self) -> int:
         return sum(split.rejected for split in self.splits.values())
+
+    @property
+    def fixed(self) -> int:
+        return sum(fix.count for split in self.splits.values() for fix in split.fixes.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +86,10 @@ class DataReport:
                 "rejected_by_reason": {
                     reason: {"count": r.count, "examples": r.examples, "first_message": r.message}
                     for reason, r in sorted(split.rejections.items(), key=lambda item: -item[1].count)
+                },
+                "fixed_by_kind": {
+                    kind: {"count": f.count, "examples": f.examples}
+                    for kind, f in sorted(split.fixes.items(), key=lambda item: -item[1].count)
                 },
             }
             for name, split in self.splits.items()
@@ -90,6 +107,8 @@ class DataReport:
             lines.append(f"{name}: {split.kept} of {split.rows} rows kept, {split.rejected} rejected ({split.source})")
             for reason, rejection in sorted(split.rejections.items(), key=lambda item: -item[1].count):
                 lines.append(f"  {rejection.count:>7}  {reason}  (e.g. {', '.join(rejection.examples)})")
+            for kind, fixed in sorted(split.fixes.items(), key=lambda item: -item[1].count):
+                lines.append(f"  {fixed.count:>7}  fixed and kept: {kind}  (e.g. {', '.join(fixed.examples)})")
         return "\n".join(lines)
 
     def stop_if_too_many_rejected(self, max_bad_fraction: float) -> None:
@@ -109,8 +128,10 @@ class DataReport:
         """Write `data_report.json`, show the table when rows were rejected, and stop if too many were."""
         if is_main_process:
             self.write(Path(output_dir) / REPORT_FILE)
-        if self.rejected:
+        if self.rejected or self.fixed:
             print_main(
-                f"Data check: {self.rejected} row(s) rejected and skipped (details in {REPORT_FILE})", self.table()
+                f"Data check: {self.rejected} row(s) rejected and skipped, {self.fixed} fixed and kept (details in "
+                f"{REPORT_FILE})",
+                self.table(),
             )
         self.stop_if_too_many_rejected(max_bad_fraction)

@@ -1,7 +1,17 @@
 """The model-family table: one row per family says where its parts live and how it trains.
 
-Module paths are the names `model.named_modules()` gives on the model `AutoModelForImageTextToText` loads. Adding a
-family is adding a row here, a tiny config in `vlm_recipes.modeling.tiny` and a recipe.
+Module paths are the names `model.named_modules()` gives on the model `AutoModelForImageTextToText` loads (checked on
+the installed transformers by `tests/test_families.py` for every row). Every parameter of a loaded model belongs to
+exactly one part:
+
+- `projector`: the modules that map vision features into the language model's embedding space (checked first, since
+  Qwen's sits inside its vision tower);
+- `vision_tower`: the image encoder;
+- `language_model`: the decoder (token embeddings, its layers under `language_model_layers`, the final norm) and the
+  output head;
+- `other`: modules the row names explicitly that are none of these (Gemma 4's audio tower).
+
+Adding a family is adding a row here, a tiny builder in `vlm_recipes.modeling.tiny` and a recipe.
 """
 
 import re
@@ -12,6 +22,18 @@ from vlm_recipes.errors import RecipeError
 
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen3.5's linear-attention (Gated DeltaNet) layers, next to its full-attention ones
+LINEAR_ATTENTION_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+# Gemma 4's per-layer embedding (PLE) gate and projection inside each decoder layer
+PER_LAYER_INPUT_PROJECTIONS = ("per_layer_input_gate", "per_layer_projection")
+
+# How a family's image processor bounds the image size, and so the image tokens (`image_min_pixels`/`image_max_pixels`
+# are translated by `vlm_recipes.modeling.image_size`):
+PIXEL_AREA = "pixel_area"  # Qwen-VL: `size` shortest_edge/longest_edge are pixel areas; tokens follow the area
+LONGEST_EDGE = "longest_edge"  # Idefics3/SmolVLM: every image is resized to `size.longest_edge`, then tiled
+GRID_PINPOINTS = "grid_pinpoints"  # LLaVA-Next: the image is fitted to one of `image_grid_pinpoints`, then tiled
+SOFT_TOKENS = "soft_tokens"  # Gemma 4: `max_soft_tokens` (70, 140, 280, 560 or 1120) per image
+FIXED = "fixed"  # LLaVA 1.5, Gemma 3: every image is resized to one square size; a fixed token count
 
 
 @dataclass(frozen=True)
@@ -19,29 +41,55 @@ class ModelFamily:
     name: str
     model_types: tuple[str, ...]
     vision_tower: str
-    projector: str
+    projector: tuple[str, ...]
     language_model: str
     example_model: str
     # A chat template with `{% generation %}` markers, for assistant-only loss: "trl:<file>" is one of TRL's
     # `chat_templates/*_training.jinja` (TRL swaps it in itself when it recognises the stock template),
-    # "vlm_recipes:<file>" one of ours in `vlm_recipes/chat_templates/`, None when no family template exists.
+    # "vlm_recipes:<file>" one of ours in `vlm_recipes/chat_templates/` (see `vlm_recipes.modeling.chat_templates`),
+    # None when no family template exists.
     training_template: str | None
+    # The model's own (stock) chat templates that `training_template` was written for, for ours only ("trl:<file>" or
+    # "vlm_recipes:<file>"): a model whose template is one of these gets ours without a warning.
+    stock_templates: tuple[str, ...] = ()
     lm_head: str = "lm_head"
+    other: tuple[str, ...] = ()
+    # LoRA on the language model: these linear projections in every decoder layer ...
     lora_projections: tuple[str, ...] = LLM_PROJECTIONS
+    # ... and these fused expert weights (3-D `nn.Parameter`s, not `nn.Linear`), through peft's `target_parameters`.
+    lora_expert_parameters: tuple[str, ...] = ()
+    image_size: str = PIXEL_AREA
     notes: str = ""
 
     @property
     def language_model_layers(self) -> str:
         return f"{self.language_model}.layers"
 
+    @property
+    def has_fused_experts(self) -> bool:
+        return bool(self.lora_expert_parameters)
+
     def lora_target_regex(self) -> str:
         """PEFT `target_modules` regex: every projection of every language-model layer, nothing in the vision tower."""
         projections = "|".join(self.lora_projections)
-        return rf"^{re.escape(self.language_model_layers)}\.\d+\..*\b({projections})$"
+        return rf"^{re.escape(self.language_model_layers)}\.\d+\.(.*\.)?({projections})$"
+
+    def lora_target_parameters(self) -> list[str] | None:
+        """PEFT `target_parameters`: the fused expert weights of a mixture-of-experts language model (None otherwise)."""
+        return list(self.lora_expert_parameters) or None
 
     def quantization_skip_modules(self) -> list[str]:
-        """Modules that stay in 16 bit under 4-bit loading: the vision tower, the projector and the output head."""
-        return list(dict.fromkeys([self.vision_tower, self.projector, self.lm_head]))
+        """Modules that stay in 16 bit under 4-bit loading: vision tower, projector, `other` modules, output head."""
+        return list(dict.fromkeys([self.vision_tower, *self.projector, *self.other, self.lm_head]))
+
+    def prefixes(self, part: str) -> tuple[str, ...]:
+        """The module-name prefixes of a part: 'vision_tower', 'projector', 'language_model' or 'other'."""
+        return {
+            "vision_tower": (self.vision_tower,),
+            "projector": self.projector,
+            "language_model": (self.language_model, self.lm_head),
+            "other": self.other,
+        }[part]
 
     @staticmethod
     def canonical_name(name: str) -> str:
@@ -52,12 +100,9 @@ class ModelFamily:
     def part_of(self, parameter_name: str) -> str:
         """'projector', 'vision_tower', 'language_model' or 'other' for a parameter (or module) name."""
         name = self.canonical_name(parameter_name)
-        if _under(name, self.projector):
-            return "projector"
-        if _under(name, self.vision_tower):
-            return "vision_tower"
-        if _under(name, self.language_model) or _under(name, self.lm_head):
-            return "language_model"
+        for part in ("projector", "vision_tower", "language_model"):
+            if any(_under(name, prefix) for prefix in self.prefixes(part)):
+                return part
         return "other"
 
 
@@ -69,7 +114,7 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-QWEN_VL_NOTE = "multimodal RoPE"
+QWEN_VL_NOTE = "multimodal RoPE; padding-free/packing would need Qwen-style per-row position ids (not enabled)"
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -78,7 +123,7 @@ FAMILIES: dict[str, ModelFamily] = {
             name="qwen2_vl",
             model_types=("qwen2_vl",),
             vision_tower="model.visual",
-            projector="model.visual.merger",
+            projector=("model.visual.merger",),
             language_model="model.language_model",
             example_model="Qwen/Qwen2-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
@@ -88,11 +133,114 @@ FAMILIES: dict[str, ModelFamily] = {
             name="qwen2_5_vl",
             model_types=("qwen2_5_vl",),
             vision_tower="model.visual",
-            projector="model.visual.merger",
+            projector=("model.visual.merger",),
             language_model="model.language_model",
             example_model="Qwen/Qwen2.5-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
             notes=QWEN_VL_NOTE,
+        ),
+        ModelFamily(
+            name="qwen3_vl",
+            model_types=("qwen3_vl",),
+            vision_tower="model.visual",
+            # DeepStack: besides the final merger, mergers of intermediate vision layers feed early decoder layers
+            projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+            language_model="model.language_model",
+            example_model="Qwen/Qwen3-VL-8B-Instruct",
+            training_template="trl:qwen3_vl_training.jinja",
+            notes=QWEN_VL_NOTE,
+        ),
+        ModelFamily(
+            name="qwen3_vl_moe",
+            model_types=("qwen3_vl_moe",),
+            vision_tower="model.visual",
+            projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+            language_model="model.language_model",
+            example_model="Qwen/Qwen3-VL-30B-A3B-Instruct",
+            training_template="trl:qwen3_vl_training.jinja",
+            # Attention projections as nn.Linear; the experts' weights are fused 3-D parameters per layer. The router
+            # (`mlp.gate`) stays frozen: LoRA on routing destabilises expert load balance.
+            lora_projections=("q_proj", "k_proj", "v_proj", "o_proj"),
+            lora_expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            notes="mixture of experts: LoRA on the attention and on every expert (peft target_parameters, "
+            "lora_dropout 0); 4-bit leaves the fused experts in 16 bit; " + QWEN_VL_NOTE,
+        ),
+        ModelFamily(
+            name="qwen3_5",
+            model_types=("qwen3_5",),
+            vision_tower="model.visual",
+            projector=("model.visual.merger",),
+            language_model="model.language_model",
+            example_model="Qwen/Qwen3.5-27B",
+            training_template="trl:qwen3_5_think_training.jinja",  # and qwen3_5_nothink_training.jinja (<= 2B)
+            lora_projections=LLM_PROJECTIONS + LINEAR_ATTENTION_PROJECTIONS,
+            notes="hybrid linear/full attention (3 Gated DeltaNet layers per full-attention layer); the training "
+            "template labels an empty <think></think> block before each answer; " + QWEN_VL_NOTE,
+        ),
+        ModelFamily(
+            name="smolvlm",
+            model_types=("smolvlm", "idefics3"),  # SmolVLM2 / SmolVLM and Idefics3
+            vision_tower="model.vision_model",
+            projector=("model.connector",),
+            language_model="model.text_model",
+            example_model="HuggingFaceTB/SmolVLM-Instruct",
+            training_template="trl:smolvlm_training.jinja",  # idefics3_training.jinja for Idefics3-8B
+            image_size=LONGEST_EDGE,
+            notes="images tiled into 384x384 crops plus a global view",
+        ),
+        ModelFamily(
+            name="llava",
+            model_types=("llava",),
+            vision_tower="model.vision_tower",
+            projector=("model.multi_modal_projector",),
+            language_model="model.language_model",
+            example_model="llava-hf/llava-1.5-7b-hf",
+            # The stock llava-hf template marks the answer but has no end-of-turn token, so the model would never
+            # learn to stop; ours ends each answer with </s> (as LLaVA 1.5 was trained) inside the markers.
+            training_template="vlm_recipes:llava_1_5_training.jinja",
+            stock_templates=("vlm_recipes:llava_1_5.jinja",),
+            image_size=FIXED,
+            notes="one 336x336 image = 576 tokens",
+        ),
+        ModelFamily(
+            name="llava_next",
+            model_types=("llava_next",),
+            vision_tower="model.vision_tower",
+            # `image_newline` is a learned vector (a bare parameter) the projector's output rows end with
+            projector=("model.multi_modal_projector", "model.image_newline"),
+            language_model="model.language_model",
+            example_model="llava-hf/llava-v1.6-mistral-7b-hf",
+            training_template="trl:llava_next_training.jinja",
+            image_size=GRID_PINPOINTS,
+            notes="AnyRes tiling: up to 5 x 576 image tokens per image",
+        ),
+        ModelFamily(
+            name="gemma3",
+            model_types=("gemma3",),
+            vision_tower="model.vision_tower",
+            projector=("model.multi_modal_projector",),
+            language_model="model.language_model",
+            example_model="google/gemma-3-4b-it",
+            training_template="trl:gemma3_training.jinja",
+            image_size=FIXED,
+            notes="one 896x896 image = 256 tokens; output head tied to the embeddings",
+        ),
+        ModelFamily(
+            name="gemma4",
+            model_types=("gemma4",),
+            vision_tower="model.vision_tower",
+            projector=("model.embed_vision",),
+            language_model="model.language_model",
+            example_model="google/gemma-4-E4B-it",
+            # TRL 1.16 has no Gemma 4 training template: ours marks the model turn of the stock template
+            training_template="vlm_recipes:gemma4_training.jinja",
+            stock_templates=tuple(
+                f"trl:{name}.jinja" for name in ("gemma4", "gemma4_v2", "gemma4_v3", "gemma4_v4", "gemma4_v5")
+            ),
+            other=("model.audio_tower", "model.embed_audio"),  # audio input: unused by image training
+            lora_projections=LLM_PROJECTIONS + PER_LAYER_INPUT_PROJECTIONS,
+            image_size=SOFT_TOKENS,
+            notes="audio tower counted as `other` (frozen unless `full`); output head tied to the embeddings",
         ),
     )
 }
@@ -112,6 +260,6 @@ def get_family(config_or_model: Any) -> ModelFamily:
     raise RecipeError(
         f"Model type '{model_type}' is not a supported vision-language family. Supported: {supported_families_text()}. "
         "To add one, add a row to FAMILIES in vlm_recipes/modeling/families.py (where its vision tower, projector "
-        "and language-model layers live, and its training chat template), a tiny config in "
+        "and language-model layers live, and its training chat template), a tiny builder in "
         "vlm_recipes/modeling/tiny.py, and a recipe."
     )

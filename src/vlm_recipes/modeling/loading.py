@@ -13,6 +13,7 @@ from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily, get_family
+from vlm_recipes.modeling.image_size import bound_image_size
 from vlm_recipes.modeling.strategies import (
     STRATEGIES,
     TuningPlan,
@@ -46,29 +47,15 @@ def load_config(model_args: ModelArguments, trust_remote_code: bool = False) -> 
         ) from None
 
 
-def set_image_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Bound the image area the processor keeps (Qwen-VL style `shortest_edge`/`longest_edge` in pixels)."""
-    if min_pixels is None and max_pixels is None:
-        return
-    image_processor = processor.image_processor
-    size = dict(image_processor.size or {})
-    if "longest_edge" not in size and "max_pixels" not in size:
-        raise RecipeError(
-            f"`image_min_pixels`/`image_max_pixels` apply to processors that bound the image area (Qwen-VL); "
-            f"{type(image_processor).__name__} sizes images by {sorted(size)}."
-        )
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels
-    image_processor.size = size
-
-
-def load_processor(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
+def load_processor(
+    model_args: ModelArguments, trust_remote_code: bool = False, family: ModelFamily | None = None
+) -> Any:
+    """The model's processor, with the recipe's image-size bounds in its family's rule (`modeling.image_size`)."""
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
-    set_image_pixel_bounds(processor, model_args.image_min_pixels, model_args.image_max_pixels)
+    family = family or get_family(load_config(model_args, trust_remote_code))
+    bound_image_size(processor, family, model_args.image_min_pixels, model_args.image_max_pixels)
     return processor
 
 
@@ -104,6 +91,27 @@ def quantization_config(
         bnb_4bit_quant_storage=storage,
         llm_int8_skip_modules=family.quantization_skip_modules(),
     )
+
+
+def check_family_settings(model_args: ModelArguments, family: ModelFamily) -> None:
+    """What this family cannot do with the recipe's model settings, said before any weights load."""
+    if family.has_fused_experts and model_args.use_peft and not model_args.lora_target_modules:
+        # peft's LoRA on a parameter (ParamWrapper) cannot factor dropout out of a fused expert matmul
+        if model_args.lora_dropout:
+            raise RecipeError(
+                f"{family.name} is a mixture of experts: LoRA on its fused expert weights (peft target_parameters) "
+                f"needs `lora_dropout: 0` (the recipe has {model_args.lora_dropout}). Or set `lora_target_modules` "
+                "to adapt the attention projections only."
+            )
+        if model_args.use_dora:
+            raise RecipeError(f"DoRA does not apply to the fused expert weights of {family.name}; drop `use_dora`.")
+    if family.has_fused_experts and model_args.load_in_4bit:
+        logger.warning(
+            "4-bit loading quantizes nn.Linear layers only: the fused expert weights of %s (most of its parameters) "
+            "stay in %s, so the model needs about the memory of a 16-bit one.",
+            family.name,
+            model_args.dtype,
+        )
 
 
 def _device_map(quantized: bool, for_inference: bool = False, shard_parameters: bool = False) -> Any:
@@ -149,7 +157,7 @@ def load_model_and_processor(
     """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
-    processor = load_processor(model_args, trust_remote_code)
+    processor = load_processor(model_args, trust_remote_code, family)
     model = load_model(model_args, config, trust_remote_code, for_inference)
     return model, processor, family
 
@@ -181,7 +189,8 @@ def load_for_training(
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
-    processor = load_processor(model_args, trust_remote_code)
+    check_family_settings(model_args, family)
+    processor = load_processor(model_args, trust_remote_code, family)
     model = load_model(model_args, config, trust_remote_code, shard_parameters=shard_parameters)
     if start_adapter and merge_start_adapter:
         model = merge_adapter(model, start_adapter)
@@ -313,7 +322,7 @@ def load_for_inference(
         model = load_adapter(model, adapter, model_args.model_name_or_path)
         if any((Path(adapter) / name).is_file() for name in PROCESSOR_FILES):
             processor = load_processor(
-                replace(model_args, model_name_or_path=str(adapter), model_revision=None), trust_remote_code
+                replace(model_args, model_name_or_path=str(adapter), model_revision=None), trust_remote_code, family
             )
     model.eval()
     return model, processor, family

@@ -178,6 +178,25 @@ def _vision_linear_names(model: Any, family: ModelFamily) -> list[str]:
     ]
 
 
+def _savable_modules(model: Any, prefixes: tuple[str, ...]) -> list[str]:
+    """Module names peft can save next to an adapter: a module list (Qwen3-VL's DeepStack mergers) by its members.
+
+    A bare parameter (LLaVA-Next's `image_newline`) is no module, so it cannot be saved with an adapter: it stays frozen
+    under the LoRA strategies.
+    """
+    import torch
+
+    modules = dict(model.named_modules())
+    names = []
+    for prefix in prefixes:
+        module = modules.get(prefix)
+        if isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict):
+            names += [f"{prefix}.{child}" for child, _ in module.named_children()]
+        elif module is not None:
+            names.append(prefix)
+    return names
+
+
 def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, family: ModelFamily) -> Any:
     from peft import LoraConfig
 
@@ -192,14 +211,20 @@ def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, famil
     # Parts trained in full next to the adapter are saved with it (peft's modules_to_save), so the adapter folder alone
     # restores them. A projector inside the vision tower is covered by the tower's entry.
     full_parts = [family.vision_tower] if plan.modes["vision_tower"] == FULL else []
-    if plan.modes["projector"] == FULL and not any(family.projector.startswith(p + ".") for p in full_parts):
-        full_parts.append(family.projector)
+    if plan.modes["projector"] == FULL:
+        full_parts += [
+            name
+            for name in _savable_modules(model, family.projector)
+            if not any(name.startswith(part + ".") for part in full_parts)
+        ]
     return LoraConfig(
         task_type=model_args.lora_task_type,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=targets,
+        # Fused expert weights of a mixture-of-experts model (3-D parameters, not nn.Linear), unless the recipe picks
+        target_parameters=None if model_args.lora_target_modules else family.lora_target_parameters(),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         modules_to_save=(model_args.lora_modules_to_save or []) + full_parts or None,
@@ -258,20 +283,34 @@ def trainable_parameter_table(model: Any, family: ModelFamily) -> str:
     return "\n".join(rows)
 
 
-def _no_weight_decay(name: str, decay_names: set[str]) -> bool:
-    return name not in decay_names or "lora_" in name or _is_embedding(name)
+def _embedding_parameters(model: Any) -> set[str]:
+    """Parameters of embedding tables, by module type (names differ across families: Gemma 4's `embed_vision` is a
+    linear projector, Qwen3-VL's `pos_embed` and CLIP's `position_embedding` are tables)."""
+    import torch
+
+    return {
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _no_weight_decay(name: str, decay_names: set[str], embeddings: set[str]) -> bool:
+    return name not in decay_names or "lora_" in name or name in embeddings or _is_embedding(name)
 
 
 def parameter_groups(
     model: Any, plan: TuningPlan, family: ModelFamily, weight_decay: float, decay_names: set[str]
 ) -> list[dict]:
     """One optimizer group per (part, decay) with the part's learning rate; LoRA, biases, norms, embeddings: no decay."""
+    embeddings = _embedding_parameters(model)
     groups: dict[tuple[str, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         part = family.part_of(name)
-        decay = not _no_weight_decay(name, decay_names)
+        decay = not _no_weight_decay(name, decay_names, embeddings)
         group = groups.setdefault(
             (part, decay),
             {

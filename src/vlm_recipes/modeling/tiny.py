@@ -12,15 +12,19 @@ import argparse
 import json
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
+from vlm_recipes.modeling.chat_templates import read_template
 
 
 TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+# SigLIP / CLIP / Gemma 4 vision towers (Qwen's name their fields differently)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 # Wider than the usual 0.02: with 64 hidden units, 0.02 leaves the frozen output head too weak for a LoRA adapter to
 # move the logits, so the tiny models' loss would barely fall under LoRA (measured: 6.4 -> 5.7 in 80 QLoRA steps at
 # 0.02; 6.5 -> 3.1 at 0.1).
@@ -73,7 +77,8 @@ def train_bpe(
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizer
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -88,9 +93,7 @@ def train_bpe(
 
 def trl_chat_template(name: str) -> str:
     """A stock chat template as TRL stores it (byte-identical to the model's own, which is how TRL recognises it)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / name).read_text(encoding="utf-8")
+    return read_template(f"trl:{name}")
 
 
 def check_token_ids(tokenizer: Any, tokens: list[str]) -> dict[str, int]:
@@ -133,34 +136,79 @@ QWEN_IMAGE_PROCESSOR = dict(
 )
 
 
-def qwen_tokenizer():
-    from tokenizers import Regex, normalizers, pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+def class_bpe_tokenizer(tokenizer_class: Any, special_tokens: list[str], **kwargs: Any) -> Any:
+    """A tokenizer of `tokenizer_class` (a BPE class transformers rebuilds from vocab and merges on reload), trained
+    with that class's own normalizer and pre-tokenizer, so that it encodes identically after a reload."""
+    pipeline = tokenizer_class(vocab={"<|endoftext|>": 0}, merges=[]).backend_tokenizer
+    vocab, merges = train_bpe(special_tokens, pipeline.normalizer, pipeline.pre_tokenizer)
+    return tokenizer_class(vocab=vocab, merges=merges, **kwargs)
 
-    vocab, merges = train_bpe(
-        QWEN_SPECIAL_TOKENS,
-        normalizers.NFC(),
-        pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        ),
-    )
-    # As the real Qwen2.5-VL tokenizer: no BOS, <|im_end|> ends a turn, <|endoftext|> pads.
-    return Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
+
+def qwen_tokenizer(tokenizer_class: Any = None, extra_tokens: tuple[str, ...] = ()) -> Any:
+    """As the real Qwen-VL tokenizers: no BOS, <|im_end|> ends a turn, <|endoftext|> pads."""
+    from transformers import Qwen2Tokenizer
+
+    special_tokens = QWEN_SPECIAL_TOKENS + list(extra_tokens)
+    return class_bpe_tokenizer(
+        tokenizer_class or Qwen2Tokenizer,
+        special_tokens,
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        extra_special_tokens=[t for t in special_tokens if t not in ("<|im_end|>", "<|endoftext|>")],
     )
 
 
-def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: str) -> None:
+def qwen_special_ids(tokenizer: Any) -> dict[str, int]:
+    """The Qwen-VL config fields that name special tokens, from the tiny tokenizer (the defaults sit near 151k)."""
+    ids = check_token_ids(
+        tokenizer,
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>"],
+    )
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def qwen_text_ids(tokenizer: Any) -> dict[str, int]:
+    ids = check_token_ids(tokenizer, ["<|endoftext|>", "<|im_end|>"])
+    return dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+
+
+def qwen_generation(tokenizer: Any) -> dict[str, Any]:
+    text = qwen_text_ids(tokenizer)
+    return dict(
+        bos_token_id=text["bos_token_id"],
+        eos_token_id=[text["eos_token_id"], text["pad_token_id"]],
+        pad_token_id=text["pad_token_id"],
+    )
+
+
+def build_and_save(
+    output_dir: Path,
+    model_class: Any,
+    config: Any,
+    processor: Any,
+    generation: dict,
+    seed: int,
+    zero_initialised: tuple[str, ...] = (),
+) -> None:
+    """Random weights from `seed`; `zero_initialised` names parameters transformers initialises to zero where a trained
+    checkpoint's are not (drawn like the others here, so images reach the language model and gradients the vision
+    tower)."""
     import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    for name in zero_initialised:
+        torch.nn.init.normal_(model.get_parameter(name), std=INIT_RANGE)
+    save_tiny(output_dir, model, processor, generation)
+
+
+def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: str) -> None:
     from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -191,10 +239,6 @@ def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: st
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=trl_chat_template("qwen2_5_vl.jinja"),  # Qwen2-VL ships the byte-identical template
     )
-    ids = check_token_ids(
-        tokenizer,
-        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>"],
-    )
     head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
     config = Config(
         text_config=dict(
@@ -204,35 +248,439 @@ def _qwen_vl(output_dir: Path, vocab_size: int | None, seed: int, *, version: st
             initializer_range=INIT_RANGE,
             # mrope_section splits the rotary half-dimension over (time, height, width): it must sum to head_dim/2.
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **qwen_text_ids(tokenizer),
         ),
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_special_ids(tokenizer),
     )
     assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
-    torch.manual_seed(seed)
-    model = Model(config)
-    generation = dict(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+    build_and_save(output_dir, Model, config, processor, qwen_generation(tokenizer), seed)
+
+
+register_tiny_builder("qwen2_5_vl")(partial(_qwen_vl, version="2.5"))
+register_tiny_builder("qwen2_vl")(partial(_qwen_vl, version="2"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 (natively multimodal, hybrid linear/full attention)
+
+QWEN3_EXTRA_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+# Qwen3-VL-8B-Instruct preprocessor_config.json (Qwen3.5 ships the same): 16-pixel patches, merged 2x2, so one image
+# token per 32x32 pixels, between 64 and 16,384 tokens.
+QWEN3_IMAGE_PROCESSOR = dict(
+    size={"shortest_edge": 65536, "longest_edge": 16777216},
+    patch_size=16,
+    temporal_patch_size=2,
+    merge_size=2,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+)
+# Qwen3-VL's vision tower: 16-pixel patches; learned position embeddings on a square grid (num_position_embeddings is
+# a perfect square, interpolated to each image); out_hidden_size feeds the language model.
+QWEN3_VISION = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY_TEXT["hidden_size"],
+    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+)  # fmt: skip
+
+
+def _qwen3(output_dir: Path, vocab_size: int | None, seed: int, *, variant: str) -> None:
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    text: dict[str, Any] = dict(**TINY_TEXT, head_dim=16, max_position_embeddings=32768, initializer_range=INIT_RANGE)
+    vision = dict(QWEN3_VISION)
+    if variant == "qwen3_5":
+        # Qwen3.5: rotary on a quarter of each head (partial_rotary_factor 0.25), so mrope_section sums to
+        # head_dim * 0.25 / 2; linear-attention (Gated DeltaNet) layers between full-attention ones (every 2nd here,
+        # every 4th in the real checkpoints).
+        text.update(
+            head_dim=32,
+            full_attention_interval=2,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={
+                "rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+            },
+        )  # fmt: skip
+        tokenizer = qwen_tokenizer(transformers.Qwen3_5Tokenizer, QWEN3_EXTRA_TOKENS)
+        chat_template = trl_chat_template("qwen3_5_think.jinja")  # Qwen3.5-4B and larger; <=2B ship the nothink one
+        config_class, model_class = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+    else:
+        # mrope_section splits the rotary half-dimension over (time, height, width), interleaved in Qwen3-VL
+        text["rope_parameters"] = {
+            "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5000000.0,
+        }  # fmt: skip
+        vision["deepstack_visual_indexes"] = [0]  # DeepStack: features of these vision layers feed early LLM layers
+        tokenizer = qwen_tokenizer(extra_tokens=QWEN3_EXTRA_TOKENS)
+        chat_template = trl_chat_template("qwen3_vl.jinja")
+        if variant == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+            config_class, model_class = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
+        else:
+            config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    rope = text["rope_parameters"]
+    assert sum(rope["mrope_section"]) == int(text["head_dim"] * rope.get("partial_rotary_factor", 1.0)) // 2
+
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**QWEN3_IMAGE_PROCESSOR),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=chat_template,
     )
-    save_tiny(output_dir, model, processor, generation)
+    config = config_class(
+        text_config=dict(**text, vocab_size=vocab_size or len(tokenizer), **qwen_text_ids(tokenizer)),
+        vision_config=vision,
+        **qwen_special_ids(tokenizer),
+    )
+    build_and_save(output_dir, model_class, config, processor, qwen_generation(tokenizer), seed)
 
 
-@register_tiny_builder("qwen2_5_vl")
-def build_qwen2_5_vl(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen_vl(output_dir, vocab_size, seed, version="2.5")
+for _variant in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+    register_tiny_builder(_variant)(partial(_qwen3, variant=_variant))
 
 
-@register_tiny_builder("qwen2_vl")
-def build_qwen2_vl(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    _qwen_vl(output_dir, vocab_size, seed, version="2")
+# ---------------------------------------------------------------------------------------------------------------------
+# Families whose real tokenizers transformers loads from tokenizer.json as is: a byte-level BPE in a
+# PreTrainedTokenizerFast carries their special tokens (named ones through `extra_special_tokens`, so the processors
+# find them as attributes after a reload).
+
+
+def byte_level_tokenizer(
+    special_tokens: list[str],
+    *,
+    eos_token: str,
+    pad_token: str,
+    bos_token: str | None = None,
+    unk_token: str | None = None,
+    add_bos: bool = False,
+    named_tokens: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = train_bpe(special_tokens, None, pre_tokenizer)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    if add_bos:  # as Llama's and Gemma's tokenizers: BOS before every encoded text
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, vocab[bos_token])],
+        )
+    named = dict(named_tokens or {})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        unk_token=unk_token,
+        extra_special_tokens=named or None,
+        **kwargs,
+    )
+
+
+def text_config_ids(tokenizer: Any) -> dict[str, int | None]:
+    return dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
+def generation_ids(tokenizer: Any, end_of_turn: str | None = None) -> dict[str, Any]:
+    """The generation config's token ids; generation also stops at the chat template's end-of-turn token."""
+    ids = text_config_ids(tokenizer)
+    if end_of_turn is not None:
+        ids["eos_token_id"] = [ids["eos_token_id"], tokenizer.convert_tokens_to_ids(end_of_turn)]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SmolVLM (Idefics3 architecture: SigLIP vision, pixel-shuffle connector, SmolLM2 language model)
+
+SMOLVLM_TILE = 84  # the real SmolVLM-Instruct tiles images into 384-pixel squares; 84 keeps the tiny model small
+SMOLVLM_SCALE_FACTOR = 3  # pixel shuffle: 3x3 patch features -> one image token (as the real model)
+
+
+@register_tiny_builder("smolvlm")
+def build_smolvlm(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
+    """As HuggingFaceTB/SmolVLM-Instruct (model type idefics3), scaled down: 84-pixel tiles of 6x6 patches, 4 tokens."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    row_col = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
+               "<image>", "<global-img>", *row_col]  # fmt: skip
+    tokenizer = byte_level_tokenizer(
+        special, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )  # fmt: skip
+    patch_size = 14
+    # The processor's image-token count per tile must equal the connector's output: (tile/patch)^2 / scale^2
+    image_seq_len = (SMOLVLM_TILE // patch_size) ** 2 // SMOLVLM_SCALE_FACTOR**2
+    processor = Idefics3Processor(
+        # SmolVLM-Instruct preprocessor_config.json: images resized to a longest edge of 4 tiles, split into tiles
+        # plus a global view, normalised to [-1, 1], Lanczos resampling
+        image_processor=Idefics3ImageProcessor(
+            do_image_splitting=True,
+            size={"longest_edge": 4 * SMOLVLM_TILE},
+            max_image_size={"longest_edge": SMOLVLM_TILE},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            resample=1,
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=trl_chat_template("smolvlm.jinja"),
+    )
+    ids = check_token_ids(tokenizer, ["<image>"])
+    config = Idefics3Config(
+        text_config=dict(
+            model_type="llama",
+            **TINY_TEXT,
+            vocab_size=vocab_size or len(tokenizer),
+            initializer_range=INIT_RANGE,
+            rope_theta=273768.0,
+            **text_config_ids(tokenizer),
+        ),
+        vision_config=dict(
+            **TINY_VISION,
+            image_size=SMOLVLM_TILE,
+            patch_size=patch_size,
+        ),
+        scale_factor=SMOLVLM_SCALE_FACTOR,
+        image_token_id=ids["<image>"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    build_and_save(output_dir, Idefics3ForConditionalGeneration, config, processor, generation_ids(tokenizer), seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA 1.5 and LLaVA-Next (CLIP vision, MLP projector, Vicuna / Mistral language model)
+
+LLAVA_IMAGE_SIZE = 56  # the real checkpoints see 336x336 (24x24 patches); 56 gives 4x4 patches
+LLAVA_PATCH_SIZE = 14
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+
+
+def llava_tokenizer() -> Any:
+    # As llava-hf's Llama / Mistral tokenizers: BOS added to every text, </s> ends an answer, <pad> pads.
+    return byte_level_tokenizer(
+        LLAVA_SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", add_bos=True
+    )
+
+
+def _llava(output_dir: Path, vocab_size: int | None, seed: int, *, next_version: bool) -> None:
+    import transformers
+
+    tokenizer = llava_tokenizer()
+    image_size, patch_size = LLAVA_IMAGE_SIZE, LLAVA_PATCH_SIZE
+    # llava-hf preprocessor_config.json: CLIP resize of the short side + centre crop, CLIP mean/std, bicubic
+    image_settings = dict(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+    )
+    text = dict(**TINY_TEXT, vocab_size=vocab_size or len(tokenizer), initializer_range=INIT_RANGE)
+    vision = dict(
+        model_type="clip_vision_model", **TINY_VISION, image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )  # fmt: skip
+    # The real models drop CLIP's class token ("default" strategy) and read the second-to-last vision layer.
+    common = dict(
+        vision_config=vision,
+        image_token_index=check_token_ids(tokenizer, ["<image>"])["<image>"],
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    processor_settings = dict(
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token
+    )
+    if next_version:
+        # llava-v1.6-mistral-7b-hf's AnyRes resolutions, scaled from 336 to the tiny image size
+        pinpoints = [[image_size * h, image_size * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+        processor = transformers.LlavaNextProcessor(
+            image_processor=transformers.LlavaNextImageProcessor(**image_settings, image_grid_pinpoints=pinpoints),
+            chat_template=trl_chat_template("llava_next.jinja"),
+            **processor_settings,
+        )
+        config = transformers.LlavaNextConfig(
+            text_config=dict(model_type="mistral", **text, **text_config_ids(tokenizer)),
+            image_grid_pinpoints=pinpoints,
+            **common,
+        )
+        model_class = transformers.LlavaNextForConditionalGeneration
+    else:
+        processor = transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor(**image_settings),
+            chat_template=read_template("vlm_recipes:llava_1_5.jinja"),  # llava-hf/llava-1.5-7b-hf's own template
+            **processor_settings,
+        )
+        config = transformers.LlavaConfig(
+            text_config=dict(model_type="llama", **text, **text_config_ids(tokenizer)), **common
+        )
+        model_class = transformers.LlavaForConditionalGeneration
+    build_and_save(output_dir, model_class, config, processor, generation_ids(tokenizer), seed)
+
+
+register_tiny_builder("llava")(partial(_llava, next_version=False))
+register_tiny_builder("llava_next")(partial(_llava, next_version=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gemma 3 (SigLIP vision, pooled to a fixed number of soft tokens) and Gemma 4 (variable-resolution vision, audio)
+
+GEMMA3_IMAGE_SIZE = 56  # the real checkpoints see 896x896 (64x64 patches pooled to 16x16 = 256 tokens)
+GEMMA3_TOKENS_PER_IMAGE = 4  # 4x4 patches pooled to 2x2: mm_tokens_per_image must be a perfect square
+
+
+@register_tiny_builder("gemma3")
+def build_gemma3(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *named.values()]
+    tokenizer = byte_level_tokenizer(
+        special, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", add_bos=True,
+        named_tokens=named,
+    )  # fmt: skip
+    processor = Gemma3Processor(
+        # google/gemma-3-4b-it preprocessor_config.json: a fixed square resize, [-1, 1] normalisation, bilinear,
+        # pan-and-scan off
+        image_processor=Gemma3ImageProcessor(
+            size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            resample=2,
+            do_pan_and_scan=False,
+        ),
+        tokenizer=tokenizer,
+        chat_template=trl_chat_template("gemma3.jinja"),
+        image_seq_length=GEMMA3_TOKENS_PER_IMAGE,
+    )
+    ids = check_token_ids(tokenizer, list(named.values()) + ["<end_of_turn>"])
+    config = Gemma3Config(
+        text_config=dict(
+            **TINY_TEXT,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=512,
+            vocab_size=vocab_size or len(tokenizer),
+            initializer_range=INIT_RANGE,
+            **text_config_ids(tokenizer),
+        ),
+        vision_config=dict(
+            **TINY_VISION,
+            image_size=GEMMA3_IMAGE_SIZE,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    build_and_save(
+        output_dir,
+        Gemma3ForConditionalGeneration,
+        config,
+        processor,
+        generation_ids(tokenizer, "<end_of_turn>"),
+        seed,
+        zero_initialised=("model.multi_modal_projector.mm_input_projection_weight",),
+    )
+
+
+# google/gemma-4-E2B-it tokenizer_config.json: the special tokens the processor and the chat template use, by name
+GEMMA4_NAMED_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+    "sot_token": "<|turn>", "eot_token": "<turn|>", "soc_token": "<|channel>", "eoc_token": "<channel|>",
+    "think_token": "<|think|>", "escape_token": '<|"|>', "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>", "stc_token": "<|tool_call>", "etc_token": "<tool_call|>",
+    "std_token": "<|tool>", "etd_token": "<tool|>",
+}  # fmt: skip
+GEMMA4_SOFT_TOKENS = 70  # the smallest image budget the processor accepts (70, 140, 280, 560, 1120; real default 280)
+
+
+@register_tiny_builder("gemma4")
+def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
+    """As google/gemma-4-E2B-it / E4B-it: vision and audio towers, per-layer embeddings (PLE), tied output head."""
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *GEMMA4_NAMED_TOKENS.values(), "<|video|>"]
+    tokenizer = byte_level_tokenizer(
+        special, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        named_tokens=GEMMA4_NAMED_TOKENS, mask_token="<mask>", padding_side="left",
+    )  # fmt: skip
+    # The processor needs its audio feature extractor and video processor even for images only. The image processor's
+    # class defaults are the real checkpoints' settings (16-pixel patches pooled 3x3, no normalisation).
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessor(max_soft_tokens=GEMMA4_SOFT_TOKENS),
+        tokenizer=tokenizer,
+        video_processor=Gemma4VideoProcessor(),
+        chat_template=trl_chat_template("gemma4_v5.jinja"),  # google/gemma-4-E2B-it's current template
+        image_seq_length=GEMMA4_SOFT_TOKENS,
+    )
+    ids = check_token_ids(tokenizer, [*GEMMA4_NAMED_TOKENS.values(), "<|video|>"])
+    vocab = vocab_size or len(tokenizer)
+    config = Gemma4Config(
+        text_config=dict(
+            **TINY_TEXT,
+            head_dim=16,
+            global_head_dim=16,
+            vocab_size=vocab,
+            initializer_range=INIT_RANGE,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=512,
+            # Per-layer embeddings: a (vocab x layers * width) table, here over the tiny vocabulary (262k rows real)
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=vocab,
+            **text_config_ids(tokenizer),
+        ),
+        vision_config=dict(
+            **TINY_VISION,
+            num_key_value_heads=2,
+            head_dim=16,
+            patch_size=16,
+            pooling_kernel_size=3,
+            position_embedding_size=256,
+        ),
+        audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+        image_token_id=ids["<|image|>"],
+        boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"],
+        video_token_id=ids["<|video|>"],
+        audio_token_id=ids["<|audio|>"],
+        boa_token_id=ids["<|audio>"],
+        eoa_token_index=ids["<audio|>"],
+    )
+    build_and_save(
+        output_dir, Gemma4ForConditionalGeneration, config, processor, generation_ids(tokenizer, "<turn|>"), seed
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,19 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 from transformers import set_seed
 
+from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
+from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.hub import HubTarget, push_output_dir
-from vlm_recipes.modeling.loading import TrainingModel, load_for_training
+from vlm_recipes.modeling.loading import TrainingModel, load_for_training, load_processor
 from vlm_recipes.recipe import Recipe
 from vlm_recipes.training.distributed import (
     check_launch,
@@ -20,12 +23,19 @@ from vlm_recipes.training.distributed import (
     main_process_first,
     wait_for_everyone,
 )
+from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
 
+def reliability(recipe: Recipe) -> ReliabilityArguments:
+    """The recipe's data-check and fault-guard settings (the defaults for an entry point without that part)."""
+    return recipe.parts.get("reliability") or ReliabilityArguments()
+
+
 def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
-    """(output_dir, train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`
-    and its report published. A missing column, or too many bad rows, stops the run here, before any weights load."""
+    """(output_dir, train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`,
+    every row checked (images, text, placeholders, length; `data.checks`) and the report published. A missing column,
+    or too many bad rows, stops the run here, before any weights load."""
     data_args, run_args, training_args = recipe.data, recipe.run, recipe.training
     launch = describe_launch(training_args)
     check_launch(launch)
@@ -40,7 +50,7 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=False)
     wait_for_everyone()
     output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process)
-    # Loading, checking and formatting run on each machine's main process first; the others then reuse the datasets
+    # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
     with main_process_first():
         train_dataset, eval_dataset, data_report = load_datasets(
@@ -49,6 +59,17 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
             need_eval=training_args.eval_strategy != "no",
             task=task,
             num_proc=training_args.dataset_num_proc,
+        )
+        # With the processor alone (no weights): images decoded and made RGB at a size it takes, true token lengths.
+        train_dataset, eval_dataset = check_training_data(
+            train_dataset,
+            eval_dataset,
+            data_report,
+            load_processor(recipe.model, training_args.trust_remote_code),
+            reliability(recipe),
+            training_args.max_length,
+            training_args.dataset_num_proc,
+            main_process_first=nullcontext,  # already ordered by the enclosing main_process_first
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
@@ -77,10 +98,14 @@ def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
 def train_and_save(
     trainer: Any, recipe: Recipe, summary_keys: tuple[str, ...] = (), hub_target: HubTarget | None = None
 ) -> Any:
-    """Train (resuming when the recipe says so), save the outputs, print where they are and how the metrics moved,
-    and push the output folder once, from the main process, when `hub_target` (from `prepare_training_push`) is set."""
-    trainer.train(resume_from_checkpoint=resume_requested(recipe.training.resume_from_checkpoint))
+    """Train (guarded against faults; resuming from the last complete checkpoint when the recipe says so), save the
+    outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,
+    when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
+    install_fault_guards(trainer, reliability(recipe))  # checkpoint completion markers, NaN/inf stop
+    trainer.train(
+        resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    )
     save_outputs(trainer, recipe, output_dir)
     print_main(*summary_lines(trainer.state.log_history, output_dir, keys=summary_keys))
     if hub_target is not None and trainer.is_world_process_zero():

@@ -1,0 +1,230 @@
+"""Preflight: check a recipe's data and size up its run before spending GPU hours, without loading any weights.
+
+    python -m vlm_recipes.preflight recipes/chartqa.yaml [--field value ...] [--preflight_report preflight.json]
+
+Runs the same data checks as training (every train and eval row: images decode and are converted to RGB at a size the
+processor takes, text, placeholders, token length against `max_length`) and prints, for the recipe as configured:
+the rows kept, fixed and rejected by reason; the token-length distribution (p50, p95, max) with image tokens per row;
+the share of padding the configured batch size carries under random batching; and an ESTIMATE of peak GPU memory per
+device for the model and tuning strategy. It reads the model's config and processor only. Exit code 0 when training
+would start, 2 (with the same message training would give) when too many rows are rejected or the recipe is wrong.
+Nothing is written to the recipe's `output_dir`.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_recipes.configs import ReliabilityArguments
+from vlm_recipes.console import setup_console
+from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
+from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
+from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
+from vlm_recipes.recipe import Recipe, entry_point_of, parse_recipe
+
+
+VERIFY_ROWS = 8  # rows whose token counts are compared with TRL's collator
+
+
+@dataclass
+class PreflightArguments:
+    """Options of the preflight command itself (not part of a training recipe)."""
+
+    preflight_report: str | None = field(
+        default=None, metadata={"help": "Also write everything the preflight prints as JSON to this file."}
+    )
+
+
+# Entry point -> (formatter task, {recipe part: name of the module's defaults for it}).
+ENTRY_POINTS = {
+    "vlm_recipes.sft": ("sft", {"training": "VISION_SFT_DEFAULTS"}),
+    "vlm_recipes.dpo": ("preference", {"training": "VISION_DPO_DEFAULTS", "data": "PREFERENCE_DATA_DEFAULTS"}),
+}
+
+
+def _entry_point(argv: list[str]) -> tuple[Any, str]:
+    """(the entry-point module the recipe is for, by its `# entry point:` line (default SFT), the formatter task)."""
+    import importlib
+
+    text = Path(argv[0]).read_text(encoding="utf-8") if argv and Path(argv[0]).is_file() else ""
+    name = entry_point_of(text)
+    if name not in ENTRY_POINTS:
+        raise RecipeError(f"preflight checks recipes of {', '.join(ENTRY_POINTS)}; this one is for {name}.")
+    return importlib.import_module(name), ENTRY_POINTS[name][0]
+
+
+def _defaults(entry_point: Any) -> dict[str, dict[str, Any]]:
+    """The entry point's own defaults over TRL's, by recipe part, as its `build_trainer` applies them."""
+    parts = ENTRY_POINTS[entry_point.__name__][1]
+    return {part: getattr(entry_point, name) for part, name in parts.items() if hasattr(entry_point, name)}
+
+
+def _parts(entry_point: Any) -> dict[str, type]:
+    parts = dict(entry_point.RECIPE_PARTS)
+    if ReliabilityArguments not in parts.values():
+        parts["reliability"] = ReliabilityArguments
+    parts["preflight"] = PreflightArguments
+    return parts
+
+
+def _part(recipe: Recipe, kind: type) -> Any:
+    return next(part for part in recipe.parts.values() if isinstance(part, kind))
+
+
+def length_summary(checked: CheckedSplit, batch_size: int) -> dict[str, Any]:
+    tokens, image = checked.tokens, checked.image_tokens
+    return {
+        "rows": len(tokens),
+        "tokens": {"p50": percentile(tokens, 0.5), "p95": percentile(tokens, 0.95), "max": max(tokens, default=0)},
+        "image_tokens_per_row": {
+            "p50": percentile(image, 0.5),
+            "p95": percentile(image, 0.95),
+            "max": max(image, default=0),
+            "mean": round(sum(image) / len(image), 1) if image else 0,
+        },
+        "padding_share": {
+            "batch_size": batch_size,
+            "random_batching": round(random_batching_padding_share(tokens, batch_size), 4),
+            "sorted_by_length": round(
+                padding_share(tokens, batch_size, sorted(range(len(tokens)), key=tokens.__getitem__)), 4
+            ),
+        },
+    }
+
+
+def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int = VERIFY_ROWS) -> tuple[int, int]:
+    """(rows whose count equals TRL's vision collator's non-padding tokens, rows compared); SFT rows only."""
+    if len(dataset) == 0 or "messages" not in dataset.column_names:
+        return 0, 0
+    from trl.chat_template_utils import get_training_chat_template
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    try:
+        template = get_training_chat_template(processor)
+    except ValueError:
+        template = None
+    collator = DataCollatorForVisionLanguageModeling(processor, chat_template=template)
+    sample = [dataset[index] for index in range(min(rows, len(dataset)))]
+    batch = collator([{"images": row["images"], "messages": row["messages"]} for row in sample])
+    expected = batch["attention_mask"].sum(dim=1).tolist()
+    counted = [counter.count_row(row, [image.size for image in row["images"]]).total for row in sample]
+    return sum(a == b for a, b in zip(counted, expected)), len(sample)
+
+
+def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
+    from vlm_recipes.configs import DataArguments, ModelArguments, TuningArguments
+    from vlm_recipes.modeling.families import get_family
+    from vlm_recipes.modeling.loading import load_config, load_processor
+    from vlm_recipes.modeling.memory import estimate_peak_memory
+    from vlm_recipes.modeling.strategies import resolve_strategy
+
+    for part, values in defaults.items():
+        recipe.apply_defaults(part, values)
+    data_args, model_args = _part(recipe, DataArguments), _part(recipe, ModelArguments)
+    reliability, training_args = _part(recipe, ReliabilityArguments), recipe.training
+    tuning = recipe.parts.get("tuning") or TuningArguments()
+    trust = training_args.trust_remote_code
+
+    # The recipe's model side first, from the config alone: a wrong family or strategy fails before the data.
+    config = load_config(model_args, trust)
+    family = get_family(config)
+    plan = resolve_strategy(tuning, model_args, config, family, training_args.learning_rate, set(recipe.settings))
+    processor = load_processor(model_args, trust)
+    print(f"Preflight of {recipe.source or 'the recipe'}: {task}, {model_args.model_name_or_path} ({family.name}), "
+          f"tuning strategy '{plan.strategy.name}', max_length {training_args.max_length}")  # fmt: skip
+
+    started = time.perf_counter()
+    need_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    train, evaluation, report = load_datasets(
+        data_args,
+        seed=training_args.seed,
+        need_eval=need_eval,
+        task=task,
+        num_proc=training_args.dataset_num_proc,
+    )
+    counter = TokenCounter(processor)
+    num_proc = reliability.check_num_proc or training_args.dataset_num_proc
+    checked = check_datasets(
+        {"train": train, "eval": evaluation},
+        report,
+        counter,
+        check_policy(processor, reliability, training_args.max_length),
+        num_proc,
+    )
+    seconds = time.perf_counter() - started
+    rows = sum(split.rows for split in report.splits.values())
+    processes = default_num_proc(len(train), num_proc)
+    print(f"\nData checks: {rows:,} rows in {seconds:.0f} s ({processes} process(es))", report.table(), sep="\n")
+
+    batch_size = training_args.per_device_train_batch_size
+    lengths = {name: length_summary(split, batch_size) for name, split in checked.items()}
+    print(f"\nTokens per row (text + image tokens; max_length {training_args.max_length})")
+    print(f"  {'split':<6}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
+    for name, summary in lengths.items():
+        t, i = summary["tokens"], summary["image_tokens_per_row"]
+        print(f"  {name:<6}{summary['rows']:>9,}{t['p50']:>8,}{t['p95']:>8,}{t['max']:>8,}   "
+              f"{i['p50']:,} / {i['p95']:,} / {i['max']:,} ({i['mean']:,})")  # fmt: skip
+    padding = lengths["train"]["padding_share"]
+    print(f"Padding at per_device_train_batch_size {batch_size}: {padding['random_batching']:.1%} of the positions fed "
+          f"to the model under random batching ({padding['sorted_by_length']:.1%} if rows of similar length were "
+          "batched together)")  # fmt: skip
+
+    verified, compared = verify_counts(checked["train"].dataset, counter, processor)
+    if compared:
+        print(f"Token counts checked against TRL's collator on {compared} rows: {verified} exact")
+
+    longest = max(lengths["train"]["tokens"]["max"], lengths.get("eval", {}).get("tokens", {}).get("max", 0))
+    longest_image = max(split.image_tokens and max(split.image_tokens) or 0 for split in checked.values())
+    pairs = 2 if task == "preference" else 1  # chosen and rejected run together
+    memory = estimate_peak_memory(config, family, plan, model_args, training_args, longest, longest_image, pairs)
+    print("", *memory.lines(), sep="\n")
+
+    result = {
+        "recipe": recipe.source,
+        "task": task,
+        "model": model_args.model_name_or_path,
+        "family": family.name,
+        "tuning_strategy": plan.strategy.name,
+        "check_seconds": round(seconds, 1),
+        "check_processes": processes,
+        "data_report": report.to_dict(),
+        "lengths": lengths,
+        "token_counts_verified": {"exact": verified, "compared": compared},
+        "memory_estimate_bytes": {
+            "weights": memory.weights,
+            "gradients_and_optimizer": memory.training_states,
+            "activations_checkpointed": memory.activations_checkpointed,
+            "activations_without_checkpointing": memory.activations_full,
+            "logits": memory.logits,
+            "peak_with_checkpointing": memory.peak(True),
+            "peak_without_checkpointing": memory.peak(False),
+            "is_estimate": True,
+        },
+    }
+    preflight_args = _part(recipe, PreflightArguments)
+    if preflight_args.preflight_report:
+        Path(preflight_args.preflight_report).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    try:
+        report.stop_if_too_many_rejected(data_args.max_bad_fraction)
+    except DataError as error:
+        raise DataError(f"training would stop here: {error}") from None
+    print("\nPreflight passed: training would start with these rows.")
+    return result
+
+
+@exit_on_recipe_error
+def main(argv: list[str] | None = None) -> None:
+    setup_console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    entry_point, task = _entry_point(argv)
+    recipe = parse_recipe(_parts(entry_point), argv, prog="python -m vlm_recipes.preflight")
+    preflight(recipe, task, _defaults(entry_point))
+
+
+if __name__ == "__main__":
+    main()
