@@ -4,7 +4,7 @@
 
 The Trainer (through accelerate) does the distributing; this module covers what it leaves to the recipe for vision
 data: work that should happen once happens once (`main_process_first`), text-only rows cannot hang a sharded launch
-(`drop_text_only_rows`), DDP looks for unused parameters only when a batch can leave some without a gradient
+(`drop_text_only_rows`), DDP looks for unused parameters only when a step can leave some without a gradient
 (`find_unused_parameters`), the loss is the same token mean on any number of processes (`DistributedTrainingMixin`),
 and the run says what the launch is and how large the global batch is (`LaunchSummaryCallback`).
 """
@@ -230,24 +230,25 @@ def drop_text_only_rows(dataset: Any, split: str, data_report: Any, launch: Laun
 # DDP: which gradients are reduced, and whether to look for unused parameters
 
 
-def _trainable_outside_language_model(model: Any, family: Any) -> bool:
+def _trains_outside_language_model(model: Any, family: Any) -> bool:
     return any(
-        parameter.requires_grad and family.part_of(name) in ("vision_tower", "projector")
+        parameter.requires_grad and family.part_of(name) != "language_model"
         for name, parameter in model.named_parameters()
     )
 
 
-def find_unused_parameters(model: Any, family: Any, train_dataset: Any) -> bool:
-    """DDP's `find_unused_parameters` for this model and data.
+def find_unused_parameters(model: Any, family: Any) -> bool:
+    """DDP's `find_unused_parameters` for this model: whether a step can leave a trained parameter without a gradient.
 
-    Frozen parts never reach DDP (it reduces only parameters that require a gradient). Every trainable parameter of a
-    supported family gets a gradient from a batch with images, so DDP need not search the autograd graph after each
-    step for unused ones, which TRL otherwise turns on for every VLM (a silent slowdown on every step). Only trainable
-    vision-tower or projector weights with text-only rows in the data can be left without a gradient; there it must
-    search, or the first text-only batch crashes."""
-    if family is None:
+    Frozen parts never reach DDP (it reduces only parameters that require a gradient). When only language-model
+    weights train (LoRA, QLoRA: every decoder layer and projection runs on every batch) none can, so DDP need not
+    search the autograd graph for unused parameters after every step, which TRL otherwise turns on for every VLM (a
+    slowdown on every step). A trained vision tower or projector can be skipped (a text-only batch; and some families'
+    forwards never use parts of the tower, such as LLaVA's last CLIP layer or Gemma 3's pooling head), as can experts
+    of a mixture-of-experts model: there DDP must search, or the first such step crashes."""
+    if family is None or family.has_fused_experts:
         return True
-    return _trainable_outside_language_model(model, family) and bool(text_only_rows(train_dataset))
+    return _trains_outside_language_model(model, family)
 
 
 class DistributedTrainingMixin:
@@ -257,9 +258,10 @@ class DistributedTrainingMixin:
     def __init__(self, *args: Any, **kwargs: Any):
         training_args, model, family = kwargs.get("args"), kwargs.get("model"), kwargs.get("model_family")
         if training_args is not None and model is not None and training_args.ddp_find_unused_parameters is None:
-            training_args.ddp_find_unused_parameters = find_unused_parameters(
-                model, family, kwargs.get("train_dataset")
-            )
+            search = find_unused_parameters(model, family)
+            reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+            if not (search and reentrant):  # reentrant checkpointing fails with the search: left to TRL, as before
+                training_args.ddp_find_unused_parameters = search
         super().__init__(*args, **kwargs)
         from vlm_recipes.training.callbacks import LaunchSummaryCallback
 
