@@ -402,14 +402,14 @@ def mixed_jsonl(tmp_path_factory):
     return root / "mixed.jsonl"
 
 
-def prepare(data, output_dir, launch, monkeypatch, *extra):
+def prepare(model, data, output_dir, launch, monkeypatch, *extra):
     from vlm_recipes import sft
     from vlm_recipes.recipe import parse_recipe
     from vlm_recipes.training import run
 
     monkeypatch.setattr(run, "describe_launch", lambda training_args: launch)
     args = [
-        DEMO_RECIPE, "--model_name_or_path", "unused", "--dataset_name", data, "--formatter", "conversations",
+        DEMO_RECIPE, "--model_name_or_path", model, "--dataset_name", data, "--formatter", "conversations",
         "--dataset_test_split", "none", "--output_dir", output_dir, "--overwrite_output_dir", "false", *extra,
     ]  # fmt: skip
     return run.prepare_output_and_data(parse_recipe(sft.RECIPE_PARTS, [str(a) for a in args]), task="sft")
@@ -418,27 +418,29 @@ def prepare(data, output_dir, launch, monkeypatch, *extra):
 ZERO3 = dict(processes=2, machines=1, backend="gloo", engine="deepspeed", zero_stage=3)
 
 
-def test_text_only_rows_are_left_out_of_a_sharded_launch_and_counted(mixed_jsonl, tmp_path, monkeypatch):
+def test_text_only_rows_are_left_out_of_a_sharded_launch_and_counted(tiny_qwen, mixed_jsonl, tmp_path, monkeypatch):
     from vlm_recipes.training.distributed import Launch, image_counts
 
-    _, train, _ = prepare(mixed_jsonl, tmp_path / "zero3", Launch(**ZERO3), monkeypatch)
+    _, train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "zero3", Launch(**ZERO3), monkeypatch)
     assert len(train) == 19 and all(image_counts(train))  # every batch multimodal
     report = json.loads((tmp_path / "zero3" / "data_report.json").read_text())
     assert report["train"]["rejected_by_reason"][TEXT_ONLY_REASON]["count"] == 1
     assert "multi_gpu.yaml" in report["train"]["rejected_by_reason"][TEXT_ONLY_REASON]["first_message"]
 
     ddp = Launch(**{**ZERO3, "engine": "ddp", "zero_stage": None})
-    _, train, _ = prepare(mixed_jsonl, tmp_path / "ddp", ddp, monkeypatch)
+    _, train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "ddp", ddp, monkeypatch)
     assert len(train) == 20  # under DDP text-only rows are fine (and DDP then looks for unused parameters)
 
 
-def test_too_many_text_only_rows_stop_a_sharded_launch_before_the_model_loads(mixed_jsonl, tmp_path, monkeypatch):
+def test_too_many_text_only_rows_stop_a_sharded_launch_before_the_model_loads(
+    tiny_qwen, mixed_jsonl, tmp_path, monkeypatch
+):
     from vlm_recipes.errors import DataError
     from vlm_recipes.training.distributed import Launch
 
     fsdp = Launch(**{**ZERO3, "engine": "fsdp", "zero_stage": None})
     with pytest.raises(DataError, match=r"1 of 20 rows of the 'train' split were rejected .* text-only row"):
-        prepare(mixed_jsonl, tmp_path / "fsdp", fsdp, monkeypatch, "--max_bad_fraction", "0.01")
+        prepare(tiny_qwen, mixed_jsonl, tmp_path / "fsdp", fsdp, monkeypatch, "--max_bad_fraction", "0.01")
 
 
 def test_find_unused_parameters_only_where_a_step_can_skip_trained_weights(tiny_qwen):
