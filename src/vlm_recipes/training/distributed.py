@@ -5,8 +5,9 @@
 The Trainer (through accelerate) does the distributing; this module covers what it leaves to the recipe for vision
 data: work that should happen once happens once (`main_process_first`), text-only rows cannot hang a sharded launch
 (`drop_text_only_rows`), DDP looks for unused parameters only when a step can leave some without a gradient
-(`find_unused_parameters`), the loss is the same token mean on any number of processes (`DistributedTrainingMixin`),
-and the run says what the launch is and how large the global batch is (`LaunchSummaryCallback`).
+(`find_unused_parameters`, `DistributedTrainingMixin`), DPO's frozen reference adapter is saved whole under ZeRO-3
+(`save_frozen_adapters_under_zero3`), and the run says what the launch is and how large the global batch is
+(`launch_summary`). The SFT loss being one token mean on any number of processes is `VLMSFTTrainer`'s.
 """
 
 import atexit
@@ -86,7 +87,7 @@ def check_launch(launch: Launch) -> None:
     if launch.fsdp_requested and launch.engine != "fsdp" and launch.processes > 1:
         raise RecipeError(
             f"This launch asks for FSDP, but accelerate applies FSDP only on GPUs; on this machine ({launch.backend}, "
-            f"{launch.processes} CPU processes) it would silently train with plain DDP, every process holding the "
+            f"{launch.processes} processes) it would silently train with plain DDP, every process holding the "
             "whole model. On CPUs use accelerate_configs/multi_gpu.yaml (DDP) or zero3.yaml (DeepSpeed shards on CPUs "
             "too); keep fsdp.yaml for GPUs."
         )
