@@ -33,6 +33,17 @@ def test_every_recipe_parses(path):
         assert recipe.settings[key] == value, key
 
 
+# What each shipped config launches, and the test in tests/test_distributed.py that launches it for real.
+EXERCISED_CONFIGS = {
+    "single_gpu.yaml": ("NO", 1, "reference"),  # the one-process run the others are compared with
+    "multi_gpu.yaml": ("MULTI_GPU", 1, "test_two_processes_train_like_one"),
+    "multi_node.yaml": ("MULTI_GPU", 2, "test_two_machines_through_the_slurm_script"),
+    "zero2.yaml": ("DEEPSPEED", 1, "test_zero2_trains_like_one_process"),
+    "zero3.yaml": ("DEEPSPEED", 1, "test_zero3_trains_and_evaluates_like_one_process"),
+    "fsdp.yaml": ("FSDP", 1, "test_fsdp_trains_like_one_process_on_gpus"),  # on CPUs: the refusal test
+}
+
+
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_every_accelerate_config_loads_with_accelerates_loader(path):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -40,6 +51,28 @@ def test_every_accelerate_config_loads_with_accelerates_loader(path):
     config = load_config_from_file(str(path))
     assert config.mixed_precision == "bf16"
     assert config.compute_environment.value == "LOCAL_MACHINE"
+    distributed_type, machines, _ = EXERCISED_CONFIGS[path.name]  # a new config needs a run that exercises it
+    assert config.distributed_type.value == distributed_type and config.num_machines == machines
+    if distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    if path.name == "zero3.yaml":
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True  # a full model saved as one safetensors file
+    if path.name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_every_accelerate_config_is_exercised():
+    source = (REPO_ROOT / "tests" / "test_distributed.py").read_text()
+    assert {path.name for path in ACCELERATE_CONFIGS} == set(EXERCISED_CONFIGS)
+    for name, (_, _, test) in EXERCISED_CONFIGS.items():
+        assert name in source, f"no test launches {name}"
+        assert f"def {test}(" in source
+
+
+def test_recipes_that_need_a_sharded_launch_name_it_with_memory_per_gpu():
+    text = (REPO_ROOT / "recipes" / "chartqa_full.yaml").read_text()
+    header = text[: text.index("\n\n")]
+    assert "accelerate_configs/zero3.yaml" in header and "per GPU" in header and "Global batch" in header
 
 
 def test_gpu_recipes_carry_a_memory_estimate():

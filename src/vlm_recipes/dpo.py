@@ -33,12 +33,12 @@ from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import load_config, load_for_training, read_adapter_config
+from vlm_recipes.modeling.loading import load_config, read_adapter_config
 from vlm_recipes.modeling.strategies import resolve_strategy
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
-from vlm_recipes.training.run import prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import load_training_model, prepare_output_and_data, train_and_save
 
 
 logger = logging.getLogger(__name__)
@@ -126,20 +126,14 @@ def use_disabled_adapter_as_reference(model: Any) -> None:
 
 def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
     """Everything up to training: recipe and output folder checked, data formatted, policy formed, trainer built."""
-    model_args, policy, training_args = recipe.model, recipe.policy, recipe.training
+    policy, training_args = recipe.policy, recipe.training
     recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
     recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
     check_recipe(recipe)
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="preference")
 
-    loaded = load_for_training(
-        model_args,
-        recipe.tuning,
-        training_args.learning_rate,
-        set(recipe.settings),
-        training_args.trust_remote_code,
-        start_adapter=policy.sft_adapter_path,
-        merge_start_adapter=policy.reference == "sft_merged",
+    loaded = load_training_model(
+        recipe, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"
     )
     trainer = VLMDPOTrainer(
         model=loaded.model,

@@ -25,6 +25,7 @@ from vlm_recipes.hub import EVAL_RESULTS_FILE
 from vlm_recipes.modeling.loading import load_for_inference, trains_in_4bit
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.sft import RECIPE_PARTS as SFT_RECIPE_PARTS
+from vlm_recipes.training.distributed import main_process_first
 
 
 @dataclass
@@ -102,10 +103,16 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
     output_dir = Path(training_args.output_dir)
     refuse_to_overwrite(result_paths(output_dir, names), command.overwrite_results)
 
-    # Data first: a missing evaluation split fails before any weights load.
-    _, rows, data_report = load_datasets(
-        data_args, seed=training_args.seed, need_eval=True, num_proc=training_args.dataset_num_proc, format_train=False
-    )
+    # Data first: a missing evaluation split fails before any weights load. Under several processes each machine's
+    # main process formats it first and the others reuse the datasets cache.
+    with main_process_first():
+        _, rows, data_report = load_datasets(
+            data_args,
+            seed=training_args.seed,
+            need_eval=True,
+            num_proc=training_args.dataset_num_proc,
+            format_train=False,
+        )
     if rows is None or len(rows) == 0:
         raise RecipeError(f"The evaluation split of {data_args.dataset_name} has no rows to evaluate.")
     if data_report.rejected:

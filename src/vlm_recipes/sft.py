@@ -22,11 +22,10 @@ from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.chat_templates import training_chat_template
-from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.run import prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import load_training_model, prepare_output_and_data, train_and_save
 
 
 RECIPE_PARTS = {
@@ -48,13 +47,11 @@ VISION_SFT_DEFAULTS = {
 
 def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
-    model_args, training_args = recipe.model, recipe.training
+    training_args = recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
-    loaded = load_for_training(
-        model_args, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
-    )
+    loaded = load_training_model(recipe)
 
     # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
     with training_chat_template(loaded.processor, loaded.family, training_args) as attach_template:

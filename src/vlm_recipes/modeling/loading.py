@@ -60,8 +60,13 @@ def load_processor(
     return processor
 
 
-def quantization_config(model_args: ModelArguments, family: ModelFamily) -> BitsAndBytesConfig | None:
-    """QLoRA's 4-bit NF4 for the language model; the vision tower, projector and output head stay in 16 bit."""
+def quantization_config(
+    model_args: ModelArguments, family: ModelFamily, shard_parameters: bool = False
+) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit NF4 for the language model; the vision tower, projector and output head stay in 16 bit.
+
+    `shard_parameters` (ZeRO-3, FSDP): the packed 4-bit weights are stored in the compute dtype, not uint8, because
+    these engines flatten and shard every weight together and need them all of one dtype."""
     if model_args.load_in_8bit:
         raise RecipeError("8-bit loading is not supported; use `load_in_4bit: true` (QLoRA) or 16-bit LoRA.")
     if not model_args.load_in_4bit:
@@ -69,12 +74,22 @@ def quantization_config(model_args: ModelArguments, family: ModelFamily) -> Bits
     compute_dtype = _torch_dtype(model_args.dtype)
     if compute_dtype in (None, "auto", torch.float32):
         compute_dtype = torch.bfloat16
+    storage = model_args.bnb_4bit_quant_storage
+    if shard_parameters:
+        wanted = str(compute_dtype).removeprefix("torch.")
+        if storage not in (None, wanted):
+            raise RecipeError(
+                f"`bnb_4bit_quant_storage: {storage}` does not work when ZeRO-3 or FSDP shards the weights: they shard "
+                f"all weights together, so the 4-bit weights must be stored in the compute dtype ({wanted}). Remove "
+                f"the field (it is set for you) or set it to {wanted}."
+            )
+        storage = wanted
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+        bnb_4bit_quant_storage=storage,
         llm_int8_skip_modules=family.quantization_skip_modules(),
     )
 
@@ -100,7 +115,9 @@ def check_family_settings(model_args: ModelArguments, family: ModelFamily) -> No
         )
 
 
-def _device_map(quantized: bool, for_inference: bool = False) -> Any:
+def _device_map(quantized: bool, for_inference: bool = False, shard_parameters: bool = False) -> Any:
+    if shard_parameters:
+        return None  # ZeRO-3 and FSDP place (and shard) the weights themselves; a device map conflicts with them
     if not quantized and not (for_inference and torch.cuda.is_available()):
         return None  # the Trainer (or accelerate) places the model; inference without a GPU runs on the CPU
     if torch.cuda.is_available():
@@ -111,17 +128,21 @@ def _device_map(quantized: bool, for_inference: bool = False) -> Any:
 
 
 def load_model(
-    model_args: ModelArguments, config: Any, trust_remote_code: bool = False, for_inference: bool = False
+    model_args: ModelArguments,
+    config: Any,
+    trust_remote_code: bool = False,
+    for_inference: bool = False,
+    shard_parameters: bool = False,
 ) -> Any:
     family = get_family(config)
-    quantization = quantization_config(model_args, family)
+    quantization = quantization_config(model_args, family, shard_parameters)
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=_torch_dtype(model_args.dtype),
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization,
-        device_map=_device_map(quantization is not None, for_inference),
+        device_map=_device_map(quantization is not None, for_inference, shard_parameters),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
@@ -158,18 +179,20 @@ def load_for_training(
     trust_remote_code: bool = False,
     start_adapter: str | None = None,
     merge_start_adapter: bool = False,
+    shard_parameters: bool = False,
 ) -> TrainingModel:
     """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy.
 
     `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
     strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
+    `shard_parameters`: the launch shards the weights (ZeRO-3, FSDP; `training.distributed.Launch`).
     """
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
     check_family_settings(model_args, family)
     processor = load_processor(model_args, trust_remote_code, family)
-    model = load_model(model_args, config, trust_remote_code)
+    model = load_model(model_args, config, trust_remote_code, shard_parameters=shard_parameters)
     if start_adapter and merge_start_adapter:
         model = merge_adapter(model, start_adapter)
     if start_adapter and not merge_start_adapter:

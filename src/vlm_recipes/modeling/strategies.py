@@ -268,7 +268,7 @@ def trainable_parameter_table(model: Any, family: ModelFamily) -> str:
     for name, parameter in model.named_parameters():
         if ".original_module." in name:
             continue  # peft's frozen original of a module trained in full: counted once, as its trained copy
-        count = parameter.numel()
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 loads weights as empty shards
         if type(parameter).__name__ == "Params4bit":
             count *= 2  # 4-bit storage packs two weights per byte
         totals[family.part_of(name)][1] += count

@@ -12,6 +12,7 @@ from trl import DPOTrainer, SFTTrainer
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
 from vlm_recipes.modeling.strategies import TuningPlan, parameter_groups
+from vlm_recipes.training.distributed import DistributedTrainingMixin
 
 
 class PartLearningRatesMixin:
@@ -68,9 +69,18 @@ def _after(step: int, factor: Any) -> Any:
     return staged
 
 
-class VLMSFTTrainer(PartLearningRatesMixin, SFTTrainer):
+class VLMSFTTrainer(DistributedTrainingMixin, PartLearningRatesMixin, SFTTrainer):
     """TRL's `SFTTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Qwen-VL models declare `accepts_loss_kwargs = False`, so the Trainer would not count the answer tokens of the
+        # whole batch (`num_items_in_batch`) and TRL's loss would be a mean of per-process and per-accumulation-step
+        # token means: not what one process computes on the same global batch. TRL computes the loss itself from the
+        # log-probabilities and divides by `num_items_in_batch` when it gets it, so the count is right for any model:
+        # one process, gradient accumulation and N processes then give the same loss and gradients.
+        self.model_accepts_loss_kwargs = True
 
-class VLMDPOTrainer(PartLearningRatesMixin, DPOTrainer):
+
+class VLMDPOTrainer(DistributedTrainingMixin, PartLearningRatesMixin, DPOTrainer):
     """TRL's `DPOTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""

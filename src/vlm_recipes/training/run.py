@@ -1,18 +1,28 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from transformers import set_seed
 
 from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.hub import HubTarget, push_output_dir
-from vlm_recipes.modeling.loading import load_processor
+from vlm_recipes.modeling.loading import TrainingModel, load_for_training, load_processor
 from vlm_recipes.recipe import Recipe
+from vlm_recipes.training.distributed import (
+    check_launch,
+    describe_launch,
+    drop_text_only_rows,
+    end_process_group_at_exit,
+    main_process_first,
+    wait_for_everyone,
+)
 from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
@@ -23,36 +33,66 @@ def reliability(recipe: Recipe) -> ReliabilityArguments:
 
 
 def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
-    """(output_dir, train_dataset, eval_dataset): the folder checked, the data formatted for `task`, every row checked
-    (images, text, placeholders, length; `data.checks`) and the report published. A missing column, or too many bad
-    rows, stops the run here, before any weights load."""
+    """(output_dir, train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`,
+    every row checked (images, text, placeholders, length; `data.checks`) and the report published. A missing column,
+    or too many bad rows, stops the run here, before any weights load."""
     data_args, run_args, training_args = recipe.data, recipe.run, recipe.training
+    launch = describe_launch(training_args)
+    check_launch(launch)
+    end_process_group_at_exit()
     is_main_process = PartialState().is_main_process
-    output_dir = prepare_output_dir(
-        training_args.output_dir,
-        overwrite=run_args.overwrite_output_dir,
-        resume=resume_requested(training_args.resume_from_checkpoint),
-        is_main_process=is_main_process,
-    )
-    train_dataset, eval_dataset, data_report = load_datasets(
-        data_args,
-        seed=training_args.seed,
-        need_eval=training_args.eval_strategy != "no",
-        task=task,
-        num_proc=training_args.dataset_num_proc,
-    )
-    # With the processor alone (no weights): images decoded and made RGB at a size it takes, true token lengths.
-    train_dataset, eval_dataset = check_training_data(
-        train_dataset,
-        eval_dataset,
-        data_report,
-        load_processor(recipe.model, training_args.trust_remote_code),
-        reliability(recipe),
-        training_args.max_length,
-        training_args.dataset_num_proc,
-    )
-    data_report.publish(output_dir, data_args.max_bad_fraction, is_main_process)
+    folder_settings = {
+        "overwrite": run_args.overwrite_output_dir,
+        "resume": resume_requested(training_args.resume_from_checkpoint),
+    }
+    # Every process checks the folder before the main process changes it (deletes it, writes the data report), so that
+    # none of them finds the main process's new files and refuses the folder as one that already holds a run.
+    prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=False)
+    wait_for_everyone()
+    output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process)
+    # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
+    # cache it wrote. Checks that stop the run stop every process with the same message.
+    with main_process_first():
+        train_dataset, eval_dataset, data_report = load_datasets(
+            data_args,
+            seed=training_args.seed,
+            need_eval=training_args.eval_strategy != "no",
+            task=task,
+            num_proc=training_args.dataset_num_proc,
+        )
+        # With the processor alone (no weights): images decoded and made RGB at a size it takes, true token lengths.
+        train_dataset, eval_dataset = check_training_data(
+            train_dataset,
+            eval_dataset,
+            data_report,
+            load_processor(recipe.model, training_args.trust_remote_code),
+            reliability(recipe),
+            training_args.max_length,
+            training_args.dataset_num_proc,
+            main_process_first=nullcontext,  # already ordered by the enclosing main_process_first
+        )
+        train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
+        eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
+        data_report.publish(output_dir, data_args.max_bad_fraction, is_main_process)
+    # The adapter's initial weights are drawn before the Trainer seeds anything: seed here, so that they follow the
+    # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
+    set_seed(training_args.seed)
     return output_dir, train_dataset, eval_dataset
+
+
+def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
+    """`modeling.loading.load_for_training` with the recipe's fields, for this launch (4-bit weights stored to shard
+    under ZeRO-3/FSDP). `start`: DPO's `start_adapter` and `merge_start_adapter`."""
+    training_args = recipe.training
+    return load_for_training(
+        recipe.model,
+        recipe.tuning,
+        training_args.learning_rate,
+        set(recipe.settings),
+        training_args.trust_remote_code,
+        shard_parameters=describe_launch(training_args).shards_parameters,
+        **start,
+    )
 
 
 def train_and_save(
