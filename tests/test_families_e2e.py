@@ -25,41 +25,50 @@ DPO_FROM_SFT_FAMILY = "qwen3_vl_moe"
 DPO_FAMILIES = (*DPO_NEW_ADAPTER_FAMILIES, DPO_FROM_SFT_FAMILY)
 
 
-@pytest.fixture(scope="module")
-def sft_runs(tiny_models, chartqa_dir, tmp_path_factory):
-    """family -> (output_dir, finished process): each family's demo recipe, a few steps, two runs at a time.
+def run_two_at_a_time(module, root, runs):
+    """family -> (output_dir, finished process) for `runs` (family -> recipe, model, data, *more arguments): a few
+    steps on 4 rows each, two runs at a time.
 
     Each run mostly imports (about 10 s); two at a time with one torch thread each overlap that on two cores.
     """
-    root = tmp_path_factory.mktemp("families_sft")
-    runs = {
-        family: [
-            REPO_ROOT / "recipes" / "demo" / f"{family}.yaml",
-            "--model_name_or_path",
-            tiny_models(family),
-            "--dataset_name",
-            chartqa_dir,
-            "--output_dir",
-            root / family,
-            "--overwrite_output_dir",
-            "false",
-            "--max_train_samples",
-            "4",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_steps",
-            STEPS,
-            "--logging_steps",
-            "1",
-        ]  # fmt: skip
-        for family in E2E_FAMILIES
-    }
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = {
-            family: pool.submit(run_module, "vlm_recipes.sft", *args, env={"OMP_NUM_THREADS": "1"})
-            for family, args in runs.items()
+            family: pool.submit(
+                run_module,
+                module,
+                recipe,
+                "--model_name_or_path",
+                model,
+                "--dataset_name",
+                data,
+                "--output_dir",
+                root / family,
+                "--overwrite_output_dir",
+                "false",
+                "--max_train_samples",
+                "4",
+                "--per_device_train_batch_size",
+                "2",
+                "--max_steps",
+                STEPS,
+                "--logging_steps",
+                "1",
+                *more,
+                env={"OMP_NUM_THREADS": "1"},
+            )  # fmt: skip
+            for family, (recipe, model, data, *more) in runs.items()
         }
         return {family: (root / family, future.result()) for family, future in results.items()}
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_models, chartqa_dir, tmp_path_factory):
+    """family -> (output_dir, finished process): each family's demo recipe."""
+    runs = {
+        family: (REPO_ROOT / "recipes" / "demo" / f"{family}.yaml", tiny_models(family), chartqa_dir)
+        for family in E2E_FAMILIES
+    }
+    return run_two_at_a_time("vlm_recipes.sft", tmp_path_factory.mktemp("families_sft"), runs)
 
 
 @pytest.mark.parametrize("family", E2E_FAMILIES)
@@ -114,40 +123,19 @@ def preference_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_runs(tiny_models, preference_dir, sft_runs, tmp_path_factory):
-    """family -> (output_dir, finished process): 2 DPO steps on 4 pairs, two runs at a time; the MoE family starts
-    from the adapter its SFT run saved."""
-    root = tmp_path_factory.mktemp("families_dpo")
-    runs = {
-        family: [
-            REPO_ROOT / "recipes" / "demo" / "dpo_lora.yaml",
-            "--model_name_or_path",
-            tiny_models(family),
-            "--dataset_name",
-            preference_dir,
-            "--output_dir",
-            root / family,
-            "--overwrite_output_dir",
-            "false",
-            "--max_train_samples",
-            "4",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_steps",
-            STEPS,
-            "--logging_steps",
-            "1",
-            "--logging_first_step",
-            "false",
-            *(["--sft_adapter_path", sft_runs[family][0]] if family == DPO_FROM_SFT_FAMILY else []),
-        ]  # fmt: skip
-        for family in DPO_FAMILIES
-    }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = {
-            family: pool.submit(run_module, "vlm_recipes.dpo", *args, env={"OMP_NUM_THREADS": "1"})
-            for family, args in runs.items()
-        }
-        return {family: (root / family, future.result()) for family, future in results.items()}
+    """family -> (output_dir, finished process): one DPO recipe for every family; the MoE family starts from the
+    adapter its SFT run saved."""
+    recipe = REPO_ROOT / "recipes" / "demo" / "dpo_lora.yaml"
+    runs = {family: (recipe, tiny_models(family), preference_dir) for family in DPO_NEW_ADAPTER_FAMILIES}
+    sft_output = sft_runs[DPO_FROM_SFT_FAMILY][0]
+    runs[DPO_FROM_SFT_FAMILY] = (
+        recipe,
+        tiny_models(DPO_FROM_SFT_FAMILY),
+        preference_dir,
+        "--sft_adapter_path",
+        sft_output,
+    )
+    return run_two_at_a_time("vlm_recipes.dpo", tmp_path_factory.mktemp("families_dpo"), runs)
 
 
 def dpo_log(output_dir):
