@@ -161,11 +161,16 @@ def test_two_processes_train_like_one(ddp_run, reference):
     assert_same_losses(output_dir, reference)
 
 
-def test_work_that_should_happen_once_happens_once(ddp_run, reference):
-    output_dir, result = ddp_run
+def assert_outputs_written_once(output_dir):
+    """One adapter, one data report, one plot, one recipe: the main process's, and nothing per process."""
     for name in ("adapter_model.safetensors", "data_report.json", "training_plot.png", "recipe.yaml"):
         assert [path.name for path in output_dir.rglob(name)] == [name], name
     assert not [path for path in output_dir.rglob("*") if re.search(r"rank|process_?\d", path.name)]
+
+
+def test_work_that_should_happen_once_happens_once(ddp_run, reference):
+    output_dir, result = ddp_run
+    assert_outputs_written_once(output_dir)
     report = json.loads((output_dir / "data_report.json").read_text())
     assert report == json.loads((reference / "data_report.json").read_text())
     assert result.stdout.count("Outputs in ") == 1 and result.stdout.count("Tuning strategy 'lora'") == 1
@@ -221,12 +226,14 @@ def test_zero2_trains_like_one_process(tiny_qwen, planted_data, reference, tmp_p
     assert_ok(result)
     assert "Launch: DeepSpeed ZeRO-2 over 2 processes" in result.stdout
     assert_same_losses(tmp_path / "run", reference)
+    assert_outputs_written_once(tmp_path / "run")
 
 
 def test_zero3_trains_and_evaluates_like_one_process(zero3_run, reference):
     output_dir, result = zero3_run
     assert "Launch: DeepSpeed ZeRO-3 over 2 processes" in result.stdout
     assert_same_losses(output_dir, reference)
+    assert_outputs_written_once(output_dir)
     # Generation under ZeRO-3: both processes step through generation together (their shares padded to one length)
     assert step_zero_metrics(output_dir) == step_zero_metrics(reference)
 

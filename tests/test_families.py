@@ -1,6 +1,7 @@
 """The family table against the real module names of the installed transformers, on every family's tiny model."""
 
 import json
+import logging
 import re
 import shutil
 
@@ -93,8 +94,8 @@ def test_lora_covers_every_language_model_projection_and_nothing_else(tiny_model
         # every linear projection of the layer (attention, linear attention, MLP, per-layer input)
         assert linear_by_layer[layer] <= in_layer, f"layer {layer}: no LoRA on {linear_by_layer[layer] - in_layer}"
         if layer in experts_by_layer:  # the fused experts, through peft's target_parameters
-            assert any(name.endswith("mlp.experts") for name in in_layer), f"layer {layer}: experts not adapted"
-    if family.has_fused_experts:
+            assert any(name.endswith("experts") for name in in_layer), f"layer {layer}: experts not adapted"
+    if family.uses_fused_experts(model):
         assert experts_by_layer == set(range(num_layers))
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
@@ -144,6 +145,28 @@ def config_only(tiny_models, tmp_path):
 def test_moe_lora_needs_no_dropout_and_says_so_before_weights_load(config_only, chartqa_dir, tmp_path):
     with pytest.raises(RecipeError, match=r"qwen3_vl_moe is a mixture of experts: .* needs `lora_dropout: 0`"):
         trainer_for(config_only("qwen3_vl_moe"), chartqa_dir, tmp_path / "out", "--lora_dropout", "0.05")
+
+
+def test_gemma4_moe_gets_lora_on_its_experts_and_the_4_bit_warning_and_dense_gemma4_neither(tiny_models, caplog):
+    """One row for both Gemma 4 kinds: the experts (and what they imply) only where the config turns them on."""
+    family = FAMILIES["gemma4"]
+    dense, moe = (
+        load_config(ModelArguments(model_name_or_path=str(tiny_models(f)))) for f in ("gemma4", "gemma4_moe")
+    )
+    assert get_family(moe) is family
+    assert family.lora_target_parameters(dense) is None and not family.uses_fused_experts(dense)
+    assert family.lora_target_parameters(moe) == ["experts.gate_up_proj", "experts.down_proj"]
+
+    def settings(**fields):
+        return ModelArguments(model_name_or_path="m", use_peft=True, dtype="bfloat16", **fields)
+
+    caplog.set_level(logging.WARNING, logger="vlm_recipes.modeling.loading")
+    check_family_settings(settings(load_in_4bit=True, lora_dropout=0.05), family, dense)
+    assert "fused expert weights" not in caplog.text
+    check_family_settings(settings(load_in_4bit=True, lora_dropout=0.0), family, moe)
+    assert "the fused expert weights of gemma4 (most of its parameters) stay in bfloat16" in caplog.text
+    with pytest.raises(RecipeError, match=r"gemma4 is a mixture of experts: .* needs `lora_dropout: 0`"):
+        check_family_settings(settings(lora_dropout=0.05), family, moe)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,7 +234,7 @@ def test_each_family_recipe_passes_its_family_checks(tiny_models, family_name):
     recipe = parse_recipe(RECIPE_PARTS, [str(path), "--model_name_or_path", str(tiny_models(family_name))])
     config = load_config(recipe.model)
     resolve_strategy(recipe.tuning, recipe.model, config, family, recipe.training.learning_rate, set(recipe.settings))
-    check_family_settings(recipe.model, family)
+    check_family_settings(recipe.model, family, config)
     processor = load_processor(recipe.model, family=family)
     if recipe.model.image_max_pixels is not None:  # a bound in the family's own terms took effect
         assert (

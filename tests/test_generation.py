@@ -108,3 +108,51 @@ def test_greedy_generation_ignores_the_checkpoints_sampling_settings(tiny_model_
     assert config.do_sample is False and config.max_new_tokens == 5
     assert config.eos_token_id == model.generation_config.eos_token_id
     assert config.pad_token_id == processor.tokenizer.pad_token_id
+
+
+def test_a_dpo_adapter_on_a_merged_sft_adapter_loads_merges_and_is_refused_in_4_bit(tiny_qwen, tmp_path):
+    """The layout of a DPO run with `reference: sft_merged`: its adapter applies on top of base + the SFT adapter in
+    `sft_adapter/`. Inference and merge give base + SFT merged + DPO adapter, not base + DPO adapter."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.errors import RecipeError
+    from vlm_recipes.merge import merge
+    from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, load_for_inference
+
+    def base():
+        return AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)
+
+    def save_random_adapter(model, folder, seed):  # LoRA B not zero: the adapter changes the model
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(folder)
+
+    run = tmp_path / "dpo"
+    sft = run / SFT_ADAPTER_COPY
+    save_random_adapter(base(), sft, seed=1)
+    save_random_adapter(PeftModel.from_pretrained(base(), sft).merge_and_unload(), run, seed=2)
+
+    model, processor, _ = load_for_inference(ModelArguments(model_name_or_path=str(tiny_qwen), dtype="float32"), run)
+    inputs = encode_prompts(processor, chart_rows()[:1])
+
+    def logits(of):
+        with torch.no_grad():
+            return of(**inputs).logits[0, -1]
+
+    base_plus_sft = PeftModel.from_pretrained(base(), sft).merge_and_unload()
+    sft_logits = logits(base_plus_sft)
+    expected = logits(PeftModel.from_pretrained(base_plus_sft, run))  # built by hand: base + SFT merged + DPO
+    assert torch.allclose(logits(model), expected, atol=1e-5)
+    assert not torch.allclose(logits(PeftModel.from_pretrained(base(), run)), expected, atol=1e-3)  # SFT matters
+    with model.disable_adapter():  # evaluate's "base": base + SFT
+        assert torch.allclose(logits(model), sft_logits, atol=1e-5)
+
+    merged_dir = merge(str(run), str(tmp_path / "merged"), dtype="float32")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)
+    assert torch.allclose(logits(merged), expected, atol=1e-4)  # base + SFT + DPO in one model
+
+    with pytest.raises(RecipeError, match="Merging into a 4-bit model rounds"):
+        load_for_inference(ModelArguments(model_name_or_path=str(tiny_qwen), load_in_4bit=True), run)

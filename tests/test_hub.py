@@ -2,6 +2,7 @@
 network call fails the test."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -254,3 +255,83 @@ def test_training_that_would_push_without_a_token_stops_before_it_starts(
     assert info.value.code == 2
     assert "needs a Hugging Face token" in capsys.readouterr().err
     assert not output_dir.exists()  # nothing loaded, nothing trained
+
+
+def test_a_training_run_writes_the_hub_token_nowhere(monkeypatch, no_token, tiny_qwen, chartqa_dir, tmp_path, capsys):
+    """The Trainer pickles its arguments into every checkpoint (`training_args.bin`): the token must not be among them.
+    It reaches the Hub (the stand-in) and nothing else: no file of the run, no line printed."""
+    from conftest import REPO_ROOT
+
+    from vlm_recipes.sft import main
+
+    hub = HubStandIn().install(monkeypatch)
+    output_dir = tmp_path / "run"
+    main(
+        [
+            str(REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml"),
+            "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(chartqa_dir),
+            "--output_dir", str(output_dir), "--max_train_samples", "4", "--per_device_train_batch_size", "2",
+            "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
+            "--push_to_hub", "true", "--hub_model_id", "me/run", "--hub_token", TOKEN,
+        ]
+    )  # fmt: skip
+    (commit,) = hub.commits
+    assert commit["token"] == TOKEN and hub.repos[0]["token"] == TOKEN  # the push still has it
+    assert (output_dir / "checkpoint-1" / "training_args.bin").is_file()  # pickled arguments were written...
+    written = [path for path in output_dir.rglob("*") if path.is_file()]
+    assert [path for path in written if TOKEN.encode() in path.read_bytes()] == []  # ...and hold no token
+    out = capsys.readouterr()
+    assert TOKEN not in out.out and TOKEN not in out.err
+
+
+def test_a_dpo_run_on_a_merged_sft_adapter_pushes_it_and_its_card_says_how_to_load_and_evaluate(
+    monkeypatch, output_dir, capsys
+):
+    hub = HubStandIn().install(monkeypatch)
+    # The folder of a DPO run with `reference: sft_merged`: the DPO adapter, and the SFT adapter it sits on.
+    recipe = {
+        "model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "tuning_strategy": "lora",
+        "sft_adapter_path": "outputs/sft",
+        "reference": "sft_merged",
+        "dataset_name": "openbmb/RLAIF-V-Dataset",
+        "formatter": "rlaif_v",
+    }
+    (output_dir / "recipe.yaml").write_text(
+        "# entry point: vlm_recipes.dpo\n# recipe: recipes/rlaif_v.yaml\n" + yaml.safe_dump(recipe, sort_keys=False)
+    )
+    (output_dir / "eval_results.json").unlink()
+    sft = output_dir / "sft_adapter"
+    sft.mkdir()
+    save_file({"base_model.model.lm_head.lora_B.weight": torch.ones(4, 2)}, str(sft / "adapter_model.safetensors"))
+    (sft / "adapter_config.json").write_text((output_dir / "adapter_config.json").read_text())
+    (sft / "README.md").write_text(PEFT_TEMPLATE)  # not on the allow-list, in a subfolder too
+    (sft / "training_args.bin").write_bytes(b"x")
+
+    push_output_dir(output_dir, hub_target("me/dpo", token=TOKEN))
+    (commit,) = hub.commits
+    pushed_sft = {name for name in commit["files"] if name.startswith("sft_adapter/")}
+    assert pushed_sft == {"sft_adapter/adapter_model.safetensors", "sft_adapter/adapter_config.json"}
+    for name in pushed_sft:
+        assert commit["files"][name] == (output_dir / name).read_bytes()
+    assert "sft_adapter/README.md, sft_adapter/training_args.bin" in capsys.readouterr().out  # kept local
+
+    card = commit["files"]["README.md"].decode()
+    merge_sft = 'base = PeftModel.from_pretrained(base, "me/dpo", subfolder="sft_adapter").merge_and_unload()'
+    assert merge_sft in card and card.index(merge_sft) < card.index(
+        'model = PeftModel.from_pretrained(base, "me/dpo")'
+    )
+    evaluate = (
+        "python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct "
+        "--tuning_strategy lora --adapter DIR"
+    )
+    assert evaluate in card and "not this DPO recipe" in card and "RECIPE.yaml" not in card
+    assert "base + the SFT adapter, the model DPO started from" in card
+
+    # A QLoRA DPO adapter on the base alone: evaluated in 4 bit, as it trained; no SFT merge step.
+    shutil.rmtree(sft)
+    (output_dir / "recipe.yaml").write_text(
+        "# entry point: vlm_recipes.dpo\n" + yaml.safe_dump({**recipe, "tuning_strategy": "qlora"}, sort_keys=False)
+    )
+    card = model_card(RunFacts.read(output_dir), "me/dpo", None)
+    assert "--tuning_strategy qlora --adapter DIR" in card and "subfolder" not in card

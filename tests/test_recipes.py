@@ -104,7 +104,10 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
 
 
 def test_saved_recipe_leaves_out_tokens(tmp_path):
-    recipe = parse_recipe(SFT_PARTS, ["--output_dir", "o", "--hub_token", "hf_secret123", "--max_steps", "3"])
+    recipe = parse_recipe(
+        SFT_PARTS, ["--output_dir", "o", "--hub_token", "hf_secret123", "--max_steps", "3", "--max_new_tokens", "7"]
+    )
     save_recipe(recipe, tmp_path / "recipe.yaml")
     text = (tmp_path / "recipe.yaml").read_text()
     assert "hf_secret123" not in text and "max_steps: 3" in text
+    assert "max_new_tokens: 7" in text  # a setting with "token" in its name is still part of the recipe as run

@@ -69,14 +69,22 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_qwen, chartqa
     assert (output_dir / "adapter_model.safetensors").exists()
 
 
-def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, tmp_path):
+def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, tmp_path, capsys):
     data = write_bad_input_dataset(tmp_path / "data")
     output_dir = tmp_path / "run"
     args = recipe_args(tiny_qwen, data, output_dir, "--formatter", "conversations", "--dataset_test_split", "none",
-                       "--max_length", MAX_LENGTH, "--max_bad_fraction", "0.6", "--max_steps", "3")  # fmt: skip
-    result = run_module("vlm_recipes.sft", *args)
+                       "--max_length", MAX_LENGTH, "--max_steps", "3")  # fmt: skip
+    # First with the default max_bad_fraction (5%): the run stops on the bad rows before training, leaving its report.
+    with pytest.raises(SystemExit) as info:
+        sft.main([str(arg) for arg in args])
+    assert info.value.code == 2 and "max_bad_fraction 5%" in capsys.readouterr().err
+    assert [path.name for path in output_dir.iterdir()] == ["data_report.json"]
+
+    # The same command with the limit raised: the stopped run's folder is reused, not refused as a previous run's.
+    result = run_module("vlm_recipes.sft", *args, "--max_bad_fraction", "0.6")
     assert_ok(result)
     assert "Traceback" not in result.stderr
+    assert f"output_dir {output_dir} holds only what a run writes before training (data_report.json)" in result.stdout
     assert f"train: 10 of 20 rows kept, 10 rejected ({data})" in result.stdout
     report = json.loads((output_dir / "data_report.json").read_text())["train"]
     reported = {e: reason for reason, d in report["rejected_by_reason"].items() for e in d["examples"]}
@@ -116,7 +124,7 @@ def test_preflight_reports_lengths_padding_and_memory(tiny_qwen, chartqa_dir, tm
     train = result["lengths"]["train"]
     assert (train["rows"], result["lengths"]["eval"]["rows"]) == (48, 16)
     assert 0 < train["tokens"]["p50"] <= train["tokens"]["p95"] <= train["tokens"]["max"]
-    assert 0 < train["padding_share"]["sorted_by_length"] < train["padding_share"]["random_batching"] < 1
+    assert 0 <= train["padding_share"]["grouped_by_length"] < train["padding_share"]["random_batching"] < 1
     memory = result["memory_estimate_bytes"]
     assert memory["is_estimate"] and memory["peak_with_checkpointing"] < memory["peak_without_checkpointing"]
     assert not output_dir.exists()  # preflight writes nothing into the run's output_dir

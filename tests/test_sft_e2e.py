@@ -50,13 +50,13 @@ def test_lora_sft_learns_and_saves_an_adapter(lora_run):
     assert "language_model" in str(adapter_config["target_modules"])  # LoRA on the language model only
 
 
-def test_adapter_reloads_onto_the_base_model_and_generates(lora_run, tiny_qwen):
+def assert_adapter_reloads_and_generates(output_dir, base):
+    """The adapter saved in `output_dir` loads onto `base` (with the processor saved next to it), changes its logits,
+    and generates."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    output_dir, _ = lora_run
     processor = AutoProcessor.from_pretrained(output_dir)
-    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)
     messages = [
         {
             "role": "user",
@@ -78,7 +78,22 @@ def test_adapter_reloads_onto_the_base_model_and_generates(lora_run, tiny_qwen):
     assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
 
 
-def test_qlora_sft_trains_on_cpu(tiny_qwen, chartqa_dir, tmp_path):
+def test_adapter_reloads_onto_the_base_model_and_generates(lora_run, tiny_qwen):
+    from transformers import AutoModelForImageTextToText
+
+    output_dir, _ = lora_run
+    assert_adapter_reloads_and_generates(
+        output_dir, AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)
+    )
+
+
+def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tiny_qwen, chartqa_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.modeling.families import FAMILIES
+    from vlm_recipes.modeling.loading import quantization_config
+
     output_dir = tmp_path / "qlora"
     result = run_module("vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir))
     assert_ok(result)
@@ -86,6 +101,16 @@ def test_qlora_sft_trains_on_cpu(tiny_qwen, chartqa_dir, tmp_path):
     assert (output_dir / "adapter_model.safetensors").exists()
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "tuning_strategy: qlora" in recipe
+    # The base as the adapter was trained on it: 4-bit NF4 language model, 16-bit vision tower and projector
+    four_bit = ModelArguments(model_name_or_path=str(tiny_qwen), load_in_4bit=True, dtype="bfloat16")
+    base = AutoModelForImageTextToText.from_pretrained(
+        tiny_qwen,
+        dtype=torch.bfloat16,
+        quantization_config=quantization_config(four_bit, FAMILIES["qwen2_5_vl"]),
+        device_map="cpu",
+    )
+    assert base.is_loaded_in_4bit
+    assert_adapter_reloads_and_generates(output_dir, base)
 
 
 def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, chartqa_dir):

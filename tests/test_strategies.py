@@ -5,11 +5,13 @@ import shutil
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from conftest import REPO_ROOT, assert_clear_error, run_module
+from transformers import AutoModelForImageTextToText, TrainerCallback
 
+from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
-from vlm_recipes.modeling.strategies import STRATEGIES
+from vlm_recipes.modeling.strategies import STRATEGIES, apply_strategy, resolve_strategy
 from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.sft import RECIPE_PARTS, build_trainer
@@ -28,6 +30,9 @@ def build(model_dir, data_dir, output_dir, *extra):
             "--max_train_samples", "4", "--report_to", "none", "--bf16", "false", "--dtype", "float32",
             "--lr_scheduler_type", "constant", "--weight_decay", "0.1", "--lora_dropout", "0", "--max_steps", "2",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+            # Both steps see all four rows in the same order for every strategy (a tiny MoE's experts must each get
+            # tokens for their LoRA weights to move): batching order is not what these tests are about.
+            "--train_sampling_strategy", "random",
             *map(str, extra),
         ],
     )  # fmt: skip
@@ -179,16 +184,37 @@ def test_exactly_the_intended_parameters_change(
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable == intended
 
-    modules = dict(trainer.model.named_modules())
-    is_norm = {name: "Norm" in type(modules[name.rsplit(".", 1)[0]]).__name__ for name in before}
-    is_embedding = {name: isinstance(modules[name.rsplit(".", 1)[0]], torch.nn.Embedding) for name in before}
     for group in trainer.optimizer.param_groups:
         expected = rates.get(
             f"learning_rate_{dict(vision_tower='vit', projector='projector').get(group['part'], 'llm')}", 1e-3
         )
         assert group["lr"] == pytest.approx(expected), group["part"]
-        no_decay = all("lora_" in n or "bias" in n or is_norm[n] or is_embedding[n] for n in group["names"])
-        assert group["weight_decay"] == (0.0 if no_decay else 0.1)
+    assert_weight_decay_by_kind(trainer)
+
+
+def assert_weight_decay_by_kind(trainer, weight_decay=0.1):
+    """Both ways: no LoRA, bias, norm or embedding parameter sits in a decaying group, and every other trained weight
+    does decay; every trained parameter is in exactly one optimizer group."""
+    modules = dict(trainer.model.named_modules())
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+    def exempt(name):
+        module = modules[name.rsplit(".", 1)[0]]
+        is_norm = "Norm" in type(module).__name__
+        return "lora_" in name or "bias" in name or is_norm or isinstance(module, torch.nn.Embedding)
+
+    grouped = [name for group in trainer.optimizer.param_groups for name in group["names"]]
+    assert sorted(grouped) == sorted(trained)
+    decayed_exempt, undecayed_weights = [], []
+    for group in trainer.optimizer.param_groups:
+        assert group["weight_decay"] in (0.0, weight_decay)
+        for name in group["names"]:
+            if group["weight_decay"] and exempt(name):
+                decayed_exempt.append(name)
+            elif not group["weight_decay"] and not exempt(name):
+                undecayed_weights.append(name)
+    assert decayed_exempt == [], f"LoRA/bias/norm/embedding parameters with weight decay: {decayed_exempt[:8]}"
+    assert undecayed_weights == [], f"weights without weight decay: {undecayed_weights[:8]}"
 
 
 def test_staged_unfreezing_keeps_the_vision_tower_unchanged_until_its_step(tiny_qwen, chartqa_dir, tmp_path):
@@ -259,6 +285,20 @@ def config_only_model(tiny_qwen, tmp_path):
 def test_bad_strategy_settings_fail_before_any_weights_load(config_only_model, chartqa_dir, tmp_path, extra, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         build(config_only_model, chartqa_dir, tmp_path / "o", *extra)
+    assert not (tmp_path / "o" / "data_report.json").exists()  # before any data work too
+
+
+def test_sft_refuses_too_many_frozen_layers_before_any_data_work(tiny_qwen, chartqa_dir, tmp_path):
+    """Through the entry point: the clear message, and the output folder left without a data report."""
+    output_dir = tmp_path / "out"
+    result = run_module(
+        "vlm_recipes.sft",
+        REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml",
+        "--model_name_or_path", tiny_qwen, "--dataset_name", chartqa_dir, "--output_dir", output_dir,
+        "--tuning_strategy", "partial_llm_full_vit", "--llm_frozen_layers", "5",
+    )  # fmt: skip
+    assert_clear_error(result, "llm_frozen_layers is 5, but qwen2_5_vl has 2 language-model layers")
+    assert not (output_dir / "data_report.json").exists()
 
 
 def test_unknown_strategy_in_a_recipe_file_is_named(config_only_model, chartqa_dir, tmp_path):
@@ -280,3 +320,75 @@ def test_unknown_strategy_in_a_recipe_file_is_named(config_only_model, chartqa_d
             ],
         )
         build_trainer(trainer_recipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA targets
+
+
+def lora_ranks(peft_model, family):
+    """Canonical name of each module LoRA wraps -> its rank."""
+    return {
+        family.canonical_name(name): module.r["default"]
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "r", {})
+    }
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "v_proj"], [r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"]],
+    ids=["module-names", "one-regex"],
+)
+def test_vision_lora_with_chosen_target_modules(tiny_qwen, targets):
+    """`lora_target_modules` as the command line gives it (a list; TRL turns a one-item list into its one regex)."""
+    family = FAMILIES["qwen2_5_vl"]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
+    vision_linear = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and family.part_of(name) == "vision_tower"
+    }
+    model_args = ModelArguments(
+        model_name_or_path=str(tiny_qwen), lora_target_modules=targets, lora_r=8, lora_dropout=0.0
+    )
+    tuning = TuningArguments(tuning_strategy="lora", vision_lora_r=4)
+    plan = resolve_strategy(tuning, model_args, model.config, family, 1e-4)
+    ranks = lora_ranks(apply_strategy(model, plan, model_args, family), family)
+
+    num_layers = model.config.get_text_config().num_hidden_layers
+    llm = {
+        f"{family.language_model_layers}.{i}.self_attn.{p}" for i in range(num_layers) for p in ("q_proj", "v_proj")
+    }
+    assert set(ranks) == llm | vision_linear
+    assert {ranks[name] for name in llm} == {8} and {ranks[name] for name in vision_linear} == {4}
+
+
+def test_vision_lora_with_target_modules_matching_nothing_is_refused(tiny_qwen):
+    family = FAMILIES["qwen2_5_vl"]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
+    model_args = ModelArguments(model_name_or_path=str(tiny_qwen), lora_target_modules=["q_prj"], lora_dropout=0.0)
+    plan = resolve_strategy(
+        TuningArguments(tuning_strategy="lora", vision_lora_r=4), model_args, model.config, family, 1
+    )
+    with pytest.raises(RecipeError, match="`lora_target_modules` 'q_prj' names no module of the model"):
+        apply_strategy(model, plan, model_args, family)
+
+
+def test_lora_on_gemma4_moe_reaches_every_expert(tiny_models, chartqa_dir, tmp_path):
+    """Gemma 4's mixture-of-experts checkpoints (26B-A4B; the gemma4 row): LoRA on the fused experts of every layer
+    (peft target_parameters) besides the projections; the router and the experts' own weights stay frozen."""
+    family = FAMILIES["gemma4"]
+    trainer = build(tiny_models("gemma4_moe"), chartqa_dir, tmp_path / "o", "--tuning_strategy", "lora")
+    layers = range(trainer.model.config.get_text_config().num_hidden_layers)
+    adapted = set(lora_ranks(trainer.model, family))
+    for layer in layers:
+        prefix = f"{family.language_model_layers}.{layer}."
+        assert {f"{prefix}experts", f"{prefix}self_attn.q_proj", f"{prefix}mlp.down_proj"} <= adapted
+    assert not any("router" in name for name in adapted)
+
+    steps = train_and_snapshot(trainer)
+    changed = {name for name in steps[0] if not torch.equal(steps[0][name], steps[2][name])}
+    assert changed and all("lora_" in name for name in changed)
+    changed_experts = {layer_of(family.canonical_name(n), family) for n in changed if ".experts." in n}
+    assert changed_experts == set(layers)

@@ -4,7 +4,9 @@
     python -m vlm_recipes.chat --model outputs/merged --image chart.png --question "..."
 
 `--model` is a base or merged model (a Hub id or a folder); `--adapter` adds a trained adapter, and alone loads the
-base it names. The system prompt defaults to the one the model was trained with (the `recipe.yaml` saved with it).
+base it names (an adapter folder with `sft_adapter/`, from DPO with `reference: sft_merged`, loads on base + that
+SFT adapter merged in). The system prompt defaults to the one the model was trained with (the `recipe.yaml` saved
+with it).
 Generation is greedy, with the same code evaluation uses.
 """
 

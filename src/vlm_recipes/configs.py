@@ -250,3 +250,44 @@ class ReliabilityArguments:
             "naming the step and the last complete checkpoint."
         },
     )
+
+
+@dataclass
+class SpeedArguments:
+    """Speed and memory features TRL does not have for vision data. Each is on by default where it is exact.
+
+    Two more live in TRL's own fields: `train_sampling_strategy` (`group_by_length`, the default here, batches rows of
+    similar true length together) and `padding_free` (SFT, Qwen-VL families: rows packed into one sequence)."""
+
+    length_group_batches: int = field(
+        default=64,
+        metadata={
+            "help": "With `train_sampling_strategy: group_by_length`: rows are shuffled, cut into mega-batches of "
+            "this many global batches, and sorted by true length (text + image tokens) inside each, so batches "
+            "carry little padding while the training order stays random at the large scale."
+        },
+    )
+    loss_on_labels_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Project hidden states through the output layer (LM head) only at positions that carry a label "
+            "(the answers), never at prompt, image or pad positions. TRL does this on CUDA with Triton and scores "
+            "every position elsewhere (CPU, MPS). Same loss and gradients."
+        },
+    )
+    fast_collator: bool = field(
+        default=True,
+        metadata={
+            "help": "Collate with TRL's vision collators' exact output, faster: the assistant-token mask in one "
+            "vectorised pass instead of a Python loop over every token, and (DPO) each pair's images processed once "
+            "instead of twice."
+        },
+    )
+    reuse_image_features: bool = field(
+        default=True,
+        metadata={
+            "help": "DPO: when the vision tower and projector are frozen and carry no adapter, encode each pair's "
+            "images once and reuse the features for chosen, rejected, policy and reference passes (TRL encodes them "
+            "four times). Same loss."
+        },
+    )

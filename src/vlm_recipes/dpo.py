@@ -27,18 +27,18 @@ from vlm_recipes.configs import (
     PolicyArguments,
     ReliabilityArguments,
     RunArguments,
+    SpeedArguments,
     TuningArguments,
 )
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
-from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import load_config, read_adapter_config
-from vlm_recipes.modeling.strategies import resolve_strategy
+from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.speed import apply_speed_defaults
 
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ RECIPE_PARTS = {
     "run": RunArguments,
     "training": DPOConfig,
     "reliability": ReliabilityArguments,
+    "speed": SpeedArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
@@ -67,12 +68,11 @@ NEW_ADAPTER_FIELDS = (
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "vision_lora_r",
     "train_projector",
 )  # fmt: skip
-SFT_ADAPTER_COPY = "sft_adapter"  # with `reference: sft_merged`, the SFT adapter the DPO adapter sits on
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Settings that cannot work together fail here, before any data or weights load; `reference` gets its default."""
-    model_args, policy, training_args = recipe.model, recipe.policy, recipe.training
+    policy, training_args = recipe.policy, recipe.training
     if training_args.precompute_ref_log_probs:
         raise RecipeError(
             "`precompute_ref_log_probs` is not available for vision data (TRL processes images on the fly); the "
@@ -83,10 +83,7 @@ def check_recipe(recipe: Recipe) -> None:
             f"`reference: {policy.reference}` forms the reference from an SFT adapter: set `sft_adapter_path` too "
             "(without one, the reference is the base model)."
         )
-    config = load_config(model_args, training_args.trust_remote_code)
-    plan = resolve_strategy(
-        recipe.tuning, model_args, config, get_family(config), training_args.learning_rate, set(recipe.settings)
-    )
+    plan = check_tuning_plan(recipe)
     if training_args.sync_ref_model and plan.strategy.uses_lora:
         raise RecipeError(
             "`sync_ref_model` needs a separate reference model; with a LoRA adapter the reference is the model "
@@ -129,6 +126,7 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
     policy, training_args = recipe.policy, recipe.training
     recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
     recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
+    apply_speed_defaults(recipe)
     check_recipe(recipe)
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="preference")
 
@@ -143,6 +141,7 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
         processing_class=loaded.processor,
         tuning_plan=loaded.plan,
         model_family=loaded.family,
+        speed=recipe.speed,
     )
     if policy.reference != "sft_adapter":
         use_disabled_adapter_as_reference(trainer.model)

@@ -22,7 +22,7 @@ from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.metrics import MATCHERS
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
 from vlm_recipes.hub import EVAL_RESULTS_FILE
-from vlm_recipes.modeling.loading import load_for_inference, trains_in_4bit
+from vlm_recipes.modeling.loading import load_for_inference, sft_adapter_under, trains_in_4bit
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.sft import RECIPE_PARTS as SFT_RECIPE_PARTS
 from vlm_recipes.training.distributed import main_process_first
@@ -124,6 +124,9 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
         {"tuning_strategy": recipe.tuning.tuning_strategy, "load_in_4bit": model_args.load_in_4bit}
     )
     model, processor, _ = load_for_inference(model_args, command.adapter, training_args.trust_remote_code)
+    sft_adapter = sft_adapter_under(command.adapter)  # a DPO adapter (`reference: sft_merged`) on base + SFT adapter
+    if sft_adapter is not None and "base" in names:
+        print_main(f"'base' is {model_args.model_name_or_path} + the SFT adapter in {sft_adapter}, merged in.")
     options = {
         "batch_size": evaluation.eval_generation_batch_size or training_args.per_device_eval_batch_size,
         "max_new_tokens": evaluation.max_new_tokens,
@@ -149,6 +152,7 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
         "rows_rejected": data_report.rejected,
         "base_model": model_args.model_name_or_path,
         "adapter": command.adapter,
+        **({"sft_adapter_merged_into_base": str(sft_adapter)} if sft_adapter is not None else {}),
         "max_new_tokens": evaluation.max_new_tokens,
         "results": {
             name: {**outcome.scores, "predictions": predictions_file(name)} for name, outcome in outcomes.items()

@@ -2,10 +2,13 @@
 
 What is pushed is an allow-list of the output folder's top-level files: the adapter (or full model) weights as
 safetensors, its config, the processor, the recipe as run, the training log, the evaluation results, the data report,
-the training plot and the model card. Checkpoints, optimizer and scheduler states, pickles and predictions stay local.
+the training plot and the model card; and from `sft_adapter/` (DPO with `reference: sft_merged`: the SFT adapter the
+DPO adapter applies on top of) its weights and config. Checkpoints, optimizer and scheduler states, pickles and
+predictions stay local.
 
 The token is taken from `hub_token`, else from huggingface_hub (`HF_TOKEN`, then the login cached by `hf auth login`).
-It is handed to `HfApi` only: never printed, logged, or written to a file or the card.
+It is handed to `HfApi` only: never printed, logged, or written to a file or the card. A training run keeps it in its
+`HubTarget` alone: it is cleared from the training arguments, which the Trainer pickles into every checkpoint.
 """
 
 import json
@@ -18,7 +21,7 @@ import yaml
 
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.modeling.loading import trains_in_4bit
+from vlm_recipes.modeling.loading import ADAPTER_CONFIG, SFT_ADAPTER_COPY, trains_in_4bit
 from vlm_recipes.recipe import entry_point_of
 from vlm_recipes.training.outputs import RECIPE_FILE, TRAINING_LOG, losses, read_saved_recipe
 from vlm_recipes.training.plots import PLOT_FILE
@@ -52,6 +55,8 @@ PUSHED_PATTERNS = (
     PLOT_FILE,
     CARD_FILE,
 )
+# Subfolders pushed with the allow-list of their files: the SFT adapter a `reference: sft_merged` DPO adapter sits on.
+PUSHED_SUBFOLDERS = {SFT_ADAPTER_COPY: ("*.safetensors", ADAPTER_CONFIG)}
 NETWORK_ERROR_MODULES = ("httpx2", "httpx", "requests", "urllib3")
 CARD_MARKER = "<!-- model card written by vlm-recipes -->"
 # Cards the libraries write on their own (PEFT's template on save, TRL's on checkpoint): ours replaces them.
@@ -103,10 +108,14 @@ def hub_target(repo_id: str | None, private: bool | None = None, token: str | No
 
 def prepare_training_push(training_args: Any) -> HubTarget | None:
     """With `push_to_hub`, check the target and the token before training, and push once at the end ourselves:
-    the Trainer's own push would upload at every save, checkpoints and all."""
+    the Trainer's own push would upload at every save, checkpoints and all.
+
+    `hub_token` is cleared from the training arguments in every case (pushing or not): the Trainer pickles them into
+    each checkpoint's `training_args.bin`, so the token would be written to disk. It lives on in the target only."""
+    token, training_args.hub_token = training_args.hub_token, None
     if not training_args.push_to_hub:
         return None
-    target = hub_target(training_args.hub_model_id, training_args.hub_private_repo, training_args.hub_token)
+    target = hub_target(training_args.hub_model_id, training_args.hub_private_repo, token)
     training_args.push_to_hub = False
     return target
 
@@ -116,12 +125,20 @@ def prepare_training_push(training_args: Any) -> HubTarget | None:
 
 
 def files_to_push(output_dir: str | Path) -> tuple[list[str], list[str]]:
-    """(top-level files on the allow-list, everything else in the folder), both sorted by name."""
+    """(files on the allow-list, everything else in the folder), both sorted by name, as paths in the folder: the
+    top-level files of `PUSHED_PATTERNS`, and in each of `PUSHED_SUBFOLDERS` the files of its own patterns."""
     output_dir = Path(output_dir)
     pushed, left_out = [], []
     for path in sorted(output_dir.iterdir()):
         if path.is_file() and any(fnmatch(path.name, pattern) for pattern in PUSHED_PATTERNS):
             pushed.append(path.name)
+        elif path.is_dir() and not path.is_symlink() and path.name in PUSHED_SUBFOLDERS:
+            for inner in sorted(path.iterdir()):
+                name = f"{path.name}/{inner.name}"
+                if inner.is_file() and any(fnmatch(inner.name, p) for p in PUSHED_SUBFOLDERS[path.name]):
+                    pushed.append(name)
+                else:
+                    left_out.append(name + ("/" if inner.is_dir() else ""))
         else:
             left_out.append(path.name + ("/" if path.is_dir() else ""))
     return pushed, left_out
@@ -185,6 +202,7 @@ class RunFacts:
     recipe_text: str
     base_model: str | None
     is_adapter: bool
+    sft_adapter: bool  # the adapter applies on top of base + the SFT adapter in `sft_adapter/` (DPO, sft_merged)
     quantized: bool
     log_history: list[dict[str, Any]]
     eval_results: dict[str, Any] | None
@@ -205,6 +223,7 @@ class RunFacts:
             recipe_text=recipe_text,
             base_model=base_model,
             is_adapter=adapter_config is not None,
+            sft_adapter=adapter_config is not None and (output_dir / SFT_ADAPTER_COPY / ADAPTER_CONFIG).is_file(),
             quantized=trains_in_4bit(recipe),
             log_history=_read_json(output_dir / TRAINING_LOG) or [],
             eval_results=_read_json(output_dir / EVAL_RESULTS_FILE),
@@ -262,9 +281,39 @@ def _training_section(facts: RunFacts) -> list[str]:
     return lines
 
 
-def _evaluation_section(eval_results: dict[str, Any] | None) -> list[str]:
+def _evaluation_command(facts: RunFacts) -> list[str]:
+    """How to evaluate the run. The evaluate command takes a task recipe (SFT fields: its data and metrics), so a DPO
+    run names one with the run's base model and precision, not the DPO recipe (whose fields evaluate refuses)."""
+    if facts.entry_point != "vlm_recipes.dpo":
+        option = "--adapter DIR" if facts.is_adapter else "--model_name_or_path DIR"
+        return [f"Not evaluated yet: `python -m vlm_recipes.evaluate RECIPE.yaml {option}`."]
+    if not facts.is_adapter:
+        command = "python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path DIR"
+        folder = "the model's folder"
+    else:
+        strategy = "qlora" if facts.quantized else "lora"
+        command = (
+            f"python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path {facts.base_model or 'BASE'} "
+            f"--tuning_strategy {strategy} --adapter DIR"
+        )
+        folder = "the adapter's folder" + (" (with its `sft_adapter/`)" if facts.sft_adapter else "")
+    lines = [
+        "Not evaluated yet. The evaluation command takes a task recipe, one that names evaluation data such as "
+        f"`recipes/chartqa.yaml` (an SFT recipe), not this DPO recipe, with DIR {folder}:",
+        "",
+        "```bash",
+        command,
+        "```",
+    ]
+    if facts.sft_adapter:
+        lines += ["", "Its `base` column is then base + the SFT adapter, the model DPO started from."]
+    return lines
+
+
+def _evaluation_section(facts: RunFacts) -> list[str]:
+    eval_results = facts.eval_results
     if not eval_results or not eval_results.get("results"):
-        return ["## Evaluation", "", "Not evaluated yet: `python -m vlm_recipes.evaluate RECIPE.yaml --adapter DIR`."]
+        return ["## Evaluation", "", *_evaluation_command(facts)]
     results = eval_results["results"]
     names = list(results)
     metrics = [key for key in ("relaxed_accuracy", "exact_match") if any(key in results[name] for name in names)]
@@ -290,12 +339,17 @@ def _usage_section(facts: RunFacts, repo_id: str) -> list[str]:
         else ""
     )
     if facts.is_adapter:
+        sft_merge = (
+            "# This adapter applies on top of base + the SFT adapter DPO started from (sft_adapter/): merge that first.\n"
+            f'base = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{SFT_ADAPTER_COPY}").merge_and_unload()\n'
+            if facts.sft_adapter
+            else ""
+        )
         load = (
             "from peft import PeftModel\n"
             "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
             f'base = AutoModelForImageTextToText.from_pretrained("{facts.base_model}", dtype="bfloat16", '
-            'device_map="auto")\n'
-            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            'device_map="auto")\n' + sft_merge + f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
             f'processor = AutoProcessor.from_pretrained("{repo_id}")\n'
         )
     else:
@@ -348,6 +402,8 @@ def model_card(facts: RunFacts, repo_id: str, license_name: str | None) -> str:
     base = facts.base_model or "an unknown base model"
     base_link = f"[{base}](https://huggingface.co/{base})" if "base_model" in metadata else f"`{base}`"
     kind = "A LoRA adapter for" if facts.is_adapter else "A fine-tune of"
+    if facts.sft_adapter:
+        kind = f"A LoRA adapter, on top of the SFT adapter in `{SFT_ADAPTER_COPY}/` merged into the base, for"
     license_line = (
         f"License: `{license_name}`, the base model's license."
         if license_name
@@ -367,7 +423,7 @@ def model_card(facts: RunFacts, repo_id: str, license_name: str | None) -> str:
         "",
         *_training_section(facts),
         "",
-        *_evaluation_section(facts.eval_results),
+        *_evaluation_section(facts),
         "",
         *_usage_section(facts, repo_id),
     ]

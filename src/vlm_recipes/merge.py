@@ -6,6 +6,8 @@ The base model and its settings come from the adapter folder (`adapter_config.js
 it). The base always loads in 16 or 32 bit, also for an adapter trained with QLoRA: 4-bit weights cannot hold a merged
 update. (The adapter of a QLoRA run learned against the 4-bit base; merged into the 16-bit weights its outputs differ
 slightly from what training saw, which is the usual QLoRA trade-off.) The merged model is saved as safetensors.
+A DPO adapter that applies on top of an SFT adapter (`sft_adapter/` in its folder, `reference: sft_merged`) gives
+base + SFT + DPO: the SFT adapter is merged first (`modeling.loading.load_for_inference`).
 """
 
 import argparse
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
-from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference
+from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference, sft_adapter_under
 from vlm_recipes.training.outputs import RECIPE_FILE, prepare_output_dir
 
 
@@ -47,6 +49,7 @@ def merge(
     print_main(
         f"Merging {adapter} into {model_args.model_name_or_path} ({model_args.dtype}"
         + (", trained with QLoRA: the base loads unquantized" if probe.load_in_4bit else "")
+        + (f", on top of the SFT adapter in {sft_adapter_under(adapter)}" if sft_adapter_under(adapter) else "")
         + ")"
     )
     model, processor, _ = load_for_inference(model_args, adapter, trust_remote_code)

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_recipes.configs import ReliabilityArguments
+from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
 from vlm_recipes.recipe import Recipe, entry_point_of, parse_recipe
+from vlm_recipes.training.sampling import LengthGroupedSampler
+from vlm_recipes.training.speed import apply_speed_defaults
 
 
 VERIFY_ROWS = 8  # rows whose token counts are compared with TRL's collator
@@ -75,7 +77,7 @@ def _part(recipe: Recipe, kind: type) -> Any:
     return next(part for part in recipe.parts.values() if isinstance(part, kind))
 
 
-def length_summary(checked: CheckedSplit, batch_size: int) -> dict[str, Any]:
+def length_summary(checked: CheckedSplit, batch_size: int, group_batches: int = 64) -> dict[str, Any]:
     tokens, image = checked.tokens, checked.image_tokens
     return {
         "rows": len(tokens),
@@ -89,8 +91,10 @@ def length_summary(checked: CheckedSplit, batch_size: int) -> dict[str, Any]:
         "padding_share": {
             "batch_size": batch_size,
             "random_batching": round(random_batching_padding_share(tokens, batch_size), 4),
-            "sorted_by_length": round(
-                padding_share(tokens, batch_size, sorted(range(len(tokens)), key=tokens.__getitem__)), 4
+            # The order length-grouped batching trains in (one process; more processes group the same way)
+            "grouped_by_length": round(
+                padding_share(tokens, batch_size, LengthGroupedSampler(tokens, batch_size, 1, group_batches).order()),
+                4,
             ),
         },
     }
@@ -125,6 +129,7 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
 
     for part, values in defaults.items():
         recipe.apply_defaults(part, values)
+    apply_speed_defaults(recipe)  # length-grouped batching unless the recipe says otherwise, as training does
     data_args, model_args = _part(recipe, DataArguments), _part(recipe, ModelArguments)
     reliability, training_args = _part(recipe, ReliabilityArguments), recipe.training
     tuning = recipe.parts.get("tuning") or TuningArguments()
@@ -162,7 +167,8 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
     print(f"\nData checks: {rows:,} rows in {seconds:.0f} s ({processes} process(es))", report.table(), sep="\n")
 
     batch_size = training_args.per_device_train_batch_size
-    lengths = {name: length_summary(split, batch_size) for name, split in checked.items()}
+    group_batches = (recipe.parts.get("speed") or SpeedArguments()).length_group_batches
+    lengths = {name: length_summary(split, batch_size, group_batches) for name, split in checked.items()}
     print(f"\nTokens per row (text + image tokens; max_length {training_args.max_length})")
     print(f"  {'split':<6}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
     for name, summary in lengths.items():
@@ -170,9 +176,9 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
         print(f"  {name:<6}{summary['rows']:>9,}{t['p50']:>8,}{t['p95']:>8,}{t['max']:>8,}   "
               f"{i['p50']:,} / {i['p95']:,} / {i['max']:,} ({i['mean']:,})")  # fmt: skip
     padding = lengths["train"]["padding_share"]
-    print(f"Padding at per_device_train_batch_size {batch_size}: {padding['random_batching']:.1%} of the positions fed "
-          f"to the model under random batching ({padding['sorted_by_length']:.1%} if rows of similar length were "
-          "batched together)")  # fmt: skip
+    print(f"Padding at per_device_train_batch_size {batch_size}: {padding['grouped_by_length']:.1%} of the positions fed "
+          f"to the model with rows grouped by length, {padding['random_batching']:.1%} under random batching (this "
+          f"recipe: train_sampling_strategy {training_args.train_sampling_strategy})")  # fmt: skip
 
     verified, compared = verify_counts(checked["train"].dataset, counter, processor)
     if compared:

@@ -152,9 +152,13 @@ def entry_point_of(recipe_text: str, default: str = "vlm_recipes.sft") -> str:
     return default
 
 
+# Fields that hold credentials (`max_new_tokens`, `pad_token` and the like are settings, and are kept).
+SECRET_FIELDS = frozenset({"hub_token", "token", "wandb_api_key"})
+
+
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the recipe as run (file plus overrides) next to the outputs. Fields that hold secrets are left out."""
-    safe = {key: value for key, value in recipe.settings.items() if "token" not in key.lower()}
+    safe = {key: value for key, value in recipe.settings.items() if key not in SECRET_FIELDS}
     with open(path, "w", encoding="utf-8") as handle:
         if recipe.entry_point:
             handle.write(f"{ENTRY_POINT_COMMENT} {recipe.entry_point}\n")

@@ -16,6 +16,7 @@ from vlm_recipes.configs import (
     ModelArguments,
     ReliabilityArguments,
     RunArguments,
+    SpeedArguments,
     TuningArguments,
 )
 from vlm_recipes.console import setup_console
@@ -25,7 +26,8 @@ from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 
 
 RECIPE_PARTS = {
@@ -36,6 +38,7 @@ RECIPE_PARTS = {
     "training": SFTConfig,
     "evaluation": EvaluationArguments,
     "reliability": ReliabilityArguments,
+    "speed": SpeedArguments,
 }
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
@@ -49,6 +52,9 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     training_args = recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
+    check_tuning_plan(recipe)  # the strategy against the model's config, before the output folder, data and weights
+    apply_speed_defaults(recipe)
+    padding_free = take_padding_free(recipe)  # checked against the model family before any data work
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
 
     loaded = load_training_model(recipe)
@@ -64,6 +70,8 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
                 processing_class=loaded.processor,
                 tuning_plan=loaded.plan,
                 model_family=loaded.family,
+                speed=recipe.speed,
+                padding_free=padding_free,
             )
         )
     add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import Dataset, Image, List, Sequence
+from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from vlm_recipes.data.formatters import IMAGE_PLACEHOLDER
@@ -34,9 +34,11 @@ from vlm_recipes.data.images import (
     SizeRule,
     decode_image,
     fixed_image_value,
+    image_column,
     plan_size,
     rgb_conversion,
     scaled_plan,
+    with_image_decoding,
 )
 from vlm_recipes.data.lengths import COMPLETION_COLUMNS, TokenCounter, row_conversations
 from vlm_recipes.data.loading import SOURCE_ROW
@@ -272,22 +274,6 @@ def _verdict(
 # Whole splits
 
 
-def _image_column(dataset: Dataset) -> str | None:
-    return next((name for name in ("images", "image") if name in dataset.column_names), None)
-
-
-def _map_images(dataset: Dataset, column: str | None, decode: bool) -> Dataset:
-    """Cast the image column's Image feature to decode (PIL images) or not (`{"bytes", "path"}` dicts)."""
-    if column is None:
-        return dataset
-    feature = dataset.features[column]
-    inner = feature.feature if isinstance(feature, List | Sequence) else feature
-    if not isinstance(inner, Image) or inner.decode == decode:
-        return dataset
-    cast = type(feature)(Image(decode=decode)) if isinstance(feature, List | Sequence) else Image(decode=decode)
-    return dataset.cast_column(column, cast)
-
-
 def _where(row_label: str | None, index: int) -> tuple[str, int]:
     label, _, number = (row_label or "").partition(" ")
     return (row_label, int(number)) if number.isdigit() else (f"row {index}", index)
@@ -327,8 +313,8 @@ def check_split(
     if len(dataset) == 0:
         return CheckedSplit(dataset)
     source = report.splits[split].source
-    column = _image_column(dataset)
-    raw = _map_images(dataset, column, decode=False)
+    column = image_column(dataset)
+    raw = with_image_decoding(dataset, column, decode=False)
     num_proc = default_num_proc(len(dataset), num_proc)
     verdicts = raw.map(
         check_row,
@@ -374,7 +360,7 @@ def check_split(
             new_fingerprint=_fingerprint(result, counter, policy, "fixes"),
             desc=f"Converting and resizing {len(fixes)} {split} row(s) whose images needed it",
         )
-    checked.dataset = _map_images(result, column, decode=True)
+    checked.dataset = with_image_decoding(result, column, decode=True)
     return checked
 
 

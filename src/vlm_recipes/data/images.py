@@ -7,7 +7,8 @@ instead of at step 9,000. `to_rgb` turns any mode into correct RGB: transparency
 processor cannot take (Qwen-VL: an aspect ratio over 200, a side shorter than its 28-pixel patch-merge factor) by
 resizing where that is safe, and rejects the image otherwise.
 
-Nothing here knows about rows or datasets: `vlm_recipes.data.checks` applies these to every row.
+Nothing here knows about rows: `vlm_recipes.data.checks` applies these to every row. `with_image_decoding` switches a
+dataset's image column between PIL images and encoded bytes (header reads need no decode).
 """
 
 import io
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -252,3 +254,25 @@ def fixed_image_value(value: Any, target: tuple[int, int]) -> dict[str, Any]:
     image = decode_image(value)
     source_format = image.format
     return encode_image(prepare_image(image, target), source_format)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A dataset's image column
+
+
+def image_column(dataset: datasets.Dataset) -> str | None:
+    return next((name for name in ("images", "image") if name in dataset.column_names), None)
+
+
+def with_image_decoding(dataset: datasets.Dataset, column: str | None, decode: bool) -> datasets.Dataset:
+    """Cast the image column's Image feature to decode (PIL images) or not (`{"bytes", "path"}` dicts)."""
+    if column is None:
+        return dataset
+    feature = dataset.features[column]
+    many = isinstance(feature, datasets.List | datasets.Sequence)
+    inner = feature.feature if many else feature
+    if not isinstance(inner, datasets.Image) or inner.decode == decode:
+        return dataset
+    return dataset.cast_column(
+        column, type(feature)(datasets.Image(decode=decode)) if many else datasets.Image(decode=decode)
+    )

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_recipes.data.images import image_size
+from vlm_recipes.data.images import image_column, image_size, with_image_decoding
 
 
 COMPLETION_COLUMNS = ("chosen", "rejected", "completion")
@@ -134,6 +134,12 @@ class TokenCounter:
     def row_tokens(self, row: dict[str, Any]) -> int:
         """Total tokens of the row's longest conversation (for length-grouped batching and reports)."""
         return self.count_row(row).total
+
+
+def dataset_token_lengths(dataset: Any, counter: TokenCounter) -> list[int]:
+    """`TokenCounter.row_tokens` of every row of a `datasets.Dataset`, in order, reading image headers only."""
+    undecoded = with_image_decoding(dataset, image_column(dataset), decode=False)
+    return [counter.row_tokens(row) for row in undecoded]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ SOFT_TOKENS = "soft_tokens"  # Gemma 4: `max_soft_tokens` (70, 140, 280, 560 or 
 FIXED = "fixed"  # LLaVA 1.5, Gemma 3: every image is resized to one square size; a fixed token count
 
 
+NO_PACKED_ROWS = (
+    "its forward has no tested way to keep packed rows apart (only the Qwen-VL families' per-row multimodal RoPE "
+    "position ids do)"
+)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -58,25 +64,38 @@ class ModelFamily:
     lora_projections: tuple[str, ...] = LLM_PROJECTIONS
     # ... and these fused expert weights (3-D `nn.Parameter`s, not `nn.Linear`), through peft's `target_parameters`.
     lora_expert_parameters: tuple[str, ...] = ()
+    # The text-config flag that gives the decoder layers those experts, where the family also has dense checkpoints
+    # (Gemma 4: `enable_moe_block` in 26B-A4B, not in E2B/E4B); None: every checkpoint of the family has them.
+    expert_config_flag: str | None = None
     image_size: str = PIXEL_AREA
+    # Why rows packed into one sequence (`padding_free`) would not stay apart in this family's forward; None where they
+    # do (the Qwen-VL families: per-row multimodal RoPE ids with their text row isolate rows, `training.padding_free`).
+    padding_free_refusal: str | None = NO_PACKED_ROWS
     notes: str = ""
 
     @property
     def language_model_layers(self) -> str:
         return f"{self.language_model}.layers"
 
-    @property
-    def has_fused_experts(self) -> bool:
-        return bool(self.lora_expert_parameters)
+    def fused_expert_parameters(self, config_or_model: Any) -> tuple[str, ...]:
+        """The fused expert weights a model (or config) of this family has: none for a dense checkpoint."""
+        config = getattr(config_or_model, "config", config_or_model)
+        if self.expert_config_flag and not getattr(config.get_text_config(), self.expert_config_flag, False):
+            return ()
+        return self.lora_expert_parameters
+
+    def uses_fused_experts(self, config_or_model: Any) -> bool:
+        """Whether this model (or config) is a mixture of experts with fused expert weights."""
+        return bool(self.fused_expert_parameters(config_or_model))
 
     def lora_target_regex(self) -> str:
         """PEFT `target_modules` regex: every projection of every language-model layer, nothing in the vision tower."""
         projections = "|".join(self.lora_projections)
         return rf"^{re.escape(self.language_model_layers)}\.\d+\.(.*\.)?({projections})$"
 
-    def lora_target_parameters(self) -> list[str] | None:
+    def lora_target_parameters(self, config_or_model: Any) -> list[str] | None:
         """PEFT `target_parameters`: the fused expert weights of a mixture-of-experts language model (None otherwise)."""
-        return list(self.lora_expert_parameters) or None
+        return list(self.fused_expert_parameters(config_or_model)) or None
 
     def quantization_skip_modules(self) -> list[str]:
         """Modules that stay in 16 bit under 4-bit loading: vision tower, projector, `other` modules, output head."""
@@ -127,6 +146,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.language_model",
             example_model="Qwen/Qwen2-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
+            padding_free_refusal=None,
             notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
@@ -137,6 +157,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.language_model",
             example_model="Qwen/Qwen2.5-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
+            padding_free_refusal=None,
             notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
@@ -148,6 +169,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.language_model",
             example_model="Qwen/Qwen3-VL-8B-Instruct",
             training_template="trl:qwen3_vl_training.jinja",
+            padding_free_refusal=None,
             notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
@@ -162,6 +184,7 @@ FAMILIES: dict[str, ModelFamily] = {
             # (`mlp.gate`) stays frozen: LoRA on routing destabilises expert load balance.
             lora_projections=("q_proj", "k_proj", "v_proj", "o_proj"),
             lora_expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            padding_free_refusal=None,
             notes="mixture of experts: LoRA on the attention and on every expert (peft target_parameters, "
             "lora_dropout 0); 4-bit leaves the fused experts in 16 bit; " + QWEN_VL_NOTE,
         ),
@@ -174,6 +197,8 @@ FAMILIES: dict[str, ModelFamily] = {
             example_model="Qwen/Qwen3.5-27B",
             training_template="trl:qwen3_5_think_training.jinja",  # and qwen3_5_nothink_training.jinja (<= 2B)
             lora_projections=LLM_PROJECTIONS + LINEAR_ATTENTION_PROJECTIONS,
+            padding_free_refusal="its linear-attention (Gated DeltaNet) layers carry a recurrent state along the "
+            "sequence, which would run from one packed row into the next",
             notes="hybrid linear/full attention (3 Gated DeltaNet layers per full-attention layer); the training "
             "template labels an empty <think></think> block before each answer; " + QWEN_VL_NOTE,
         ),
@@ -239,8 +264,13 @@ FAMILIES: dict[str, ModelFamily] = {
             ),
             other=("model.audio_tower", "model.embed_audio"),  # audio input: unused by image training
             lora_projections=LLM_PROJECTIONS + PER_LAYER_INPUT_PROJECTIONS,
+            # 26B-A4B (mixture of experts): fused experts beside each layer's dense MLP; the router (`router.proj`)
+            # stays frozen. The dense E2B/E4B have none (`enable_moe_block` off).
+            lora_expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
+            expert_config_flag="enable_moe_block",
             image_size=SOFT_TOKENS,
-            notes="audio tower counted as `other` (frozen unless `full`); output head tied to the embeddings",
+            notes="audio tower counted as `other` (frozen unless `full`); output head tied to the embeddings; "
+            "26B-A4B: LoRA on every expert too (lora_dropout 0), which 4-bit leaves in 16 bit",
         ),
     )
 }

@@ -32,6 +32,23 @@ def _torch_dtype(name: str | None) -> Any:
     return getattr(torch, name)
 
 
+def attention_implementation(model_args: ModelArguments) -> str | None:
+    """The recipe's `attn_implementation`; unset, flash-attention 2 where it is installed and can run (a CUDA GPU,
+    16-bit weights), else transformers' default (sdpa). Flash-attention's variable-length path is also what makes
+    padding-free batches pay off."""
+    if model_args.attn_implementation is not None:
+        return model_args.attn_implementation
+    if torch.cuda.is_available() and model_args.dtype in ("bfloat16", "float16") and _installed("flash_attn"):
+        return "flash_attention_2"
+    return None
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def load_config(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
     """The model's config, read before any weights, so a wrong path or family fails fast."""
     if not model_args.model_name_or_path:
@@ -94,9 +111,11 @@ def quantization_config(
     )
 
 
-def check_family_settings(model_args: ModelArguments, family: ModelFamily) -> None:
-    """What this family cannot do with the recipe's model settings, said before any weights load."""
-    if family.has_fused_experts and model_args.use_peft and not model_args.lora_target_modules:
+def check_family_settings(model_args: ModelArguments, family: ModelFamily, config: Any) -> None:
+    """What this family (this checkpoint of it: `config`) cannot do with the recipe's model settings, said before any
+    weights load."""
+    experts = family.uses_fused_experts(config)
+    if experts and model_args.use_peft and not model_args.lora_target_modules:
         # peft's LoRA on a parameter (ParamWrapper) cannot factor dropout out of a fused expert matmul
         if model_args.lora_dropout:
             raise RecipeError(
@@ -106,7 +125,7 @@ def check_family_settings(model_args: ModelArguments, family: ModelFamily) -> No
             )
         if model_args.use_dora:
             raise RecipeError(f"DoRA does not apply to the fused expert weights of {family.name}; drop `use_dora`.")
-    if family.has_fused_experts and model_args.load_in_4bit:
+    if experts and model_args.load_in_4bit:
         logger.warning(
             "4-bit loading quantizes nn.Linear layers only: the fused expert weights of %s (most of its parameters) "
             "stay in %s, so the model needs about the memory of a 16-bit one.",
@@ -140,7 +159,7 @@ def load_model(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=_torch_dtype(model_args.dtype),
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attention_implementation(model_args),
         quantization_config=quantization,
         device_map=_device_map(quantization is not None, for_inference, shard_parameters),
         trust_remote_code=trust_remote_code,
@@ -190,7 +209,7 @@ def load_for_training(
     config = load_config(model_args, trust_remote_code)
     family = get_family(config)
     plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
-    check_family_settings(model_args, family)
+    check_family_settings(model_args, family, config)
     processor = load_processor(model_args, trust_remote_code, family)
     model = load_model(model_args, config, trust_remote_code, shard_parameters=shard_parameters)
     if start_adapter and merge_start_adapter:
@@ -209,6 +228,19 @@ def load_for_training(
 
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+# A DPO run with `reference: sft_merged` trains its adapter on base + the SFT adapter merged in, and keeps a copy of that
+# SFT adapter in this subfolder of its output folder (`dpo.SFT_ADAPTER_COPY`, the same name): loading the DPO adapter
+# means merging the SFT one first.
+SFT_ADAPTER_COPY = "sft_adapter"
+
+
+def sft_adapter_under(adapter: str | Path | None) -> Path | None:
+    """The SFT adapter an adapter folder applies on top of (`<adapter>/sft_adapter/`, written by a DPO run with
+    `reference: sft_merged`), or None for an adapter that applies on the base alone."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / SFT_ADAPTER_COPY
+    return path if (path / ADAPTER_CONFIG).is_file() else None
 
 
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
@@ -314,12 +346,31 @@ def load_for_inference(
     model_args: ModelArguments, adapter: str | Path | None = None, trust_remote_code: bool = False
 ) -> tuple[Any, Any, ModelFamily]:
     """(model, processor, family) in eval mode for generation, on the GPU when there is one. With `adapter`: checked
-    against the base first, loaded on it, and the processor saved with the adapter (the one training used)."""
+    against the base first, loaded on it, and the processor saved with the adapter (the one training used).
+
+    An adapter folder holding `sft_adapter/` (DPO with `reference: sft_merged`) applies on top of base + that SFT
+    adapter: the SFT adapter is merged into the (16/32-bit) base first, then the adapter is loaded on the result. With
+    the adapter switched off (`disable_adapter`), the model is base + SFT."""
+    sft_adapter = sft_adapter_under(adapter)
+    if sft_adapter is not None and model_args.load_in_4bit:
+        raise RecipeError(
+            f"The adapter in {adapter} applies on top of base + the SFT adapter in {sft_adapter} (a DPO run with "
+            "`reference: sft_merged`), which is merged into the base weights first. Merging into a 4-bit model rounds "
+            "the merged weights back to 4 bit, so the result would not be the model DPO trained. Load the base in "
+            "16 bit: `--tuning_strategy lora` (or `load_in_4bit: false`)."
+        )
     if adapter is not None:
         config = load_config(model_args, trust_remote_code)
-        check_adapter_fits(adapter, config, model_args.model_name_or_path, trust_remote_code)
+        for folder in (sft_adapter, adapter):
+            if folder is not None:
+                check_adapter_fits(folder, config, model_args.model_name_or_path, trust_remote_code)
     model, processor, family = load_model_and_processor(model_args, trust_remote_code, for_inference=True)
     if adapter is not None:
+        if sft_adapter is not None:
+            print_main(
+                f"{adapter} applies on top of the SFT adapter in {sft_adapter}: merging that into the base first"
+            )
+            model = merge_adapter(model, sft_adapter, model_args.model_name_or_path)
         model = load_adapter(model, adapter, model_args.model_name_or_path)
         if any((Path(adapter) / name).is_file() for name in PROCESSOR_FILES):
             processor = load_processor(
@@ -329,11 +380,11 @@ def load_for_inference(
     return model, processor, family
 
 
-def merge_adapter(model: Any, adapter_path: str | Path) -> Any:
+def merge_adapter(model: Any, adapter_path: str | Path, model_name: str | None = None) -> Any:
     """`model` with a saved LoRA adapter merged into its weights, in place: one model, no adapter left."""
     if getattr(model, "is_loaded_in_4bit", False):
         raise RecipeError(
             "Merging an adapter into a 4-bit model rounds the merged weights back to 4 bit, so the result is not "
             "the adapter's model. Keep the adapter separate instead, or merge into a 16-bit model."
         )
-    return load_adapter(model, adapter_path).merge_and_unload()
+    return load_adapter(model, adapter_path, model_name).merge_and_unload()

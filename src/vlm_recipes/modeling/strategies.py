@@ -197,13 +197,26 @@ def _savable_modules(model: Any, prefixes: tuple[str, ...]) -> list[str]:
     return names
 
 
+def _is_lora_target(targets: str | list[str] | tuple[str, ...] | set[str], name: str) -> bool:
+    """peft's `target_modules` rule: a string is one regex over the full module name (TRL turns a one-item list, as the
+    command line gives it, into that string); a list names modules by their name or its last dotted parts."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in targets)
+
+
 def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, family: ModelFamily) -> Any:
     from peft import LoraConfig
 
     targets: Any = model_args.lora_target_modules or family.lora_target_regex()
     rank_pattern, alpha_pattern = {}, {}
     if plan.vision_lora_r is not None:
-        llm_targets = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)]
+        llm_targets = [name for name, _ in model.named_modules() if _is_lora_target(targets, name)]
+        if not llm_targets:
+            raise RecipeError(
+                f"`lora_target_modules` {targets!r} names no module of the model, so with `vision_lora_r` only the "
+                "vision tower would get LoRA. Give module names (q_proj v_proj) or one regex over full module names."
+            )
         targets = llm_targets + _vision_linear_names(model, family)
         vision_pattern = re.escape(family.vision_tower) + r"\..*"
         rank_pattern[vision_pattern] = plan.vision_lora_r
@@ -224,7 +237,7 @@ def _lora_config(model: Any, plan: TuningPlan, model_args: ModelArguments, famil
         lora_dropout=model_args.lora_dropout,
         target_modules=targets,
         # Fused expert weights of a mixture-of-experts model (3-D parameters, not nn.Linear), unless the recipe picks
-        target_parameters=None if model_args.lora_target_modules else family.lora_target_parameters(),
+        target_parameters=None if model_args.lora_target_modules else family.lora_target_parameters(model.config),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         modules_to_save=(model_args.lora_modules_to_save or []) + full_parts or None,
@@ -296,21 +309,32 @@ def _embedding_parameters(model: Any) -> set[str]:
     }
 
 
-def _no_weight_decay(name: str, decay_names: set[str], embeddings: set[str]) -> bool:
-    return name not in decay_names or "lora_" in name or name in embeddings or _is_embedding(name)
+def _norm_parameters(model: Any) -> set[str]:
+    """Parameters of normalisation layers, by module type: the Trainer finds norms by name ("layernorm", "norm", ...)
+    and so misses Qwen2.5-VL's vision `norm1`/`norm2` and merger `ln_q`, or Gemma 4's audio `norm_pre_attn`."""
+    return {
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if "Norm" in type(module).__name__
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _no_weight_decay(name: str, decay_names: set[str], exempt: set[str]) -> bool:
+    return name not in decay_names or "lora_" in name or name in exempt or _is_embedding(name)
 
 
 def parameter_groups(
     model: Any, plan: TuningPlan, family: ModelFamily, weight_decay: float, decay_names: set[str]
 ) -> list[dict]:
     """One optimizer group per (part, decay) with the part's learning rate; LoRA, biases, norms, embeddings: no decay."""
-    embeddings = _embedding_parameters(model)
+    exempt = _embedding_parameters(model) | _norm_parameters(model)
     groups: dict[tuple[str, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         part = family.part_of(name)
-        decay = not _no_weight_decay(name, decay_names, embeddings)
+        decay = not _no_weight_decay(name, decay_names, exempt)
         group = groups.setdefault(
             (part, decay),
             {

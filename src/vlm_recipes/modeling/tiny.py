@@ -618,9 +618,10 @@ GEMMA4_NAMED_TOKENS = {
 GEMMA4_SOFT_TOKENS = 70  # the smallest image budget the processor accepts (70, 140, 280, 560, 1120; real default 280)
 
 
-@register_tiny_builder("gemma4")
-def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0) -> None:
-    """As google/gemma-4-E2B-it / E4B-it: vision and audio towers, per-layer embeddings (PLE), tied output head."""
+def _gemma4(output_dir: Path, vocab_size: int | None, seed: int, *, moe: bool) -> None:
+    """As google/gemma-4-E2B-it / E4B-it: vision and audio towers, per-layer embeddings (PLE), tied output head.
+    `moe`: each decoder layer also has a router and fused experts beside its dense MLP, as google/gemma-4-26B-A4B
+    (the same module tree otherwise, so one family row serves both)."""
     from transformers import (
         Gemma4AudioFeatureExtractor,
         Gemma4Config,
@@ -647,6 +648,7 @@ def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
     )
     ids = check_token_ids(tokenizer, [*GEMMA4_NAMED_TOKENS.values(), "<|video|>"])
     vocab = vocab_size or len(tokenizer)
+    experts = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32) if moe else {}
     config = Gemma4Config(
         text_config=dict(
             **TINY_TEXT,
@@ -659,6 +661,7 @@ def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
             # Per-layer embeddings: a (vocab x layers * width) table, here over the tiny vocabulary (262k rows real)
             hidden_size_per_layer_input=8,
             vocab_size_per_layer_input=vocab,
+            **experts,
             **text_config_ids(tokenizer),
         ),
         vision_config=dict(
@@ -681,6 +684,11 @@ def build_gemma4(output_dir: Path, vocab_size: int | None = None, seed: int = 0)
     build_and_save(
         output_dir, Gemma4ForConditionalGeneration, config, processor, generation_ids(tokenizer, "<turn|>"), seed
     )
+
+
+register_tiny_builder("gemma4")(partial(_gemma4, moe=False))
+# Not a family of its own: the gemma4 row's mixture-of-experts checkpoints (LoRA on the fused experts)
+register_tiny_builder("gemma4_moe")(partial(_gemma4, moe=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

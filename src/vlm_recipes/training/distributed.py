@@ -247,7 +247,7 @@ def find_unused_parameters(model: Any, family: Any) -> bool:
     slowdown on every step). A trained vision tower or projector can be skipped (a text-only batch; and some families'
     forwards never use parts of the tower, such as LLaVA's last CLIP layer or Gemma 3's pooling head), as can experts
     of a mixture-of-experts model: there DDP must search, or the first such step crashes."""
-    if family is None or family.has_fused_experts:
+    if family is None or family.uses_fused_experts(model):
         return True
     return _trains_outside_language_model(model, family)
 

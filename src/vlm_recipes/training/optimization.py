@@ -9,10 +9,13 @@ from typing import Any
 
 from trl import DPOTrainer, SFTTrainer
 
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
 from vlm_recipes.modeling.strategies import TuningPlan, parameter_groups
 from vlm_recipes.training.distributed import DistributedTrainingMixin
+from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
+from vlm_recipes.training.speed import SpeedMixin
 
 
 class PartLearningRatesMixin:
@@ -69,8 +72,9 @@ def _after(step: int, factor: Any) -> Any:
     return staged
 
 
-class VLMSFTTrainer(DistributedTrainingMixin, PartLearningRatesMixin, SFTTrainer):
-    """TRL's `SFTTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""
+class VLMSFTTrainer(DistributedTrainingMixin, SpeedMixin, PartLearningRatesMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with optimizer groups per VLM part, staged unfreezing of the vision tower and the speed
+    features (`training.speed`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -82,5 +86,22 @@ class VLMSFTTrainer(DistributedTrainingMixin, PartLearningRatesMixin, SFTTrainer
         self.model_accepts_loss_kwargs = True
 
 
-class VLMDPOTrainer(DistributedTrainingMixin, PartLearningRatesMixin, DPOTrainer):
-    """TRL's `DPOTrainer` with optimizer groups per VLM part and staged unfreezing of the vision tower."""
+class VLMDPOTrainer(DistributedTrainingMixin, SpeedMixin, PartLearningRatesMixin, DPOTrainer):
+    """TRL's `DPOTrainer` with optimizer groups per VLM part, staged unfreezing of the vision tower, the speed features
+    (`training.speed`) and each batch's images encoded once for all four passes (`training.image_features`)."""
+
+    _image_reuse_blocker: str | None
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.speed.reuse_image_features:
+            # Decided on the model compute_loss gets: wrapped by now, so FSDP and DDP are visible.
+            if not hasattr(self, "_image_reuse_blocker"):
+                self._image_reuse_blocker = image_feature_reuse_blocker(model, self.model_family)
+                print_main(
+                    "DPO image features: encoded once per batch for chosen, rejected, policy and reference"
+                    if self._image_reuse_blocker is None
+                    else f"DPO image features: encoded for every pass, as TRL does ({self._image_reuse_blocker})"
+                )
+            if self._image_reuse_blocker is None:
+                inputs = with_image_features(model, self.model_family, inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)

@@ -5,13 +5,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlm_recipes.data.report import REPORT_FILE
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.loading import ADAPTER_CONFIG, SFT_ADAPTER_COPY
 from vlm_recipes.recipe import Recipe, save_recipe
 from vlm_recipes.training.distributed import save_frozen_adapters_under_zero3
 
 
 TRAINING_LOG = "training_log.json"
 RECIPE_FILE = "recipe.yaml"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What a run writes into output_dir before training starts: the data report (`data.report.publish`) and, for DPO with
+# `reference: sft_merged`, its copy of the SFT adapter (`dpo.save_sft_adapter_copy`). A folder holding nothing else is
+# a run that stopped before training (too many bad rows, a recipe error), not a previous run's work.
+PRE_TRAINING_FILES = frozenset({REPORT_FILE})
+PRE_TRAINING_FOLDERS = {SFT_ADAPTER_COPY: frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS})}
 
 
 def resume_requested(value: Any) -> bool | str | None:
@@ -23,14 +31,52 @@ def resume_requested(value: Any) -> bool | str | None:
     return value or None
 
 
+def holds_only_pre_training_files(path: Path) -> bool:
+    """Whether a non-empty folder holds only what a run writes before training starts (`PRE_TRAINING_FILES`,
+    `PRE_TRAINING_FOLDERS`). Entries that vanish while it looks (the main process clearing them) count as such."""
+    for entry in path.iterdir():
+        if entry.is_file() and not entry.is_symlink() and entry.name in PRE_TRAINING_FILES:
+            continue
+        allowed = PRE_TRAINING_FOLDERS.get(entry.name)
+        try:
+            if (
+                allowed is not None
+                and entry.is_dir()
+                and not entry.is_symlink()
+                and all(item.is_file() and item.name in allowed for item in entry.iterdir())
+            ):
+                continue
+        except FileNotFoundError:
+            continue
+        if not entry.exists() and not entry.is_symlink():
+            continue
+        return False
+    return True
+
+
 def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: Any, is_main_process: bool = True) -> Path:
-    """Create `output_dir`; refuse a non-empty one unless the run resumes from it or the recipe says to overwrite."""
+    """Create `output_dir`; refuse a non-empty one unless the run resumes from it or the recipe says to overwrite.
+    A folder that holds only what a run writes before training starts (the data report; DPO's SFT adapter copy) is
+    the trace of a run that stopped before training: it is reused, those files removed and written again."""
     if not output_dir:
         raise RecipeError("The recipe sets no `output_dir`.")
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise RecipeError(f"output_dir {path} exists and is a file.")
     non_empty = path.is_dir() and any(path.iterdir())
+    if non_empty and not resume and not overwrite and holds_only_pre_training_files(path):
+        if is_main_process:
+            found = ", ".join(sorted(entry.name + ("/" if entry.is_dir() else "") for entry in path.iterdir()))
+            print(
+                f"output_dir {path} holds only what a run writes before training ({found}), left by a run that "
+                "stopped before training: reusing it (these files are replaced)."
+            )
+            for entry in path.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        non_empty = False
     if non_empty and not resume:
         if not overwrite:
             raise RecipeError(
@@ -63,9 +109,6 @@ def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         (output_dir / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
         save_recipe(recipe, output_dir / RECIPE_FILE)
-
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def check_saved_adapters(model: Any, output_dir: str | Path) -> None:

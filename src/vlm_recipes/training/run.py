@@ -13,7 +13,9 @@ from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.hub import HubTarget, push_output_dir
-from vlm_recipes.modeling.loading import TrainingModel, load_for_training, load_processor
+from vlm_recipes.modeling.families import get_family
+from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
+from vlm_recipes.modeling.strategies import TuningPlan, resolve_strategy
 from vlm_recipes.recipe import Recipe
 from vlm_recipes.training.distributed import (
     check_launch,
@@ -30,6 +32,17 @@ from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, s
 def reliability(recipe: Recipe) -> ReliabilityArguments:
     """The recipe's data-check and fault-guard settings (the defaults for an entry point without that part)."""
     return recipe.parts.get("reliability") or ReliabilityArguments()
+
+
+def check_tuning_plan(recipe: Recipe) -> TuningPlan:
+    """The recipe's tuning strategy checked against the model's config alone (an unknown strategy, `llm_frozen_layers`
+    above the layer count, a learning rate for a frozen part, ...): the first step of every training entry point,
+    before the output folder, the data and any weights. Sets `use_peft`/`load_in_4bit` to match the strategy."""
+    model_args, training_args = recipe.model, recipe.training
+    config = load_config(model_args, training_args.trust_remote_code)
+    return resolve_strategy(
+        recipe.tuning, model_args, config, get_family(config), training_args.learning_rate, set(recipe.settings)
+    )
 
 
 def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
