@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test sft dpo preflight style quality clean-demo
+.PHONY: install demo test bench sft dpo preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -54,6 +54,11 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests
+
+# Plain TRL against the package's speed features, one table (benchmarks/results/cpu.md and .json); under 10 minutes on
+# 2 CPU cores. On a GPU machine: $(PY) benchmarks/speed.py --gpu [--model_size 7B]
+bench: $(INSTALLED)
+	$(OFFLINE) $(PY) benchmarks/speed.py
 
 # make sft RECIPE=recipes/chartqa.yaml [ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml]
 sft: $(INSTALLED)
