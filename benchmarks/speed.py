@@ -172,6 +172,14 @@ def formatted_rows(data: Path) -> Any:
     return load_datasets(data_args, seed=0, need_eval=False, task="sft")[0]
 
 
+def pixel_settings(run_max_pixels: int) -> dict[str, int]:
+    """The image-size settings the padding figures are counted for: the checkpoint's, 1M, and the runs' own."""
+    settings = dict(PIXEL_SETTINGS)
+    if run_max_pixels not in settings.values():
+        settings[f"max_pixels {run_max_pixels:,} (the runs')"] = run_max_pixels
+    return settings
+
+
 def padding_shares(data: Path, model: Path, batch_size: int, pixel_settings: dict[str, int]) -> dict[str, Any]:
     """Padding at `batch_size` under random batching and under the package's grouping, per image-size setting."""
     from transformers import AutoProcessor
@@ -415,7 +423,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
         "device": device,
         "model": f"Qwen2.5-VL-{settings.model_size} shape, random weights" if settings.gpu else "tiny Qwen2.5-VL, vocabulary 151,936",
         "settings": {key: str(value) for key, value in vars(settings).items()},
-        "padding": padding_shares(data, model, settings.padding_batch_size, PIXEL_SETTINGS),
+        "padding": padding_shares(data, model, settings.padding_batch_size, pixel_settings(settings.image_max_pixels)),
     }  # fmt: skip
     if settings.collator:
         try:

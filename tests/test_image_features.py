@@ -71,12 +71,17 @@ class ModelCalls:
             hook.remove()
 
 
-def dpo_step(trainer, batch):
-    """TRL's DPO loss on `batch`, the LoRA gradients it gives, and what the forwards computed."""
+def dpo_step(trainer, batch, reuse_in_trainer=False):
+    """TRL's DPO loss on `batch`, the LoRA gradients it gives, and what the forwards computed. The trainer's own reuse
+    (`reuse_image_features`, on by default) is off unless asked for, so `batch` reaches TRL's forwards as it is."""
     trainer.model.zero_grad()
-    with ModelCalls(trainer) as calls:
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
+    default, trainer.speed.reuse_image_features = trainer.speed.reuse_image_features, reuse_in_trainer
+    try:
+        with ModelCalls(trainer) as calls:
+            loss = trainer.compute_loss(trainer.model, batch)
+            loss.backward()
+    finally:
+        trainer.speed.reuse_image_features = default
     gradients = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     return loss.detach(), gradients, calls
 
@@ -133,6 +138,11 @@ def test_qwen2_5_vl_encodes_each_image_once_with_the_same_loss_and_gradients(tra
     patches_per_copy = len(batch["pixel_values"]) // 2  # the collator repeats the images for the rejected rows
     assert calls.vision_rows == [2 * patches_per_copy] * 2  # policy and reference: every image twice in each
     assert vision_rows == [patches_per_copy]  # one pass, each image once
+
+    # The trainer does it itself, by default: one vision pass, the loss of TRL's four.
+    trainer_loss, _, trainer_calls = dpo_step(trainer, batch, reuse_in_trainer=True)
+    assert trainer_calls.vision_rows == [patches_per_copy]
+    torch.testing.assert_close(trainer_loss, dpo_step(trainer, batch)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm", "gemma3"])
@@ -223,6 +233,7 @@ def test_a_ddp_wrapped_model_is_unwrapped(tiny_qwen, preference_dir, tmp_path):
         wrapped = DistributedDataParallel(trainer.model)
         assert image_feature_reuse_blocker(wrapped, family) is None
         reused = with_image_features(wrapped, family, batch)
+        trainer.speed.reuse_image_features = False  # `batch` goes through TRL's forwards as collated
         with torch.no_grad():
             torch.testing.assert_close(
                 trainer.compute_loss(wrapped, reused), trainer.compute_loss(wrapped, batch), rtol=1e-5, atol=1e-6

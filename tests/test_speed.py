@@ -233,22 +233,19 @@ def test_flash_attention_is_chosen_where_it_is_installed_and_can_run(monkeypatch
 def test_speed_defaults_group_by_length_unless_the_recipe_says_otherwise(tmp_path, monkeypatch):
     from vlm_recipes.training.speed import apply_speed_defaults
 
-    def parsed(*extra):
-        return parse_recipe(RECIPE_PARTS, ["--output_dir", str(tmp_path), *extra])
+    def defaults_applied(*extra, gpus=0, cores=2):
+        recipe = parse_recipe(RECIPE_PARTS, ["--output_dir", str(tmp_path), *extra])
+        with monkeypatch.context() as patch:  # the machine as apply_speed_defaults sees it
+            patch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+            patch.setattr(torch.cuda, "device_count", lambda: gpus)
+            patch.setattr("os.cpu_count", lambda: cores)
+            apply_speed_defaults(recipe)
+        return recipe.training
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    recipe = parsed()
-    apply_speed_defaults(recipe)
-    assert recipe.training.train_sampling_strategy == "group_by_length"
-    assert recipe.training.dataloader_num_workers == 0  # on CPUs, workers would take the training's cores
-    recipe = parsed("--train_sampling_strategy", "random", "--dataloader_num_workers", "1")
-    apply_speed_defaults(recipe)
-    assert recipe.training.train_sampling_strategy == "random" and recipe.training.dataloader_num_workers == 1
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    training = defaults_applied()
+    assert training.train_sampling_strategy == "group_by_length"
+    assert training.dataloader_num_workers == 0  # on CPUs, workers would take the training's cores
+    training = defaults_applied("--train_sampling_strategy", "random", "--dataloader_num_workers", "1")
+    assert training.train_sampling_strategy == "random" and training.dataloader_num_workers == 1
     for cores, workers in ((32, 4), (6, 2), (2, 0)):  # up to 4 per GPU, leaving each training process a core
-        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
-        recipe = parsed()
-        apply_speed_defaults(recipe)
-        assert recipe.training.dataloader_num_workers == workers, cores
+        assert defaults_applied(gpus=2, cores=cores).dataloader_num_workers == workers, cores

@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.utils.data import SequentialSampler
 
 from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.console import print_main
@@ -123,6 +124,13 @@ class SpeedMixin:
             f"positions in this epoch's per-device batches"
         )
         return sampler
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        """Evaluation keeps the dataset's order (transformers would group it with a sampler that needs a `length`
+        or `pixel_values` column): what the default strategy gives it."""
+        if self.args.train_sampling_strategy != GROUP_BY_LENGTH or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     # -- the forward -----------------------------------------------------------------------------------------------
 
