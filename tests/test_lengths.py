@@ -1,5 +1,7 @@
 """The one token counter: its count equals what TRL's vision collator feeds the model, without running the processor."""
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -114,3 +116,20 @@ def test_preference_rows_count_their_longest_pair(processor):
 def test_size_the_processor_refuses_raises(processor):
     with pytest.raises(ValueError, match="aspect ratio"):
         TokenCounter(processor).image_tokens(10000, 40)
+
+
+def test_a_whole_split_is_counted_from_stored_rows_without_writing_a_cache(processor, chartqa_dir):
+    """Every process of a launch counts the split for length-grouped batching: no image is decoded and no datasets
+    cache file is written (which the other processes would race to write or to read)."""
+    from vlm_recipes.configs import DataArguments
+    from vlm_recipes.data.lengths import dataset_token_lengths
+    from vlm_recipes.data.loading import load_datasets
+
+    train = load_datasets(DataArguments(dataset_name=str(chartqa_dir), dataset_test_split=None))[0].shuffle(seed=3)
+    caches = {file["filename"] for file in train.cache_files}
+    folder = next(iter(caches)).rsplit("/", 1)[0]
+    before = set(os.listdir(folder))
+    counter = TokenCounter(processor)
+    lengths = dataset_token_lengths(train, counter, chunk_rows=7)
+    assert lengths == [counter.row_tokens(row) for row in train]  # decoded rows, in the shuffled order
+    assert set(os.listdir(folder)) == before

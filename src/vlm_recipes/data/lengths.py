@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_recipes.data.images import image_column, image_size, with_image_decoding
+from vlm_recipes.data.images import image_size
 
 
 COMPLETION_COLUMNS = ("chosen", "rejected", "completion")
@@ -136,10 +136,16 @@ class TokenCounter:
         return self.count_row(row).total
 
 
-def dataset_token_lengths(dataset: Any, counter: TokenCounter) -> list[int]:
-    """`TokenCounter.row_tokens` of every row of a `datasets.Dataset`, in order, reading image headers only."""
-    undecoded = with_image_decoding(dataset, image_column(dataset), decode=False)
-    return [counter.row_tokens(row) for row in undecoded]
+def dataset_token_lengths(dataset: Any, counter: TokenCounter, chunk_rows: int = 1000) -> list[int]:
+    """`TokenCounter.row_tokens` of every row of a `datasets.Dataset`, in order, reading image headers only.
+
+    Rows are read as Arrow stores them (images as `{"bytes", "path"}`): nothing is decoded and, unlike casting the image
+    column, no cache file is written, so every process of a launch can count on its own."""
+    stored = dataset.with_format("arrow")
+    lengths: list[int] = []
+    for start in range(0, len(dataset), chunk_rows):
+        lengths += [counter.row_tokens(row) for row in stored[start : start + chunk_rows].to_pylist()]
+    return lengths
 
 
 # ---------------------------------------------------------------------------------------------------------------------
