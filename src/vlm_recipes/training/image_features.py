@@ -137,11 +137,16 @@ def with_image_features(model: Any, family: ModelFamily, inputs: dict[str, Any])
     if inputs.get("pixel_values") is None or "mm_encoder_outputs" in inputs or "pixel_values_videos" in inputs:
         return inputs
     vision_model = unwrap_model(model).model
+    half_rows = None
+    if family.name in FLAT_PATCH_FAMILIES and inputs.get("image_grid_thw") is not None:
+        half_rows = _repeated_half_rows(inputs["pixel_values"], inputs["image_grid_thw"])
     with torch.no_grad():
-        if family.name in FLAT_PATCH_FAMILIES and inputs.get("image_grid_thw") is not None:
-            features = _flat_patch_features(vision_model, inputs["pixel_values"], inputs["image_grid_thw"])
-        else:
+        if half_rows is None:
             features = _kept_fields(_encode(vision_model, inputs))
+        else:  # the first half of the images, encoded once and repeated for the second
+            grid = inputs["image_grid_thw"]
+            first_half = {"pixel_values": inputs["pixel_values"][:half_rows], "image_grid_thw": grid[: len(grid) // 2]}
+            features = _doubled(_kept_fields(_encode(vision_model, first_half)))
     reused = {key: value for key, value in inputs.items() if key != "pixel_values"}
     reused["mm_encoder_outputs"] = {"image": features}
     return reused
@@ -153,17 +158,6 @@ def _encode(vision_model: Any, inputs: dict[str, Any]) -> Any:
     parameters = inspect.signature(vision_model.get_image_features).parameters
     image_inputs = {name: inputs[name] for name in parameters if inputs.get(name) is not None}
     return vision_model.get_image_features(**image_inputs, return_dict=True)
-
-
-def _flat_patch_features(vision_model: Any, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
-    half_rows = _repeated_half_rows(pixel_values, image_grid_thw)
-    if half_rows is None:
-        return _kept_fields(_encode(vision_model, {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}))
-    first_half = {
-        "pixel_values": pixel_values[:half_rows],
-        "image_grid_thw": image_grid_thw[: len(image_grid_thw) // 2],
-    }
-    return _doubled(_kept_fields(_encode(vision_model, first_half)))
 
 
 def _repeated_half_rows(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> int | None:

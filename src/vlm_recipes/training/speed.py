@@ -11,7 +11,6 @@
   (`training.image_features`): wired in by the trainers in `training.optimization`.
 """
 
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,8 +29,6 @@ from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.padding_free import check_padding_free, pack_rows, packed_tokens
 from vlm_recipes.training.sampling import LengthGroupedSampler
 
-
-logger = logging.getLogger(__name__)
 
 GROUP_BY_LENGTH = "group_by_length"
 # Where TRL's and transformers' defaults leave speed on the table, unless the recipe sets the field itself.
