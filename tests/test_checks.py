@@ -24,12 +24,6 @@ def processor(tiny_qwen):
     return AutoProcessor.from_pretrained(tiny_qwen)
 
 
-def no_parallel_first():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def load_and_check(path, processor, max_length=None, formatter="conversations", **reliability):
     train, evaluation, report = load_datasets(DataArguments(dataset_name=str(path), formatter=formatter))
     train, evaluation = check_training_data(
@@ -39,7 +33,6 @@ def load_and_check(path, processor, max_length=None, formatter="conversations", 
         processor,
         ReliabilityArguments(**reliability),
         max_length,
-        main_process_first=no_parallel_first,
     )
     return train, report
 
@@ -127,9 +120,7 @@ def test_eval_split_and_dataset_folders_are_checked_with_row_numbers(tmp_path, p
     train_rows[4]["image"] = Image.new("RGB", (2, 2))
     folder = save_splits(tmp_path / "ds", {"train": train_rows, "test": test_rows}, chartqa_features())
     train, evaluation, report = load_datasets(DataArguments(dataset_name=str(folder)), need_eval=True)
-    train, evaluation = check_training_data(
-        train, evaluation, report, processor, ReliabilityArguments(), None, main_process_first=no_parallel_first
-    )
+    train, evaluation = check_training_data(train, evaluation, report, processor, ReliabilityArguments(), None)
     details = report.to_dict()
     assert details["train"]["rejected_by_reason"]["image too small"]["examples"] == ["row 4"]
     assert (

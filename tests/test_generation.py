@@ -120,7 +120,8 @@ def test_a_dpo_adapter_on_a_merged_sft_adapter_loads_merges_and_is_refused_in_4_
     from vlm_recipes.configs import ModelArguments
     from vlm_recipes.errors import RecipeError
     from vlm_recipes.merge import merge
-    from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, load_for_inference
+    from vlm_recipes.modeling.loading import load_for_inference
+    from vlm_recipes.run_folder import SFT_ADAPTER_COPY
 
     def base():
         return AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32)

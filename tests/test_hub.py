@@ -12,8 +12,11 @@ import yaml
 from safetensors.torch import save_file
 
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.hub import CARD_MARKER, RunFacts, hub_target, model_card, push_output_dir
+from vlm_recipes.hub.card import CARD_MARKER, model_card
+from vlm_recipes.hub.push import push_output_dir
+from vlm_recipes.hub.token import hub_target
 from vlm_recipes.push import main as push_main
+from vlm_recipes.run_folder import SavedRun
 
 
 TOKEN = "hf_testTOKEN0123456789abcdefSECRET"
@@ -226,8 +229,8 @@ def test_card_for_a_local_base_model_names_its_license_and_no_hub_metadata(tmp_p
     config = json.loads((output_dir / "adapter_config.json").read_text())
     (output_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
     (output_dir / "eval_results.json").unlink()
-    facts = RunFacts.read(output_dir)
-    from vlm_recipes.hub import base_model_license
+    facts = SavedRun.read(output_dir)
+    from vlm_recipes.hub.license import base_model_license
 
     card = model_card(facts, "me/run", base_model_license(str(base)))
     metadata = yaml.safe_load(card.split("---")[1])
@@ -333,5 +336,5 @@ def test_a_dpo_run_on_a_merged_sft_adapter_pushes_it_and_its_card_says_how_to_lo
     (output_dir / "recipe.yaml").write_text(
         "# entry point: vlm_recipes.dpo\n" + yaml.safe_dump({**recipe, "tuning_strategy": "qlora"}, sort_keys=False)
     )
-    card = model_card(RunFacts.read(output_dir), "me/dpo", None)
+    card = model_card(SavedRun.read(output_dir), "me/dpo", None)
     assert "--tuning_strategy qlora --adapter DIR" in card and "subfolder" not in card

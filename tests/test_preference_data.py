@@ -243,7 +243,9 @@ def test_bad_pairs_are_counted_by_reason_and_skipped(tmp_path):
     assert (
         "pairs.jsonl, line 2, column 'rejected'" in reasons["'chosen' and 'rejected' are identical"]["first_message"]
     )
-    report.publish(tmp_path, max_bad_fraction=0.6)  # 3 of 5 rejected: allowed here, and written down
+    report.publish(
+        tmp_path / "data_report.json", max_bad_fraction=0.6
+    )  # 3 of 5 rejected: allowed here, and written down
     assert json.loads((tmp_path / "data_report.json").read_text())["train"]["rejected"] == 3
     with pytest.raises(DataError, match="3 of 5 rows of the 'train' split were rejected"):
-        report.publish(tmp_path, max_bad_fraction=0.5)
+        report.publish(tmp_path / "data_report.json", max_bad_fraction=0.5)

@@ -20,7 +20,7 @@ from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.generate import generate_answers
 from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference
-from vlm_recipes.training.outputs import read_saved_recipe
+from vlm_recipes.run_folder import read_saved_recipe
 
 
 def load_image(path: str) -> Any:

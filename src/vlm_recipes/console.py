@@ -3,6 +3,8 @@
 import logging
 import warnings
 
+from vlm_recipes.processes import is_main_process
+
 
 # Messages the libraries print on every run that tell the user nothing they can act on.
 KNOWN_NOISE = [
@@ -33,12 +35,6 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     # bitsandbytes asks for the optional `kernels` package (a Hub download) on CPUs with AVX512-BF16; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("gemm_4bit_forward"))
-
-
-def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def print_main(*lines: str) -> None:

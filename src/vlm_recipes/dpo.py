@@ -32,9 +32,9 @@ from vlm_recipes.configs import (
 )
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
-from vlm_recipes.hub import prepare_training_push
-from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, read_adapter_config
+from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
 from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
@@ -157,7 +157,7 @@ def save_sft_adapter_copy(recipe: Recipe) -> None:
         return
     target = Path(recipe.training.output_dir) / SFT_ADAPTER_COPY
     target.mkdir(exist_ok=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copy2(Path(recipe.policy.sft_adapter_path).expanduser() / name, target / name)
 
 

@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.metrics import MATCHERS
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
-from vlm_recipes.hub import EVAL_RESULTS_FILE
-from vlm_recipes.modeling.loading import load_for_inference, sft_adapter_under, trains_in_4bit
+from vlm_recipes.modeling.loading import load_for_inference
+from vlm_recipes.modeling.strategies import loads_in_4bit
+from vlm_recipes.processes import is_main_process, main_process_first
 from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.run_folder import EVAL_RESULTS_FILE, predictions_file, sft_adapter_under
 from vlm_recipes.sft import RECIPE_PARTS as SFT_RECIPE_PARTS
-from vlm_recipes.training.distributed import main_process_first
 
 
 @dataclass
@@ -51,10 +50,6 @@ class EvaluateCommandArguments:
 
 
 RECIPE_PARTS = {**SFT_RECIPE_PARTS, "command": EvaluateCommandArguments}
-
-
-def predictions_file(name: str) -> str:
-    return f"predictions_{name}.jsonl"
 
 
 def result_paths(output_dir: Path, names: list[str]) -> list[Path]:
@@ -120,7 +115,7 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
     data_report.stop_if_too_many_rejected(data_args.max_bad_fraction)
 
     # The precision the recipe trains in (4-bit for qlora), for the base and the adapter alike.
-    model_args.load_in_4bit = trains_in_4bit(
+    model_args.load_in_4bit = loads_in_4bit(
         {"tuning_strategy": recipe.tuning.tuning_strategy, "load_in_4bit": model_args.load_in_4bit}
     )
     model, processor, _ = load_for_inference(model_args, command.adapter, training_args.trust_remote_code)
@@ -158,7 +153,7 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
             name: {**outcome.scores, "predictions": predictions_file(name)} for name, outcome in outcomes.items()
         },
     }
-    if PartialState().is_main_process:
+    if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         for name, outcome in outcomes.items():
             write_predictions(output_dir / predictions_file(name), outcome)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
-from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference, sft_adapter_under
-from vlm_recipes.training.outputs import RECIPE_FILE, prepare_output_dir
+from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference
+from vlm_recipes.run_folder import RECIPE_FILE, sft_adapter_under
+from vlm_recipes.training.outputs import prepare_output_dir
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")

@@ -3,7 +3,7 @@
     python -m vlm_recipes.push outputs/qwen2.5-vl-7b-chartqa-qlora --hub_model_id your-name/qwen2.5-vl-chartqa
 
 Pushes the adapter (or model) weights, the processor, the recipe as run, the training log and plot, and the evaluation
-results; never checkpoints, optimizer states or pickles (see `vlm_recipes.hub`). The token comes from `--hub_token`,
+results; never checkpoints, optimizer states or pickles (see `vlm_recipes.hub.upload`). The token comes from `--hub_token`,
 else HF_TOKEN, else the login cached by `hf auth login`; it is never printed or written anywhere.
 """
 
@@ -11,8 +11,9 @@ import argparse
 
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
-from vlm_recipes.hub import hub_target, push_output_dir
-from vlm_recipes.training.outputs import read_saved_recipe
+from vlm_recipes.hub.push import push_output_dir
+from vlm_recipes.hub.token import hub_target
+from vlm_recipes.run_folder import read_saved_recipe
 
 
 def _bool(text: str) -> bool:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import TrlParser
 
 from vlm_recipes.errors import RecipeError
 
@@ -98,6 +97,8 @@ def _has_accelerator() -> bool:
 def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: str | None = None) -> Recipe:
     """Parse `argv` (default `sys.argv[1:]`) into one instance of each dataclass in `parts`, keyed like `parts`."""
     import sys
+
+    from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(list(parts.values()), prog=prog)

@@ -21,7 +21,7 @@ from vlm_recipes.configs import (
 )
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
-from vlm_recipes.hub import prepare_training_push
+from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks

@@ -20,7 +20,6 @@ Rows are task-agnostic: anything `row_conversations` understands (SFT `messages`
 """
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,21 +408,18 @@ def check_training_data(
     args: Any,
     max_length: int | None,
     num_proc: int | None = None,
-    main_process_first: Callable[[], Any] | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """The one call an entry point makes: check train and eval rows, return them with bad rows out and fixes in.
 
     `args` is the recipe's `ReliabilityArguments` (nothing is checked when `check_data` is off). Publish `report`
-    afterwards. Under several processes, the main process checks first and the others reuse its cached results.
+    afterwards. The results are cached by fingerprint in the datasets cache: under several processes the caller runs
+    this on the main process first (`vlm_recipes.processes.main_process_first`), and the others reuse its results.
     """
     if not args.check_data:
         return train, evaluation
-    from accelerate import PartialState
-
     counter = TokenCounter(processor)
     policy = check_policy(processor, args, max_length)
-    with (main_process_first or PartialState().main_process_first)():
-        checked = check_datasets(
-            {"train": train, "eval": evaluation}, report, counter, policy, args.check_num_proc or num_proc
-        )
+    checked = check_datasets(
+        {"train": train, "eval": evaluation}, report, counter, policy, args.check_num_proc or num_proc
+    )
     return checked["train"].dataset, checked["eval"].dataset if "eval" in checked else None

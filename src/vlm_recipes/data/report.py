@@ -11,10 +11,10 @@ from typing import Any
 
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import DataError
+from vlm_recipes.run_folder import DATA_REPORT_FILE
 
 
 MAX_EXAMPLES = 5
-REPORT_FILE = "data_report.json"
 
 
 @dataclass
@@ -124,14 +124,15 @@ class DataReport:
                     source=split.source,
                 )
 
-    def publish(self, output_dir: str | Path, max_bad_fraction: float, is_main_process: bool = True) -> None:
-        """Write `data_report.json`, show the table when rows were rejected, and stop if too many were."""
-        if is_main_process:
-            self.write(Path(output_dir) / REPORT_FILE)
+    def publish(self, path: str | Path | None, max_bad_fraction: float) -> None:
+        """Write the report to `path` (`data_report.json`; None: not written), show the table when rows were rejected
+        or fixed, and stop if too many were rejected."""
+        if path is not None:
+            self.write(path)
         if self.rejected or self.fixed:
             print_main(
                 f"Data check: {self.rejected} row(s) rejected and skipped, {self.fixed} fixed and kept (details in "
-                f"{REPORT_FILE})",
+                f"{DATA_REPORT_FILE})",
                 self.table(),
             )
         self.stop_if_too_many_rejected(max_bad_fraction)

@@ -1,6 +1,5 @@
 """The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
 
-import json
 import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,11 +14,18 @@ from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily, get_family
 from vlm_recipes.modeling.image_size import bound_image_size
 from vlm_recipes.modeling.strategies import (
-    STRATEGIES,
     TuningPlan,
     apply_strategy,
+    loads_in_4bit,
     resolve_strategy,
     trainable_parameter_table,
+)
+from vlm_recipes.run_folder import (
+    ADAPTER_CONFIG,
+    PROCESSOR_FILES,
+    read_adapter_config,
+    read_saved_recipe,
+    sft_adapter_under,
 )
 
 
@@ -226,51 +232,14 @@ def load_for_training(
 # A trained adapter on its base model: evaluation, chat and merge
 
 
-ADAPTER_CONFIG = "adapter_config.json"
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-# A DPO run with `reference: sft_merged` trains its adapter on base + the SFT adapter merged in, and keeps a copy of that
-# SFT adapter in this subfolder of its output folder (`dpo.SFT_ADAPTER_COPY`, the same name): loading the DPO adapter
-# means merging the SFT one first.
-SFT_ADAPTER_COPY = "sft_adapter"
-
-
-def sft_adapter_under(adapter: str | Path | None) -> Path | None:
-    """The SFT adapter an adapter folder applies on top of (`<adapter>/sft_adapter/`, written by a DPO run with
-    `reference: sft_merged`), or None for an adapter that applies on the base alone."""
-    if adapter is None:
-        return None
-    path = Path(adapter) / SFT_ADAPTER_COPY
-    return path if (path / ADAPTER_CONFIG).is_file() else None
-
-
-def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
-    """The adapter's `adapter_config.json`; a clear error when the folder holds no adapter."""
-    path = Path(adapter) / ADAPTER_CONFIG
-    if not path.is_file():
-        what = "does not exist" if not Path(adapter).exists() else f"holds no LoRA adapter (no {ADAPTER_CONFIG})"
-        raise RecipeError(f"Adapter folder {adapter} {what}. Pass the `output_dir` of a LoRA/QLoRA training run.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RecipeError(f"{path} is not valid JSON: {error}") from None
-
-
-def trains_in_4bit(settings: dict[str, Any]) -> bool:
-    """Whether a recipe's fields load the base in 4 bit: a 4-bit `tuning_strategy` (qlora), else `load_in_4bit`."""
-    strategy = STRATEGIES.get(settings.get("tuning_strategy") or "")
-    return strategy.four_bit if strategy else bool(settings.get("load_in_4bit"))
-
-
 def adapter_model_arguments(adapter: str | Path, base: str | None = None, **overrides: Any) -> ModelArguments:
     """Model settings to load an adapter's base: the base named in `adapter_config.json` (or `base`), and the model
     fields of the recipe saved with the adapter (revision, dtype, attention, image pixel bounds, 4-bit)."""
-    from vlm_recipes.training.outputs import read_saved_recipe
-
     adapter_config = read_adapter_config(adapter)
     known = {f.name for f in fields(ModelArguments)}
     saved = read_saved_recipe(adapter)
     settings = {key: value for key, value in saved.items() if key in known}
-    settings["load_in_4bit"] = trains_in_4bit(saved)  # evaluated and chatted with as trained
+    settings["load_in_4bit"] = loads_in_4bit(saved)  # evaluated and chatted with as trained
     settings["model_name_or_path"] = base or adapter_config.get("base_model_name_or_path")
     if not settings["model_name_or_path"]:
         raise RecipeError(f"{adapter}/{ADAPTER_CONFIG} names no base model; pass the base model's path or Hub id.")

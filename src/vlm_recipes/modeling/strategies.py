@@ -65,6 +65,13 @@ class TuningPlan:
         return self.modes[part] != FROZEN or (part == "vision_tower" and self.vision_lora_r is not None)
 
 
+def loads_in_4bit(settings: dict[str, Any]) -> bool:
+    """Whether a recipe's fields (a saved `recipe.yaml`) load the base in 4 bit: a 4-bit `tuning_strategy` (qlora), else
+    `load_in_4bit`."""
+    strategy = STRATEGIES.get(settings.get("tuning_strategy") or "")
+    return strategy.four_bit if strategy else bool(settings.get("load_in_4bit"))
+
+
 def _strategy_from_legacy_fields(model_args: ModelArguments) -> str:
     if model_args.load_in_4bit:
         return "qlora"

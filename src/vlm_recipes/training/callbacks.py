@@ -8,7 +8,8 @@ from transformers import TrainerCallback
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.evaluation.runner import evaluate_rows
-from vlm_recipes.training.plots import PLOT_FILE, plot_training_log
+from vlm_recipes.run_folder import PLOT_FILE
+from vlm_recipes.training.plots import plot_training_log
 
 
 class GenerationEvaluationCallback(TrainerCallback):

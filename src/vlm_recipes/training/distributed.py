@@ -3,7 +3,7 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m vlm_recipes.sft recipes/chartqa.yaml
 
 The Trainer (through accelerate) does the distributing; this module covers what it leaves to the recipe for vision
-data: work that should happen once happens once (`main_process_first`), text-only rows cannot hang a sharded launch
+data: work that should happen once happens once (`vlm_recipes.processes.main_process_first`), text-only rows cannot hang a sharded launch
 (`drop_text_only_rows`), DDP looks for unused parameters only when a step can leave some without a gradient
 (`find_unused_parameters`, `DistributedTrainingMixin`), DPO's frozen reference adapter is saved whole under ZeRO-3
 (`save_frozen_adapters_under_zero3`), and the run says what the launch is and how large the global batch is
@@ -12,14 +12,13 @@ data: work that should happen once happens once (`main_process_first`), text-onl
 
 import atexit
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from accelerate import PartialState
 
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.processes import wait_for_everyone
 
 
 @dataclass(frozen=True)
@@ -105,32 +104,6 @@ def global_batch_text(training_args: Any, launch: Launch) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Work that should happen once
-
-
-@contextmanager
-def main_process_first(local: bool = True) -> Iterator[None]:
-    """Run the body on each machine's main process first while the others wait, then on the others, which find the
-    datasets cache it wrote (loaded splits, formatted rows) and reuse it instead of formatting again. `local=False`:
-    the main process of the first machine only (for a filesystem every machine shares).
-
-    The main process releases the others also when the body fails, so that every process stops with the same error
-    instead of the others waiting at the barrier until the launcher kills them."""
-    state = PartialState()
-    if state.num_processes == 1:
-        yield
-        return
-    first = state.is_local_main_process if local else state.is_main_process
-    if not first:
-        state.wait_for_everyone()
-    try:
-        yield
-    finally:
-        if first:
-            state.wait_for_everyone()
-
-
-def wait_for_everyone() -> None:
-    PartialState().wait_for_everyone()
 
 
 def _end_process_group() -> None:

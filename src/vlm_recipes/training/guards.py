@@ -33,14 +33,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.training.outputs import TRAINING_LOG
+from vlm_recipes.processes import is_main_process, wait_for_everyone
+from vlm_recipes.run_folder import COMPLETE_MARKER, INCOMPLETE_PREFIX, TRAINER_STATE, TRAINING_LOG
 
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "checkpoint_complete.json"
-INCOMPLETE_PREFIX = "incomplete-"
-TRAINER_STATE = "trainer_state.json"
 
 
 class TrainingDiverged(RecipeError):
@@ -49,18 +46,6 @@ class TrainingDiverged(RecipeError):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Complete checkpoints
-
-
-def _wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _fsync(path: Path) -> None:
@@ -164,11 +149,11 @@ def resume_checkpoint(output_dir: str | Path, requested: bool | str | None) -> s
     incomplete = {folder: reason for folder, reason in incomplete.items() if reason is not None}
     complete = [folder for folder in found if folder not in incomplete]
     lines = []
-    if _is_main_process():
+    if is_main_process():
         for folder, reason in incomplete.items():
             moved = _move_aside(folder)
             lines.append(f"{folder.name} is incomplete ({reason}): moved aside to {moved.name}; nothing was deleted.")
-    _wait_for_everyone()
+    wait_for_everyone()
     if not complete:
         print_main(
             *lines, f"resume_from_checkpoint: no complete checkpoint in {output_dir}; training starts at step 0."
@@ -186,11 +171,11 @@ class CompleteCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        _wait_for_everyone()  # every process has written its part (sharded optimizer states, ...)
+        wait_for_everyone()  # every process has written its part (sharded optimizer states, ...)
         if args.should_save and folder.is_dir():
             mark_complete(folder, state.global_step)
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
-        _wait_for_everyone()
+        wait_for_everyone()
         return control
 
 

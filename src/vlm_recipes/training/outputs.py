@@ -5,21 +5,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vlm_recipes.data.report import REPORT_FILE
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.modeling.loading import ADAPTER_CONFIG, SFT_ADAPTER_COPY
 from vlm_recipes.recipe import Recipe, save_recipe
+from vlm_recipes.run_folder import (
+    ADAPTER_WEIGHTS,
+    PRE_TRAINING_FILES,
+    PRE_TRAINING_FOLDERS,
+    RECIPE_FILE,
+    TRAINING_ARGS_PICKLE,
+    TRAINING_LOG,
+    loss_points,
+)
 from vlm_recipes.training.distributed import save_frozen_adapters_under_zero3
-
-
-TRAINING_LOG = "training_log.json"
-RECIPE_FILE = "recipe.yaml"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# What a run writes into output_dir before training starts: the data report (`data.report.publish`) and, for DPO with
-# `reference: sft_merged`, its copy of the SFT adapter (`dpo.save_sft_adapter_copy`). A folder holding nothing else is
-# a run that stopped before training (too many bad rows, a recipe error), not a previous run's work.
-PRE_TRAINING_FILES = frozenset({REPORT_FILE})
-PRE_TRAINING_FOLDERS = {SFT_ADAPTER_COPY: frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS})}
 
 
 def resume_requested(value: Any) -> bool | str | None:
@@ -92,10 +89,6 @@ def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: Any, 
     return path
 
 
-def losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-
-
 def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
     """Adapter (or model) and processor via the trainer, the saved adapters read back, the training log and the
     recipe as run."""
@@ -106,7 +99,7 @@ def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
         output_dir = Path(output_dir)
         # The Trainer pickles its arguments next to the weights; recipe.yaml says the same in plain text, and the final
         # folder (what gets shared) holds no pickle. Checkpoints keep theirs for resuming.
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
         (output_dir / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
         save_recipe(recipe, output_dir / RECIPE_FILE)
 
@@ -147,26 +140,12 @@ def check_saved_adapters(model: Any, output_dir: str | Path) -> None:
         )
 
 
-def read_saved_recipe(folder: str | Path) -> dict[str, Any]:
-    """The fields of the `recipe.yaml` saved with a run's outputs ({} when the folder has none)."""
-    import yaml
-
-    path = Path(folder) / RECIPE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path} is not valid YAML: {error}") from None
-    return content if isinstance(content, dict) else {}
-
-
 def summary_lines(log_history: list[dict[str, Any]], output_dir: str | Path, keys: tuple[str, ...] = ()) -> list[str]:
     """What a user wants at the end: where the outputs are and how the metrics moved from first to last log."""
     lines = [f"Outputs in {Path(output_dir).resolve()}"]
-    loss_points = losses(log_history)
-    if loss_points:
-        (first_step, first), (last_step, last) = loss_points[0], loss_points[-1]
+    points = loss_points(log_history)
+    if points:
+        (first_step, first), (last_step, last) = points[0], points[-1]
         lines.append(f"loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
     for key in keys:
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]

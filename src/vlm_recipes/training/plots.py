@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Any
 
 
-PLOT_FILE = "training_plot.png"
 LOSS_KEYS = ("loss", "eval_loss")
 METRIC_KEYS = ("eval_relaxed_accuracy", "eval_exact_match")
 

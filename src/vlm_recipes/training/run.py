@@ -1,29 +1,28 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from transformers import set_seed
 
 from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
-from vlm_recipes.hub import HubTarget, push_output_dir
+from vlm_recipes.hub.push import push_output_dir
+from vlm_recipes.hub.token import HubTarget
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
 from vlm_recipes.modeling.strategies import TuningPlan, resolve_strategy
+from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
 from vlm_recipes.recipe import Recipe
+from vlm_recipes.run_folder import DATA_REPORT_FILE
 from vlm_recipes.training.distributed import (
     check_launch,
     describe_launch,
     drop_text_only_rows,
     end_process_group_at_exit,
-    main_process_first,
-    wait_for_everyone,
 )
 from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
@@ -53,7 +52,6 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     launch = describe_launch(training_args)
     check_launch(launch)
     end_process_group_at_exit()
-    is_main_process = PartialState().is_main_process
     folder_settings = {
         "overwrite": run_args.overwrite_output_dir,
         "resume": resume_requested(training_args.resume_from_checkpoint),
@@ -62,7 +60,7 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     # none of them finds the main process's new files and refuses the folder as one that already holds a run.
     prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=False)
     wait_for_everyone()
-    output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process)
+    output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process())
     # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
     with main_process_first():
@@ -82,11 +80,10 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
             reliability(recipe),
             training_args.max_length,
             training_args.dataset_num_proc,
-            main_process_first=nullcontext,  # already ordered by the enclosing main_process_first
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
-        data_report.publish(output_dir, data_args.max_bad_fraction, is_main_process)
+        data_report.publish(output_dir / DATA_REPORT_FILE if is_main_process() else None, data_args.max_bad_fraction)
     # The adapter's initial weights are drawn before the Trainer seeds anything: seed here, so that they follow the
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)

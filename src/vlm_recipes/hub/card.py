@@ -1,0 +1,233 @@
+"""The model card (README.md) of a pushed run, written from what its output folder says (`run_folder.SavedRun`):
+metadata, training, evaluation, usage and the recipe as run. A card someone wrote by hand is kept as it is."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm_recipes.hub.license import is_local_path
+from vlm_recipes.modeling.strategies import loads_in_4bit
+from vlm_recipes.run_folder import CARD_FILE, PLOT_FILE, RECIPE_FILE, SFT_ADAPTER_COPY, SavedRun, loss_points
+
+
+CARD_MARKER = "<!-- model card written by vlm-recipes -->"
+# Cards the libraries write on their own (PEFT's template on save, TRL's on checkpoint): ours replaces them.
+GENERATED_CARD_MARKERS = (
+    CARD_MARKER,
+    "<!-- Provide a quick summary of what the model is/does. -->",
+    "It has been trained using [TRL](https://github.com/huggingface/trl).",
+)
+
+
+def _format_number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _training_section(run: SavedRun) -> list[str]:
+    recipe = run.recipe
+    method = "QLoRA (4-bit base)" if loads_in_4bit(run.recipe) else "LoRA" if run.is_adapter else "full fine-tuning"
+    if recipe.get("tuning_strategy"):
+        method += f", tuning strategy `{recipe['tuning_strategy']}`"
+    lines = ["## Training", ""]
+    training = (
+        "direct preference optimization with TRL's `DPOTrainer`"
+        if run.entry_point == "vlm_recipes.dpo"
+        else "supervised fine-tuning with TRL's `SFTTrainer`"
+    )
+    lines.append(f"- method: {training}, {method}")
+    if recipe.get("dataset_name"):
+        split = recipe.get("dataset_train_split", "train")
+        lines.append(
+            f"- data: `{recipe['dataset_name']}` (split `{split}`, formatter `{recipe.get('formatter', '?')}`)"
+        )
+    for key in (
+        "lora_r",
+        "lora_alpha",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+    ):
+        if key in recipe:
+            lines.append(f"- {key}: {recipe[key]}")
+    points = loss_points(run.log_history)
+    if points:
+        (first_step, first), (last_step, last) = points[0], points[-1]
+        lines.append(f"- training loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+    evaluations = [entry for entry in run.log_history if "eval_relaxed_accuracy" in entry or "eval_loss" in entry]
+    if evaluations:
+        last = {}
+        for entry in evaluations:
+            last.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+        shown = [key for key in ("eval_loss", "eval_relaxed_accuracy", "eval_exact_match") if key in last]
+        lines.append(
+            "- last evaluation during training: " + ", ".join(f"{key} {_format_number(last[key])}" for key in shown)
+        )
+    if run.has_plot:
+        lines += ["", f"![training curves]({PLOT_FILE})"]
+    return lines
+
+
+def _evaluation_command(run: SavedRun) -> list[str]:
+    """How to evaluate the run. The evaluate command takes a task recipe (SFT fields: its data and metrics), so a DPO
+    run names one with the run's base model and precision, not the DPO recipe (whose fields evaluate refuses)."""
+    if run.entry_point != "vlm_recipes.dpo":
+        option = "--adapter DIR" if run.is_adapter else "--model_name_or_path DIR"
+        return [f"Not evaluated yet: `python -m vlm_recipes.evaluate RECIPE.yaml {option}`."]
+    if not run.is_adapter:
+        command = "python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path DIR"
+        folder = "the model's folder"
+    else:
+        strategy = "qlora" if loads_in_4bit(run.recipe) else "lora"
+        command = (
+            f"python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path {run.base_model or 'BASE'} "
+            f"--tuning_strategy {strategy} --adapter DIR"
+        )
+        folder = "the adapter's folder" + (" (with its `sft_adapter/`)" if run.sft_adapter else "")
+    lines = [
+        "Not evaluated yet. The evaluation command takes a task recipe, one that names evaluation data such as "
+        f"`recipes/chartqa.yaml` (an SFT recipe), not this DPO recipe, with DIR {folder}:",
+        "",
+        "```bash",
+        command,
+        "```",
+    ]
+    if run.sft_adapter:
+        lines += ["", "Its `base` column is then base + the SFT adapter, the model DPO started from."]
+    return lines
+
+
+def _evaluation_section(run: SavedRun) -> list[str]:
+    eval_results = run.eval_results
+    if not eval_results or not eval_results.get("results"):
+        return ["## Evaluation", "", *_evaluation_command(run)]
+    results = eval_results["results"]
+    names = list(results)
+    metrics = [key for key in ("relaxed_accuracy", "exact_match") if any(key in results[name] for name in names)]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Greedy answers on `{eval_results.get('dataset')}` (split `{eval_results.get('split')}`, "
+        f"{eval_results.get('rows')} rows), scored with ChartQA's relaxed accuracy (numbers within 5%) and exact match.",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for metric in metrics:
+        lines.append(f"| {metric} | " + " | ".join(_format_number(results[name].get(metric)) for name in names) + " |")
+    return lines
+
+
+def _usage_section(run: SavedRun, repo_id: str) -> list[str]:
+    system_prompt = run.recipe.get("system_prompt")
+    system = (
+        f'    {{"role": "system", "content": [{{"type": "text", "text": {json.dumps(system_prompt)}}}]}},\n'
+        if system_prompt
+        else ""
+    )
+    if run.is_adapter:
+        sft_merge = (
+            "# This adapter applies on top of base + the SFT adapter DPO started from (sft_adapter/): merge that first.\n"
+            f'base = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{SFT_ADAPTER_COPY}").merge_and_unload()\n'
+            if run.sft_adapter
+            else ""
+        )
+        load = (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+            f'base = AutoModelForImageTextToText.from_pretrained("{run.base_model}", dtype="bfloat16", '
+            'device_map="auto")\n' + sft_merge + f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            f'processor = AutoProcessor.from_pretrained("{repo_id}")\n'
+        )
+    else:
+        load = (
+            "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+            f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", dtype="bfloat16", device_map="auto")\n'
+            f'processor = AutoProcessor.from_pretrained("{repo_id}")\n'
+        )
+    snippet = (
+        load + "\nfrom PIL import Image\n\n"
+        "messages = [\n"
+        + system
+        + '    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the highest value?"}]},\n'
+        "]\n"
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        'inputs = processor(text=[prompt], images=[Image.open("chart.png")], return_tensors="pt").to(model.device)\n'
+        "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+        'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+    )
+    return (
+        ["## Usage", "", "```python", snippet.rstrip(), "```", "", "Or, with vlm-recipes installed:", "", "```bash"]
+        + (
+            [
+                f"python -m vlm_recipes.chat --adapter {repo_id} --image chart.png --question 'What is the highest value?'"
+            ]
+            if run.is_adapter
+            else [
+                f"python -m vlm_recipes.chat --model {repo_id} --image chart.png --question 'What is the highest value?'"
+            ]
+        )
+        + ["```"]
+    )
+
+
+def model_card(run: SavedRun, repo_id: str, license_name: str | None) -> str:
+    """The README.md of the pushed repository: metadata, training, evaluation, usage and the recipe as run."""
+    metadata: dict[str, Any] = {}
+    if run.base_model and not is_local_path(run.base_model):
+        metadata["base_model"] = run.base_model
+    metadata["library_name"] = "peft" if run.is_adapter else "transformers"
+    if license_name:
+        metadata["license"] = license_name
+    dataset = run.recipe.get("dataset_name")
+    if dataset and not is_local_path(dataset):
+        metadata["datasets"] = [dataset]
+    metadata["pipeline_tag"] = "image-text-to-text"
+    metadata["tags"] = ["vlm-recipes", "trl", "dpo" if run.entry_point == "vlm_recipes.dpo" else "sft"] + (
+        ["qlora" if loads_in_4bit(run.recipe) else "lora"] if run.is_adapter else []
+    )
+    base = run.base_model or "an unknown base model"
+    base_link = f"[{base}](https://huggingface.co/{base})" if "base_model" in metadata else f"`{base}`"
+    kind = "A LoRA adapter for" if run.is_adapter else "A fine-tune of"
+    if run.sft_adapter:
+        kind = f"A LoRA adapter, on top of the SFT adapter in `{SFT_ADAPTER_COPY}/` merged into the base, for"
+    license_line = (
+        f"License: `{license_name}`, the base model's license."
+        if license_name
+        else "License: not found; the base model's license applies."
+    )
+    lines = [
+        "---",
+        yaml.safe_dump(metadata, sort_keys=False).rstrip(),
+        "---",
+        CARD_MARKER,
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"{kind} {base_link}, fine-tuned with vlm-recipes (recipes over Hugging Face TRL).",
+        "",
+        license_line,
+        "",
+        *_training_section(run),
+        "",
+        *_evaluation_section(run),
+        "",
+        *_usage_section(run, repo_id),
+    ]
+    if run.recipe_text:
+        lines += ["", "## Recipe", "", f"The recipe as run (`{RECIPE_FILE}` in this repository):", "", "```yaml"]
+        lines += [run.recipe_text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(output_dir: str | Path, text: str) -> bool:
+    """Write README.md unless the folder holds a card someone wrote by hand (kept, and pushed as it is)."""
+    path = Path(output_dir) / CARD_FILE
+    if path.is_file():
+        existing = path.read_text(encoding="utf-8")
+        if not any(marker in existing for marker in GENERATED_CARD_MARKERS):
+            return False
+    path.write_text(text, encoding="utf-8")
+    return True
