@@ -11,11 +11,11 @@ from transformers.processing_utils import ProcessorMixin
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from vlm_recipes.compat import ASSISTANT_MASK_METHOD as MASK_METHOD
 from vlm_recipes.modeling.chat_templates import read_template
 from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.training import collators
 from vlm_recipes.training.collators import (
-    MASK_METHOD,
     VisionPreferenceCollator,
     VisionSFTCollator,
     adjust_assistant_masks_indices,

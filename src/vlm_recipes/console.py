@@ -8,7 +8,7 @@ from vlm_recipes.processes import is_main_process
 
 # Messages the libraries print on every run that tell the user nothing they can act on.
 KNOWN_NOISE = [
-    # TRL's own config sets `gradient_checkpointing`, which transformers 5.23 has renamed.
+    # TRL's own config sets `gradient_checkpointing`, which transformers renamed in 5.23.
     (FutureWarning, r".*`gradient_checkpointing` is deprecated.*"),
     (FutureWarning, r".*`is_gradient_checkpointing` is deprecated.*"),
 ]

@@ -21,6 +21,7 @@ from typing import Any
 
 from trl import DPOConfig
 
+from vlm_recipes.compat import TRL_REFERENCE_ADAPTER
 from vlm_recipes.configs import (
     DataArguments,
     ModelArguments,
@@ -117,8 +118,8 @@ def use_disabled_adapter_as_reference(model: Any) -> None:
     """A new adapter starts as the identity, so the reference is the model with the adapter disabled. TRL takes any
     adapter it is handed as pretrained and adds a frozen copy named "ref" as the reference: for a new adapter that copy
     equals the disabled adapter, at the cost of its memory and a LoRA pass per batch, so it goes."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")
+    if TRL_REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(TRL_REFERENCE_ADAPTER)
 
 
 def build_trainer(recipe: Recipe) -> VLMDPOTrainer:

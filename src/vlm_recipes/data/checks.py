@@ -26,6 +26,7 @@ from typing import Any
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
+from vlm_recipes.compat import dataset_fingerprint
 from vlm_recipes.data.formatters import IMAGE_PLACEHOLDER
 from vlm_recipes.data.images import (
     ImageProblem,
@@ -289,7 +290,7 @@ def _fingerprint(dataset: Dataset, counter: TokenCounter, policy: CheckPolicy, t
     settings = (
         CHECKS_VERSION,
         task,
-        dataset._fingerprint,
+        dataset_fingerprint(dataset),
         type(processor).__name__,
         getattr(counter.tokenizer, "name_or_path", None),
         len(counter.tokenizer),

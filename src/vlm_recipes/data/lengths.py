@@ -7,7 +7,7 @@ row (a test compares them):
 - text: the conversation rendered by the processor's own chat template and tokenized as the collator does
   (`add_special_tokens=False`), minus the one placeholder token per image the template writes;
 - images: what the processor expands each placeholder into, from its own resize rule
-  (`processor._get_num_multimodal_tokens(image_sizes=...)`; Qwen-VL: one token per 28x28 pixels after `smart_resize`),
+  (`compat.num_image_tokens`; Qwen-VL: one token per 28x28 pixels after `smart_resize`),
   or, for a processor without that rule, measured once per image size by running the processor on a blank image.
 
 Only image sizes are needed, never pixels: `image_size` reads them from the file header.
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_recipes.compat import num_image_tokens
 from vlm_recipes.data.images import image_size
 
 
@@ -86,13 +87,8 @@ class TokenCounter:
         return self._image_tokens[key]
 
     def _compute_image_tokens(self, width: int, height: int) -> int:
-        rule = getattr(self.processor, "_get_num_multimodal_tokens", None)
-        if rule is not None:
-            try:
-                return int(rule(image_sizes=[(height, width)])["num_image_tokens"][0])
-            except (NotImplementedError, KeyError, TypeError, AttributeError):
-                pass  # no size rule for this processor: measure below
-        return self._measured_image_tokens(width, height)
+        tokens = num_image_tokens(self.processor, width, height)
+        return tokens if tokens is not None else self._measured_image_tokens(width, height)
 
     def _measured_image_tokens(self, width: int, height: int) -> int:
         from PIL import Image

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_recipes.compat import is_packed_4bit
 from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
@@ -289,7 +290,7 @@ def trainable_parameter_table(model: Any, family: ModelFamily) -> str:
         if ".original_module." in name:
             continue  # peft's frozen original of a module trained in full: counted once, as its trained copy
         count = getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 loads weights as empty shards
-        if type(parameter).__name__ == "Params4bit":
+        if is_packed_4bit(parameter):
             count *= 2  # 4-bit storage packs two weights per byte
         totals[family.part_of(name)][1] += count
         if parameter.requires_grad:

@@ -1,7 +1,7 @@
 """TRL's vision collators with the same output, faster: the SFT assistant mask without a per-token loop, and each DPO
 prompt with its images processed once.
 
-What TRL 1.16 / transformers 5.24 do on their own:
+What TRL 1.16 / transformers 5.24 do on their own (the private pieces relied on are in `vlm_recipes.compat`):
 - `DataCollatorForVisionLanguageModeling` with `assistant_only_loss=True` calls `processor.apply_chat_template(...,
   return_assistant_tokens_mask=True)`; `ProcessorMixin._adjust_assistant_masks_indices` then walks every token of every
   row (image tokens included) in Python, unpacking tensor elements one by one: about half the collator's time on
@@ -10,11 +10,11 @@ What TRL 1.16 / transformers 5.24 do on their own:
   every image is resized, normalized and patched twice.
 
 What this module changes, and nothing else (tests compare every output tensor with TRL's):
-- `VisionSFTCollator` computes the same mask with array operations (`assistant_token_masks`), put on the processor as
-  an instance attribute only for the duration of the call: the processor is saved with `save_pretrained` and must not
-  keep it. Where the processor has no such method (another transformers version), TRL's collator runs unchanged.
+- `VisionSFTCollator` computes the same mask with array operations (`assistant_token_masks`), put on the processor
+  only for the duration of the call (`compat.shadowed_assistant_mask_method`): the processor is saved with
+  `save_pretrained` and must not keep it. Where the processor has no such method (another transformers version), TRL's collator runs unchanged.
 - `VisionPreferenceCollator` hands TRL's `torch_call` the processor behind `PromptsOnceProcessor`, which processes the
-  doubled prompt call's first half and repeats every output along dim 0. That equals processing the doubled list
+  doubled prompt call's (`compat.doubled_prompt_half`) first half and repeats every output along dim 0. That equals processing the doubled list
   because every output's dim 0 counts rows, images or image patches in image order, and padding goes to the longest
   row, which both halves share.
 
@@ -23,11 +23,8 @@ Both take exactly the constructor arguments of the TRL class they extend.
 
 import dataclasses
 import functools
-import inspect
 import logging
-import types
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,13 +32,16 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from vlm_recipes.compat import (
+    ASSISTANT_MASK_METHOD,
+    doubled_prompt_half,
+    has_known_mask_method,
+    original_assistant_masks,
+    shadowed_assistant_mask_method,
+)
+
 
 logger = logging.getLogger(__name__)
-
-MASK_METHOD = "_adjust_assistant_masks_indices"
-# The signature of the transformers 5.24 method our replacement has the semantics of.
-MASK_METHOD_PARAMETERS = ("self", "processed_dict", "generation_indices")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # SFT: the assistant-token mask
@@ -93,7 +93,7 @@ def adjust_assistant_masks_indices(processor: Any, processed_dict: Any, generati
     elif isinstance(offset_mapping, np.ndarray):
         as_output, offsets = (lambda masks: masks), offset_mapping
     else:
-        return getattr(type(processor), MASK_METHOD)(processor, processed_dict, generation_indices)
+        return original_assistant_masks(processor, processed_dict, generation_indices)
     processed_dict.pop("offset_mapping")
     replacement_offsets = processed_dict.pop("text_replacement_offsets", None)
     processed_dict["assistant_masks"] = as_output(
@@ -102,39 +102,14 @@ def adjust_assistant_masks_indices(processor: Any, processed_dict: Any, generati
     return processed_dict
 
 
-def has_known_mask_method(processor: Any) -> bool:
-    """Whether the processor's class has the transformers method our replacement mirrors, with its signature."""
-    method = getattr(type(processor), MASK_METHOD, None)
-    if method is None:
-        return False
-    return tuple(inspect.signature(method).parameters) == MASK_METHOD_PARAMETERS
-
-
 @functools.cache
 def _warn_no_mask_method(processor_class: str) -> None:
     logger.warning(
         "%s has no %s(processed_dict, generation_indices) (another transformers version?); the SFT collator computes "
         "the assistant mask with transformers' own per-token loop.",
         processor_class,
-        MASK_METHOD,
+        ASSISTANT_MASK_METHOD,
     )
-
-
-@contextmanager
-def vectorised_assistant_masks(processor: Any) -> Iterator[None]:
-    """While inside, the processor computes assistant masks with `adjust_assistant_masks_indices`.
-
-    An instance attribute shadows the class's method; it is removed on exit, also on an error, so that nothing of it is
-    pickled to dataloader workers afterwards or saved with the processor. Nested use keeps the outer one.
-    """
-    if MASK_METHOD in vars(processor):
-        yield
-        return
-    setattr(processor, MASK_METHOD, types.MethodType(adjust_assistant_masks_indices, processor))
-    try:
-        yield
-    finally:
-        delattr(processor, MASK_METHOD)
 
 
 class VisionSFTCollator(DataCollatorForVisionLanguageModeling):
@@ -146,29 +121,12 @@ class VisionSFTCollator(DataCollatorForVisionLanguageModeling):
         if not has_known_mask_method(self.processor):
             _warn_no_mask_method(type(self.processor).__name__)
             return super().torch_call(examples)
-        with vectorised_assistant_masks(self.processor):
+        with shadowed_assistant_mask_method(self.processor, adjust_assistant_masks_indices):
             return super().torch_call(examples)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # DPO: each prompt and its images processed once
-
-
-def _first_half_if_doubled(text: Any, images: Any) -> int | None:
-    """n when `text` (and `images`, unless None) are a list of 2n items whose second half repeats the first, as TRL's
-    `prompts * 2` and `images * 2` are; None otherwise."""
-    if not isinstance(text, list) or len(text) % 2:
-        return None
-    half = len(text) // 2
-    if text[:half] != text[half:]:
-        return None
-    if images is not None:
-        # `images * 2` repeats the very same per-row lists; comparing identities never touches pixels
-        if not isinstance(images, list) or len(images) != len(text):
-            return None
-        if any(first is not second for first, second in zip(images[:half], images[half:])):
-            return None
-    return half
 
 
 def _repeated(value: Any) -> Any:
@@ -193,8 +151,7 @@ class PromptsOnceProcessor:
         return getattr(self.processor, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # TRL passes everything by keyword; its one call with `images=` is the doubled prompt call
-        half = None if args or "images" not in kwargs else _first_half_if_doubled(kwargs.get("text"), kwargs["images"])
+        half = doubled_prompt_half(args, kwargs)
         if half is None:
             return self.processor(*args, **kwargs)
         images = kwargs["images"]

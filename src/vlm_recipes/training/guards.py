@@ -1,7 +1,7 @@
 """Faults during training: checkpoints that are complete or visibly not, resuming from the last complete one, and a stop
 at the first NaN or infinite loss.
 
-What transformers 5.23 does on its own: `Trainer._save_checkpoint` writes straight into `checkpoint-N` (weights, then
+What transformers 5.24 does on its own: `Trainer._save_checkpoint` writes straight into `checkpoint-N` (weights, then
 optimizer, scheduler and RNG state, `trainer_state.json` last), then deletes checkpoints beyond `save_total_limit`;
 `get_last_checkpoint` (what `resume_from_checkpoint: true` uses) takes the highest-numbered `checkpoint-N` folder,
 whatever it holds. A kill during a save therefore leaves a folder that looks like the newest checkpoint, which resume
@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vlm_recipes.compat import take_over_checkpoint_rotation
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.processes import is_main_process, wait_for_everyone
@@ -268,8 +269,8 @@ def install_fault_guards(trainer: Any, args: Any) -> Any:
 
     `args` is the recipe's `ReliabilityArguments`. Call once, after building the trainer and before `train()`.
     """
-    trainer.add_callback(CompleteCheckpoints(trainer.args.save_total_limit))
-    trainer.args.save_total_limit = None  # rotation happens after the marker (CompleteCheckpoints.on_save)
+    # rotation happens after the marker (CompleteCheckpoints.on_save)
+    trainer.add_callback(CompleteCheckpoints(take_over_checkpoint_rotation(trainer.args)))
     if args.stop_on_nonfinite_loss:
         trainer.add_callback(NonFiniteGuard(trainer))
     return trainer

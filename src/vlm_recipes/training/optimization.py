@@ -9,6 +9,7 @@ from typing import Any
 
 from trl import DPOTrainer, SFTTrainer
 
+from vlm_recipes.compat import count_tokens_of_global_batch
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
@@ -78,12 +79,8 @@ class VLMSFTTrainer(DistributedTrainingMixin, SpeedMixin, PartLearningRatesMixin
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # Qwen-VL models declare `accepts_loss_kwargs = False`, so the Trainer would not count the answer tokens of the
-        # whole batch (`num_items_in_batch`) and TRL's loss would be a mean of per-process and per-accumulation-step
-        # token means: not what one process computes on the same global batch. TRL computes the loss itself from the
-        # log-probabilities and divides by `num_items_in_batch` when it gets it, so the count is right for any model:
-        # one process, gradient accumulation and N processes then give the same loss and gradients.
-        self.model_accepts_loss_kwargs = True
+        # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
+        count_tokens_of_global_batch(self)
 
 
 class VLMDPOTrainer(DistributedTrainingMixin, SpeedMixin, PartLearningRatesMixin, DPOTrainer):

@@ -4,25 +4,24 @@
 - Length-grouped batching by true token count (`training.sampling`), the default sampling strategy here.
 - The LM head only at labelled positions (`loss_on_labels_only`): TRL 1.16's fused LM head already projects only the
   positions whose label is not -100 on devices with Triton (CUDA, XPU), and every position elsewhere (tiled, but the
-  whole sequence: prompt, image and pad positions included). `labelled_positions_only` makes it compact on every
-  device; the kernels, and so the loss and gradients, are TRL's own.
+  whole sequence: prompt, image and pad positions included). `compat.labelled_positions_only` makes it compact on
+  every device; the kernels, and so the loss and gradients, are TRL's own.
 - Padding-free batches for the Qwen-VL families (`training.padding_free`), SFT only.
 - Faster collators with TRL's exact output (`training.collators`) and, for DPO, image features encoded once per batch
   (`training.image_features`): wired in by the trainers in `training.optimization`.
 """
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch.utils.data import SequentialSampler
 
+from vlm_recipes.compat import add_trained_tokens, check_labelled_positions_only, labelled_positions_only
 from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.lengths import TokenCounter, dataset_token_lengths, padding_share
-from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.modeling.loading import load_config
 from vlm_recipes.training.collators import faster_collator
@@ -56,34 +55,6 @@ def take_padding_free(recipe: Any) -> bool:
     check_padding_free(get_family(load_config(recipe.model, training_args.trust_remote_code)))
     training_args.padding_free = False
     return True
-
-
-@contextmanager
-def labelled_positions_only() -> Iterator[None]:
-    """Within this block, TRL's fused LM head projects only labelled positions on every device.
-
-    TRL decides per call with `trl.trainer.utils._use_triton(device)` whether to score only the labelled positions
-    ("compact") or every position; compact gives the same per-token values (the masked positions are zero either way).
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
-
-
-def check_labelled_positions_only() -> None:
-    """Stop at the start if the installed TRL no longer has the fused LM head this feature relies on."""
-    import trl.trainer.utils as trl_utils
-
-    if not callable(getattr(trl_utils, "_use_triton", None)) or not hasattr(trl_utils, "add_fused_lm_head"):
-        raise RecipeError(
-            "loss_on_labels_only needs the fused LM head of TRL 1.16 (trl.trainer.utils.add_fused_lm_head); the "
-            "installed TRL has none. Set `loss_on_labels_only: false`."
-        )
 
 
 class SpeedMixin:
@@ -143,7 +114,7 @@ class SpeedMixin:
     def _count_packed_tokens(self, tokens: int) -> None:
         """TRL counts a batch without `attention_mask` by `position_ids.size(1)`, which is 1 for our (4, 1, N) ids:
         add what it misses, so `num_tokens` in the logs stays the number of real tokens trained on."""
-        if not self.model.training or not hasattr(self, "_total_train_tokens"):
+        if not self.model.training:
             return
         missing = torch.tensor(tokens - 1, device=self.accelerator.device)
-        self._total_train_tokens += int(self.accelerator.gather_for_metrics(missing).sum().item())
+        add_trained_tokens(self, int(self.accelerator.gather_for_metrics(missing).sum().item()))

@@ -1,0 +1,254 @@
+"""Every reach into a private part of TRL, transformers, peft, bitsandbytes or datasets, in one place.
+
+Everywhere else the package uses these libraries' public API. What is reached into here is not promised to stay, so
+`TESTED_VERSIONS` names the versions each piece was tested with (pyproject.toml pins the same series), and
+`tests/test_compat.py` fails on any other installed version: an upgrade re-checks each piece below before it ships. A
+run on an untested version says so once (`warn_if_untested`); each piece also checks for what it needs and falls back
+to the library's own path, or stops with a clear message, where that is missing.
+
+| piece                              | library      | what it relies on                                               |
+| ---------------------------------- | ------------ | --------------------------------------------------------------- |
+| `labelled_positions_only`          | trl          | `trl.trainer.utils._use_triton` decides the fused LM head's mode |
+| `shadowed_assistant_mask_method`   | transformers | `ProcessorMixin._adjust_assistant_masks_indices(processed_dict, generation_indices)` |
+| `num_image_tokens`                 | transformers | `processor._get_num_multimodal_tokens(image_sizes=...)`         |
+| `doubled_prompt_half`              | trl          | `DataCollatorForVisionPreference` calls the processor once with `images=`, on `prompts * 2`, `images * 2` |
+| `TRL_REFERENCE_ADAPTER`            | trl          | `DPOTrainer` names the frozen reference copy of an adapter "ref" |
+| `add_trained_tokens`               | trl          | the trainers' token count `_total_train_tokens`                 |
+| `count_tokens_of_global_batch`     | transformers | `Trainer.model_accepts_loss_kwargs` decides `num_items_in_batch` |
+| `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
+| `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
+| `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
+| `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
+"""
+
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from vlm_recipes.errors import RecipeError
+
+
+logger = logging.getLogger(__name__)
+
+# Installed versions every piece below was tested with: "major.minor" series (pyproject.toml pins the same).
+TESTED_VERSIONS = {
+    "trl": "1.16",
+    "transformers": "5.24",
+    "peft": "0.21",
+    "bitsandbytes": "0.50",
+    "datasets": "5.2",
+}
+
+
+def installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def untested_versions() -> list[str]:
+    """ "package installed (tested: series)" for each installed package outside its tested series."""
+    found = []
+    for package, series in TESTED_VERSIONS.items():
+        installed = installed_version(package)
+        if installed is None or ".".join(installed.split(".")[:2]) != series:
+            found.append(f"{package} {installed or 'not installed'} (tested: {series}.x)")
+    return found
+
+
+@functools.cache
+def warn_if_untested() -> None:
+    """Once per process: a warning naming the installed versions this package was not tested with."""
+    untested = untested_versions()
+    if untested:
+        logger.warning(
+            "vlm-recipes was not tested with %s: the pieces in vlm_recipes/compat.py reach into these libraries' "
+            "private parts and may no longer fit. Install the tested versions (`make install`) for results you can "
+            "trust.",
+            ", ".join(untested),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl: the fused LM head
+
+
+@contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """Within this block, TRL's fused LM head projects only labelled positions on every device.
+
+    TRL decides per call with `trl.trainer.utils._use_triton(device)` whether to score only the labelled positions
+    ("compact", on CUDA and XPU) or every position; compact gives the same per-token values (the masked positions are
+    zero either way). The function is swapped for the block only, process-wide.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def check_labelled_positions_only() -> None:
+    """Stop at the start if the installed TRL no longer has the fused LM head `labelled_positions_only` relies on."""
+    import trl.trainer.utils as trl_utils
+
+    if not callable(getattr(trl_utils, "_use_triton", None)) or not hasattr(trl_utils, "add_fused_lm_head"):
+        raise RecipeError(
+            "loss_on_labels_only needs the fused LM head of TRL 1.16 (trl.trainer.utils.add_fused_lm_head); the "
+            "installed TRL has none. Set `loss_on_labels_only: false`."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers: the processor's assistant-token mask
+
+
+ASSISTANT_MASK_METHOD = "_adjust_assistant_masks_indices"
+# The signature of the transformers 5.24 method whose semantics our replacement has.
+ASSISTANT_MASK_PARAMETERS = ("self", "processed_dict", "generation_indices")
+
+
+def has_known_mask_method(processor: Any) -> bool:
+    """Whether the processor's class has the transformers method a replacement may shadow, with its signature."""
+    method = getattr(type(processor), ASSISTANT_MASK_METHOD, None)
+    if method is None:
+        return False
+    return tuple(inspect.signature(method).parameters) == ASSISTANT_MASK_PARAMETERS
+
+
+def original_assistant_masks(processor: Any, processed_dict: Any, generation_indices: list) -> Any:
+    """The class's own (per-token loop) method, for inputs a replacement does not handle."""
+    return getattr(type(processor), ASSISTANT_MASK_METHOD)(processor, processed_dict, generation_indices)
+
+
+@contextmanager
+def shadowed_assistant_mask_method(processor: Any, replacement: Callable[..., Any]) -> Iterator[None]:
+    """While inside, the processor computes assistant masks with `replacement(processor, processed_dict,
+    generation_indices)`.
+
+    An instance attribute shadows the class's method; it is removed on exit, also on an error, so that nothing of it is
+    pickled to dataloader workers afterwards or saved with the processor. Nested use keeps the outer one.
+    """
+    if ASSISTANT_MASK_METHOD in vars(processor):
+        yield
+        return
+    setattr(processor, ASSISTANT_MASK_METHOD, types.MethodType(replacement, processor))
+    try:
+        yield
+    finally:
+        delattr(processor, ASSISTANT_MASK_METHOD)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers: image tokens from the processor's own size rule
+
+
+def num_image_tokens(processor: Any, width: int, height: int) -> int | None:
+    """Tokens one image of this size expands into, by the processor's own resize rule (no pixels needed); None for a
+    processor without the rule. Raises `ValueError` for a size the processor cannot take."""
+    rule = getattr(processor, "_get_num_multimodal_tokens", None)
+    if rule is None:
+        return None
+    try:
+        return int(rule(image_sizes=[(height, width)])["num_image_tokens"][0])
+    except (NotImplementedError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl: the vision DPO collator's processor call, and its reference adapter
+
+
+# The name TRL's DPOTrainer gives the frozen copy it makes of an adapter it is handed (the reference).
+TRL_REFERENCE_ADAPTER = "ref"
+
+
+def doubled_prompt_half(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """n when a processor call is TRL 1.16's doubled prompt call, else None.
+
+    `DataCollatorForVisionPreference` calls the processor once with `images=`, all by keyword, on `prompts * 2` and
+    `images * 2` (chosen rows, then rejected rows): `text` is a list of 2n items whose second half repeats the first,
+    and `images` (unless None) repeats the very same per-row lists (compared by identity: no pixel is read).
+    """
+    if args or "images" not in kwargs:
+        return None
+    text, images = kwargs.get("text"), kwargs["images"]
+    if not isinstance(text, list) or len(text) % 2:
+        return None
+    half = len(text) // 2
+    if text[:half] != text[half:]:
+        return None
+    if images is not None:
+        if not isinstance(images, list) or len(images) != len(text):
+            return None
+        if any(first is not second for first, second in zip(images[:half], images[half:])):
+            return None
+    return half
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers Trainer and TRL's trainers
+
+
+# Private Trainer methods the package's trainers override (`training.speed`): the train and evaluation samplers.
+OVERRIDDEN_TRAINER_HOOKS = {
+    "_get_train_sampler": ("self", "train_dataset"),
+    "_get_eval_sampler": ("self", "eval_dataset"),
+}
+
+
+def missing_trainer_hooks() -> list[str]:
+    """The overridden hooks the installed Trainer no longer has with the parameters the overrides take."""
+    from transformers import Trainer
+
+    return [
+        name
+        for name, parameters in OVERRIDDEN_TRAINER_HOOKS.items()
+        if tuple(inspect.signature(getattr(Trainer, name, lambda: None)).parameters) != parameters
+    ]
+
+
+def add_trained_tokens(trainer: Any, tokens: int) -> None:
+    """Add to the count of tokens trained on that TRL's trainers log as `num_tokens` (`_total_train_tokens`)."""
+    if hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens += tokens
+
+
+def count_tokens_of_global_batch(trainer: Any) -> None:
+    """Have the Trainer count the labelled tokens of the whole global batch (`num_items_in_batch`) for every model.
+
+    Models that declare `accepts_loss_kwargs = False` (the Qwen-VL families) make the Trainer skip the count, so TRL's
+    loss would be a mean of per-process and per-accumulation-step token means. TRL computes the loss itself from the
+    log-probabilities and divides by `num_items_in_batch` when it gets it, so the count is right for any model."""
+    trainer.model_accepts_loss_kwargs = True
+
+
+def take_over_checkpoint_rotation(args: Any) -> int | None:
+    """`args.save_total_limit`, taken from the Trainer (which deletes old checkpoints right after writing a new one,
+    in `_save_checkpoint`) so that the caller rotates them once the new one is marked complete."""
+    limit, args.save_total_limit = args.save_total_limit, None
+    return limit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bitsandbytes and datasets
+
+
+def is_packed_4bit(parameter: Any) -> bool:
+    """A bitsandbytes 4-bit weight: its storage packs two weights per byte, so `numel()` counts half of them."""
+    return type(parameter).__name__ == "Params4bit"
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """The datasets library's fingerprint of a dataset's current state (the key of its cache files)."""
+    return dataset._fingerprint

@@ -1,0 +1,88 @@
+"""The private pieces of TRL, transformers, peft, bitsandbytes and datasets the package relies on (vlm_recipes.compat)
+are there, and the installed versions are the ones they were tested with."""
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from vlm_recipes import compat
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_installed_libraries_are_the_tested_versions():
+    untested = compat.untested_versions()
+    assert not untested, (
+        f"Untested versions installed: {', '.join(untested)}. vlm_recipes/compat.py reaches into these libraries' "
+        "private parts: re-check every piece its table lists against the new version (run the whole suite), then "
+        "update compat.TESTED_VERSIONS and the pins in pyproject.toml together."
+    )
+
+
+def test_an_untested_version_is_named(monkeypatch):
+    versions = {"trl": "1.16.0", "transformers": "5.99.1", "peft": "0.21.2", "bitsandbytes": None, "datasets": "5.2.0"}
+    monkeypatch.setattr(compat, "installed_version", versions.get)
+    assert compat.untested_versions() == [
+        "transformers 5.99.1 (tested: 5.24.x)",
+        "bitsandbytes not installed (tested: 0.50.x)",
+    ]
+
+
+def test_pyproject_pins_the_tested_series():
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    for package, series in compat.TESTED_VERSIONS.items():
+        major, minor = map(int, series.split("."))
+        pin = f'"{package}>={series},<{major}.{minor + 1}"'
+        assert pin in pyproject, f"pyproject.toml should pin {pin} (compat.TESTED_VERSIONS)"
+
+
+def test_the_private_pieces_are_where_compat_expects_them():
+    import trl.trainer.utils as trl_utils
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+    from trl import DPOTrainer, SFTTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    compat.check_labelled_positions_only()  # TRL's fused LM head and its device switch
+    assert callable(trl_utils._use_triton)
+    method = getattr(ProcessorMixin, compat.ASSISTANT_MASK_METHOD)
+    assert tuple(inspect.signature(method).parameters) == compat.ASSISTANT_MASK_PARAMETERS
+    assert callable(Qwen2_5_VLProcessor._get_num_multimodal_tokens)
+    assert compat.missing_trainer_hooks() == []
+    # TRL's vision preference collator processes each prompt with its images for chosen and for rejected
+    source = inspect.getsource(DataCollatorForVisionPreference.torch_call)
+    assert re.search(r"\]\s*\*\s*2\s*#\s*repeat for chosen and rejected", source)
+    for trainer in (SFTTrainer, DPOTrainer):
+        assert "self._total_train_tokens" in inspect.getsource(trainer)
+    assert f'"{compat.TRL_REFERENCE_ADAPTER}"' in inspect.getsource(DPOTrainer)
+
+
+def test_a_4bit_weight_is_recognised(tiny_qwen):
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"]
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, quantization_config=quantization, device_map="cpu")
+    packed = [name for name, parameter in model.named_parameters() if compat.is_packed_4bit(parameter)]
+    assert packed and all("language_model" in name for name in packed)
+    assert not compat.is_packed_4bit(torch.nn.Parameter(torch.zeros(2)))
+
+
+@pytest.mark.parametrize("kwargs, half", [
+    ({"text": ["a", "b", "a", "b"], "images": None}, 2),
+    ({"text": ["a", "b", "a", "c"], "images": None}, None),  # not a repeat
+    ({"text": ["a", "a"]}, None),  # no images= : not the prompt call
+])  # fmt: skip
+def test_the_doubled_prompt_call_is_recognised(kwargs, half):
+    assert compat.doubled_prompt_half((), kwargs) == half
+
+
+def test_repeated_images_must_be_the_same_objects():
+    first, second = [object()], [object()]
+    assert compat.doubled_prompt_half((), {"text": ["p", "p"], "images": [first, first]}) == 1
+    assert compat.doubled_prompt_half((), {"text": ["p", "p"], "images": [first, second]}) is None
