@@ -244,8 +244,8 @@ def plain_trl_trainer(spec: dict[str, Any]) -> Any:
     from trl import SFTConfig, SFTTrainer
 
     from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.modeling.base_model import quantization_config
     from vlm_recipes.modeling.families import FAMILIES
-    from vlm_recipes.modeling.loading import quantization_config
 
     family = FAMILIES["qwen2_5_vl"]
     train = formatted_rows(Path(spec["data"]))

@@ -419,7 +419,8 @@ def prepare(model, data, output_dir, launch, monkeypatch, *extra):
         DEMO_RECIPE, "--model_name_or_path", model, "--dataset_name", data, "--formatter", "conversations",
         "--dataset_test_split", "none", "--output_dir", output_dir, "--overwrite_output_dir", "false", *extra,
     ]  # fmt: skip
-    return run.prepare_output_and_data(parse_recipe(sft.RECIPE_PARTS, [str(a) for a in args]), task="sft")
+    recipe = parse_recipe(sft.RECIPE_PARTS, [str(a) for a in args])
+    return run.prepare_output_and_data(recipe, run.resolve_model(recipe).load_processor(), task="sft")
 
 
 ZERO3 = dict(processes=2, machines=1, backend="gloo", engine="deepspeed", zero_stage=3)
@@ -428,14 +429,14 @@ ZERO3 = dict(processes=2, machines=1, backend="gloo", engine="deepspeed", zero_s
 def test_text_only_rows_are_left_out_of_a_sharded_launch_and_counted(tiny_qwen, mixed_jsonl, tmp_path, monkeypatch):
     from vlm_recipes.training.distributed import Launch, image_counts
 
-    _, train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "zero3", Launch(**ZERO3), monkeypatch)
+    train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "zero3", Launch(**ZERO3), monkeypatch)
     assert len(train) == 19 and all(image_counts(train))  # every batch multimodal
     report = json.loads((tmp_path / "zero3" / "data_report.json").read_text())
     assert report["train"]["rejected_by_reason"][TEXT_ONLY_REASON]["count"] == 1
     assert "multi_gpu.yaml" in report["train"]["rejected_by_reason"][TEXT_ONLY_REASON]["first_message"]
 
     ddp = Launch(**{**ZERO3, "engine": "ddp", "zero_stage": None})
-    _, train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "ddp", ddp, monkeypatch)
+    train, _ = prepare(tiny_qwen, mixed_jsonl, tmp_path / "ddp", ddp, monkeypatch)
     assert len(train) == 20  # under DDP text-only rows are fine (and DDP then looks for unused parameters)
 
 
@@ -453,27 +454,25 @@ def test_too_many_text_only_rows_stop_a_sharded_launch_before_the_model_loads(
 def test_find_unused_parameters_only_where_a_step_can_skip_trained_weights(tiny_qwen):
     from vlm_recipes.configs import ModelArguments, TuningArguments
     from vlm_recipes.modeling.loading import load_for_training
+    from vlm_recipes.modeling.setup import resolve_model_setup
     from vlm_recipes.training.distributed import find_unused_parameters
+
+    def loaded(tuning):
+        setup = resolve_model_setup(ModelArguments(model_name_or_path=str(tiny_qwen), dtype="float32"), tuning, 1e-4)
+        return load_for_training(setup), setup.family
 
     expected = {"lora": False, "qlora": False, "lora_llm_full_vit": True, "projector_only": True, "full": True}
     for strategy, search in expected.items():
-        loaded = load_for_training(
-            ModelArguments(model_name_or_path=str(tiny_qwen), dtype="float32"), TuningArguments(strategy), 1e-4
-        )
-        assert find_unused_parameters(loaded.model, loaded.family) is search, strategy
-    train_projector = load_for_training(
-        ModelArguments(model_name_or_path=str(tiny_qwen), dtype="float32"),
-        TuningArguments("lora", train_projector=True),
-        1e-4,
-    )
-    assert find_unused_parameters(train_projector.model, train_projector.family) is True  # text-only batches skip it
+        assert find_unused_parameters(*loaded(TuningArguments(strategy))) is search, strategy
+    # text-only batches skip a trained projector
+    assert find_unused_parameters(*loaded(TuningArguments("lora", train_projector=True))) is True
 
 
 def test_qlora_storage_dtype_follows_the_compute_dtype_when_sharded():
     from vlm_recipes.configs import ModelArguments
     from vlm_recipes.errors import RecipeError
+    from vlm_recipes.modeling.base_model import quantization_config
     from vlm_recipes.modeling.families import FAMILIES
-    from vlm_recipes.modeling.loading import quantization_config
 
     family = FAMILIES["qwen2_5_vl"]
     qlora = ModelArguments(model_name_or_path="m", load_in_4bit=True, dtype="bfloat16")

@@ -14,8 +14,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.base_model import load_config, load_processor
 from vlm_recipes.modeling.families import FAMILIES, get_family
-from vlm_recipes.modeling.loading import check_family_settings, load_config, load_processor
+from vlm_recipes.modeling.setup import check_family_settings, resolve_model_setup
 from vlm_recipes.modeling.strategies import apply_strategy, resolve_strategy
 from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
@@ -160,7 +161,7 @@ def test_gemma4_moe_gets_lora_on_its_experts_and_the_4_bit_warning_and_dense_gem
     def settings(**fields):
         return ModelArguments(model_name_or_path="m", use_peft=True, dtype="bfloat16", **fields)
 
-    caplog.set_level(logging.WARNING, logger="vlm_recipes.modeling.loading")
+    caplog.set_level(logging.WARNING, logger="vlm_recipes.modeling.setup")
     check_family_settings(settings(load_in_4bit=True, lora_dropout=0.05), family, dense)
     assert "fused expert weights" not in caplog.text
     check_family_settings(settings(load_in_4bit=True, lora_dropout=0.0), family, moe)
@@ -174,7 +175,8 @@ def test_gemma4_moe_gets_lora_on_its_experts_and_the_4_bit_warning_and_dense_gem
 
 
 def processor_with(model_dir, **bounds):
-    return load_processor(ModelArguments(model_name_or_path=str(model_dir), **bounds))
+    model_args = ModelArguments(model_name_or_path=str(model_dir), **bounds)
+    return load_processor(model_args, get_family(load_config(model_args)))
 
 
 def image_tokens(processor, size):
@@ -232,15 +234,14 @@ def test_each_family_recipe_passes_its_family_checks(tiny_models, family_name):
     family, path = FAMILIES[family_name], family_recipe(family_name)
     assert f"model_name_or_path: {family.example_model}\n" in path.read_text()  # the real model id
     recipe = parse_recipe(RECIPE_PARTS, [str(path), "--model_name_or_path", str(tiny_models(family_name))])
-    config = load_config(recipe.model)
-    resolve_strategy(recipe.tuning, recipe.model, config, family, recipe.training.learning_rate, set(recipe.settings))
-    check_family_settings(recipe.model, family, config)
-    processor = load_processor(recipe.model, family=family)
+    setup = resolve_model_setup(recipe.model, recipe.tuning, recipe.training.learning_rate, set(recipe.settings))
+    assert setup.family is family
+    processor = setup.load_processor()
     if recipe.model.image_max_pixels is not None:  # a bound in the family's own terms took effect
         assert (
             processor.image_processor.to_dict()
             != load_processor(
-                ModelArguments(model_name_or_path=str(tiny_models(family_name))), family=family
+                ModelArguments(model_name_or_path=str(tiny_models(family_name))), family
             ).image_processor.to_dict()
         )
 

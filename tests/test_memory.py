@@ -4,17 +4,16 @@ import pytest
 from trl import SFTConfig
 
 from vlm_recipes.configs import ModelArguments, TuningArguments
-from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import load_config, load_for_training
+from vlm_recipes.modeling.base_model import load_config
+from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.modeling.memory import GIB, estimate_peak_memory
-from vlm_recipes.modeling.strategies import resolve_strategy
+from vlm_recipes.modeling.setup import resolve_model_setup, setup_for_config
 
 
 def estimate(config, model_args, tuning=None, **training):
     training_args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **training)
-    family = get_family(config)
-    plan = resolve_strategy(tuning or TuningArguments(), model_args, config, family, 1e-4)
-    return estimate_peak_memory(config, family, plan, model_args, training_args, 1500, 1200)
+    setup = setup_for_config(config, model_args, tuning or TuningArguments(), 1e-4)
+    return estimate_peak_memory(setup, training_args, 1500, 1200)
 
 
 def stored_bytes(model):
@@ -34,7 +33,7 @@ def stored_bytes(model):
 def test_weights_and_trained_parameters_match_the_loaded_model(tiny_qwen, four_bit):
     model_args = ModelArguments(model_name_or_path=str(tiny_qwen), use_peft=True, load_in_4bit=four_bit)
     estimated = estimate(load_config(model_args), model_args)
-    model = load_for_training(model_args, TuningArguments(), 1e-4).model
+    model = load_for_training(resolve_model_setup(model_args, TuningArguments(), 1e-4))
     assert estimated.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimated.weights == pytest.approx(stored_bytes(model), rel=1e-3)
     assert (estimated.weights_by_precision["4-bit"] > 0) == four_bit

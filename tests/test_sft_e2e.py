@@ -91,8 +91,8 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
     from transformers import AutoModelForImageTextToText
 
     from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.modeling.base_model import quantization_config
     from vlm_recipes.modeling.families import FAMILIES
-    from vlm_recipes.modeling.loading import quantization_config
 
     output_dir = tmp_path / "qlora"
     result = run_module("vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir))

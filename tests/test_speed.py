@@ -18,6 +18,7 @@ from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.sft import RECIPE_PARTS
 from vlm_recipes.training.padding_free import check_padding_free, pack_rows
+from vlm_recipes.training.run import resolve_model
 from vlm_recipes.training.sampling import LengthGroupedSampler
 from vlm_recipes.training.speed import take_padding_free
 
@@ -209,14 +210,14 @@ def test_padding_free_is_refused_where_rows_would_mix(family, tiny_models, tmp_p
         ["--model_name_or_path", str(tiny_models(family)), "--output_dir", str(tmp_path), "--padding_free", "true"],
     )
     with pytest.raises(RecipeError, match=rf"padding_free: true cannot be used with {family}"):
-        take_padding_free(recipe)
+        take_padding_free(recipe.training, resolve_model(recipe).family)
     for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         check_padding_free(FAMILIES[name])  # the Qwen-VL families pass
 
 
 def test_flash_attention_is_chosen_where_it_is_installed_and_can_run(monkeypatch):
     from vlm_recipes.configs import ModelArguments
-    from vlm_recipes.modeling import loading
+    from vlm_recipes.modeling import base_model as loading
 
     monkeypatch.setattr(loading, "_installed", lambda module: module == "flash_attn")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

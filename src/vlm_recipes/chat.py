@@ -19,7 +19,8 @@ from vlm_recipes.configs import ModelArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.generate import generate_answers
-from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference
+from vlm_recipes.modeling.adapters import adapter_model_arguments
+from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.run_folder import read_saved_recipe
 
 

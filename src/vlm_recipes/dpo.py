@@ -34,11 +34,12 @@ from vlm_recipes.configs import (
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
+from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
-from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
 from vlm_recipes.training.speed import apply_speed_defaults
 
 
@@ -71,8 +72,9 @@ NEW_ADAPTER_FIELDS = (
 )  # fmt: skip
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Settings that cannot work together fail here, before any data or weights load; `reference` gets its default."""
+def check_recipe(recipe: Recipe, plan: TuningPlan) -> None:
+    """Settings that cannot work together (with the run's tuning `plan`) fail here, before any data or weights load;
+    `reference` gets its default."""
     policy, training_args = recipe.policy, recipe.training
     if training_args.precompute_ref_log_probs:
         raise RecipeError(
@@ -84,7 +86,6 @@ def check_recipe(recipe: Recipe) -> None:
             f"`reference: {policy.reference}` forms the reference from an SFT adapter: set `sft_adapter_path` too "
             "(without one, the reference is the base model)."
         )
-    plan = check_tuning_plan(recipe)
     if training_args.sync_ref_model and plan.strategy.uses_lora:
         raise RecipeError(
             "`sync_ref_model` needs a separate reference model; with a LoRA adapter the reference is the model "
@@ -128,20 +129,22 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
     recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
     recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
     apply_speed_defaults(recipe)
-    check_recipe(recipe)
-    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="preference")
+    setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
+    check_recipe(recipe, setup.plan)
+    processor = setup.load_processor()
+    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="preference")
 
-    loaded = load_training_model(
-        recipe, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"
+    model = load_training_model(
+        recipe, setup, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"
     )
     trainer = VLMDPOTrainer(
-        model=loaded.model,
+        model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=loaded.processor,
-        tuning_plan=loaded.plan,
-        model_family=loaded.family,
+        processing_class=processor,
+        tuning_plan=setup.plan,
+        model_family=setup.family,
         speed=recipe.speed,
     )
     if policy.reference != "sft_adapter":

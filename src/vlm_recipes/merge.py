@@ -16,7 +16,8 @@ from pathlib import Path
 
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
-from vlm_recipes.modeling.loading import adapter_model_arguments, load_for_inference
+from vlm_recipes.modeling.adapters import adapter_model_arguments
+from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.run_folder import RECIPE_FILE, sft_adapter_under
 from vlm_recipes.training.outputs import prepare_output_dir
 

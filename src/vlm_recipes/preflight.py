@@ -122,10 +122,8 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
 def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
     from vlm_recipes.configs import DataArguments, ModelArguments, TuningArguments
-    from vlm_recipes.modeling.families import get_family
-    from vlm_recipes.modeling.loading import load_config, load_processor
     from vlm_recipes.modeling.memory import estimate_peak_memory
-    from vlm_recipes.modeling.strategies import resolve_strategy
+    from vlm_recipes.modeling.setup import resolve_model_setup
 
     for part, values in defaults.items():
         recipe.apply_defaults(part, values)
@@ -136,10 +134,9 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
     trust = training_args.trust_remote_code
 
     # The recipe's model side first, from the config alone: a wrong family or strategy fails before the data.
-    config = load_config(model_args, trust)
-    family = get_family(config)
-    plan = resolve_strategy(tuning, model_args, config, family, training_args.learning_rate, set(recipe.settings))
-    processor = load_processor(model_args, trust)
+    setup = resolve_model_setup(model_args, tuning, training_args.learning_rate, set(recipe.settings), trust)
+    family, plan = setup.family, setup.plan
+    processor = setup.load_processor()
     print(f"Preflight of {recipe.source or 'the recipe'}: {task}, {model_args.model_name_or_path} ({family.name}), "
           f"tuning strategy '{plan.strategy.name}', max_length {training_args.max_length}")  # fmt: skip
 
@@ -187,7 +184,7 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
     longest = max(lengths["train"]["tokens"]["max"], lengths.get("eval", {}).get("tokens", {}).get("max", 0))
     longest_image = max(split.image_tokens and max(split.image_tokens) or 0 for split in checked.values())
     pairs = 2 if task == "preference" else 1  # chosen and rejected run together
-    memory = estimate_peak_memory(config, family, plan, model_args, training_args, longest, longest_image, pairs)
+    memory = estimate_peak_memory(setup, training_args, longest, longest_image, pairs)
     print("", *memory.lines(), sep="\n")
 
     result = {

@@ -26,7 +26,7 @@ from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 
 
@@ -52,24 +52,25 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     training_args = recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    check_tuning_plan(recipe)  # the strategy against the model's config, before the output folder, data and weights
+    setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     apply_speed_defaults(recipe)
-    padding_free = take_padding_free(recipe)  # checked against the model family before any data work
-    _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
+    padding_free = take_padding_free(training_args, setup.family)
+    processor = setup.load_processor()
+    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="sft")
 
-    loaded = load_training_model(recipe)
+    model = load_training_model(recipe, setup)
 
     # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
-    with training_chat_template(loaded.processor, loaded.family, training_args) as attach_template:
+    with training_chat_template(processor, setup.family, training_args) as attach_template:
         trainer = attach_template(
             VLMSFTTrainer(
-                model=loaded.model,
+                model=model,
                 args=training_args,
                 train_dataset=train_dataset,
                 eval_dataset=eval_dataset,
-                processing_class=loaded.processor,
-                tuning_plan=loaded.plan,
-                model_family=loaded.family,
+                processing_class=processor,
+                tuning_plan=setup.plan,
+                model_family=setup.family,
                 speed=recipe.speed,
                 padding_free=padding_free,
             )

@@ -1,314 +1,43 @@
-"""The one loading path SFT, DPO, evaluation, chat and merge share: processor, model (16-bit or 4-bit), LoRA."""
+"""The two ways a model is loaded: for training (`load_for_training`: the run's `ModelSetup` applied to the weights) and
+for generation (`load_for_inference`: evaluation, chat and merge, with an adapter checked against its base)."""
 
-import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-
-from vlm_recipes.configs import ModelArguments, TuningArguments
+from vlm_recipes.configs import ModelArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.adapters import check_adapter_fits, load_adapter, merge_adapter
+from vlm_recipes.modeling.base_model import load_config, load_model, load_processor
 from vlm_recipes.modeling.families import ModelFamily, get_family
-from vlm_recipes.modeling.image_size import bound_image_size
-from vlm_recipes.modeling.strategies import (
-    TuningPlan,
-    apply_strategy,
-    loads_in_4bit,
-    resolve_strategy,
-    trainable_parameter_table,
-)
-from vlm_recipes.run_folder import (
-    ADAPTER_CONFIG,
-    PROCESSOR_FILES,
-    read_adapter_config,
-    read_saved_recipe,
-    sft_adapter_under,
-)
-
-
-logger = logging.getLogger(__name__)
-
-
-def _torch_dtype(name: str | None) -> Any:
-    if name in (None, "auto"):
-        return name
-    return getattr(torch, name)
-
-
-def attention_implementation(model_args: ModelArguments) -> str | None:
-    """The recipe's `attn_implementation`; unset, flash-attention 2 where it is installed and can run (a CUDA GPU,
-    16-bit weights), else transformers' default (sdpa). Flash-attention's variable-length path is also what makes
-    padding-free batches pay off."""
-    if model_args.attn_implementation is not None:
-        return model_args.attn_implementation
-    if torch.cuda.is_available() and model_args.dtype in ("bfloat16", "float16") and _installed("flash_attn"):
-        return "flash_attention_2"
-    return None
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def load_config(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
-    """The model's config, read before any weights, so a wrong path or family fails fast."""
-    if not model_args.model_name_or_path:
-        raise RecipeError("The recipe sets no `model_name_or_path`.")
-    try:
-        return AutoConfig.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        raise RecipeError(
-            f"Could not load the model config of '{model_args.model_name_or_path}': {error}. Without network access "
-            "only local folders (or models already in the local Hub cache, with HF_HUB_OFFLINE=1) can be loaded."
-        ) from None
-
-
-def load_processor(
-    model_args: ModelArguments, trust_remote_code: bool = False, family: ModelFamily | None = None
-) -> Any:
-    """The model's processor, with the recipe's image-size bounds in its family's rule (`modeling.image_size`)."""
-    # The family first: an unsupported model gets the table of families, not a processor traceback.
-    family = family or get_family(load_config(model_args, trust_remote_code))
-    processor = AutoProcessor.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
-    )
-    bound_image_size(processor, family, model_args.image_min_pixels, model_args.image_max_pixels)
-    return processor
-
-
-def quantization_config(
-    model_args: ModelArguments, family: ModelFamily, shard_parameters: bool = False
-) -> BitsAndBytesConfig | None:
-    """QLoRA's 4-bit NF4 for the language model; the vision tower, projector and output head stay in 16 bit.
-
-    `shard_parameters` (ZeRO-3, FSDP): the packed 4-bit weights are stored in the compute dtype, not uint8, because
-    these engines flatten and shard every weight together and need them all of one dtype."""
-    if model_args.load_in_8bit:
-        raise RecipeError("8-bit loading is not supported; use `load_in_4bit: true` (QLoRA) or 16-bit LoRA.")
-    if not model_args.load_in_4bit:
-        return None
-    compute_dtype = _torch_dtype(model_args.dtype)
-    if compute_dtype in (None, "auto", torch.float32):
-        compute_dtype = torch.bfloat16
-    storage = model_args.bnb_4bit_quant_storage
-    if shard_parameters:
-        wanted = str(compute_dtype).removeprefix("torch.")
-        if storage not in (None, wanted):
-            raise RecipeError(
-                f"`bnb_4bit_quant_storage: {storage}` does not work when ZeRO-3 or FSDP shards the weights: they shard "
-                f"all weights together, so the 4-bit weights must be stored in the compute dtype ({wanted}). Remove "
-                f"the field (it is set for you) or set it to {wanted}."
-            )
-        storage = wanted
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=storage,
-        llm_int8_skip_modules=family.quantization_skip_modules(),
-    )
-
-
-def check_family_settings(model_args: ModelArguments, family: ModelFamily, config: Any) -> None:
-    """What this family (this checkpoint of it: `config`) cannot do with the recipe's model settings, said before any
-    weights load."""
-    experts = family.uses_fused_experts(config)
-    if experts and model_args.use_peft and not model_args.lora_target_modules:
-        # peft's LoRA on a parameter (ParamWrapper) cannot factor dropout out of a fused expert matmul
-        if model_args.lora_dropout:
-            raise RecipeError(
-                f"{family.name} is a mixture of experts: LoRA on its fused expert weights (peft target_parameters) "
-                f"needs `lora_dropout: 0` (the recipe has {model_args.lora_dropout}). Or set `lora_target_modules` "
-                "to adapt the attention projections only."
-            )
-        if model_args.use_dora:
-            raise RecipeError(f"DoRA does not apply to the fused expert weights of {family.name}; drop `use_dora`.")
-    if experts and model_args.load_in_4bit:
-        logger.warning(
-            "4-bit loading quantizes nn.Linear layers only: the fused expert weights of %s (most of its parameters) "
-            "stay in %s, so the model needs about the memory of a 16-bit one.",
-            family.name,
-            model_args.dtype,
-        )
-
-
-def _device_map(quantized: bool, for_inference: bool = False, shard_parameters: bool = False) -> Any:
-    if shard_parameters:
-        return None  # ZeRO-3 and FSDP place (and shard) the weights themselves; a device map conflicts with them
-    if not quantized and not (for_inference and torch.cuda.is_available()):
-        return None  # the Trainer (or accelerate) places the model; inference without a GPU runs on the CPU
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return {"": PartialState().local_process_index}
-    return "cpu"
-
-
-def load_model(
-    model_args: ModelArguments,
-    config: Any,
-    trust_remote_code: bool = False,
-    for_inference: bool = False,
-    shard_parameters: bool = False,
-) -> Any:
-    family = get_family(config)
-    quantization = quantization_config(model_args, family, shard_parameters)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        dtype=_torch_dtype(model_args.dtype),
-        attn_implementation=attention_implementation(model_args),
-        quantization_config=quantization,
-        device_map=_device_map(quantization is not None, for_inference, shard_parameters),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
-    return model
-
-
-def load_model_and_processor(
-    model_args: ModelArguments, trust_remote_code: bool = False, for_inference: bool = False
-) -> tuple[Any, Any, ModelFamily]:
-    """(model, processor, family). The family is checked from the config before any weights load.
-
-    `for_inference` places the model on this process's GPU when there is one (training leaves that to the Trainer).
-    """
-    config = load_config(model_args, trust_remote_code)
-    family = get_family(config)
-    processor = load_processor(model_args, trust_remote_code, family)
-    model = load_model(model_args, config, trust_remote_code, for_inference)
-    return model, processor, family
-
-
-@dataclass
-class TrainingModel:
-    model: Any
-    processor: Any
-    family: ModelFamily
-    plan: TuningPlan
+from vlm_recipes.modeling.setup import ModelSetup
+from vlm_recipes.modeling.strategies import apply_strategy, trainable_parameter_table
+from vlm_recipes.run_folder import PROCESSOR_FILES, sft_adapter_under
 
 
 def load_for_training(
-    model_args: ModelArguments,
-    tuning: TuningArguments,
-    learning_rate: float,
-    explicit_fields: set[str] | frozenset[str] = frozenset(),
-    trust_remote_code: bool = False,
+    setup: ModelSetup,
     start_adapter: str | None = None,
     merge_start_adapter: bool = False,
     shard_parameters: bool = False,
-) -> TrainingModel:
-    """Config -> family -> tuning plan (all checked before any weights load) -> processor -> model -> strategy.
+) -> Any:
+    """The model with the setup's tuning plan applied (LoRA, freezing), printing what trains.
 
     `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
     strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
     `shard_parameters`: the launch shards the weights (ZeRO-3, FSDP; `training.distributed.Launch`).
     """
-    config = load_config(model_args, trust_remote_code)
-    family = get_family(config)
-    plan = resolve_strategy(tuning, model_args, config, family, learning_rate, explicit_fields)
-    check_family_settings(model_args, family, config)
-    processor = load_processor(model_args, trust_remote_code, family)
-    model = load_model(model_args, config, trust_remote_code, shard_parameters=shard_parameters)
+    family, plan = setup.family, setup.plan
+    model = load_model(setup.model_args, family, setup.trust_remote_code, shard_parameters=shard_parameters)
     if start_adapter and merge_start_adapter:
         model = merge_adapter(model, start_adapter)
     if start_adapter and not merge_start_adapter:
         model = load_adapter(model, start_adapter, trainable=True)
     else:
-        model = apply_strategy(model, plan, model_args, family)
+        model = apply_strategy(model, plan, setup.model_args, family)
     print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
-    return TrainingModel(model=model, processor=processor, family=family, plan=plan)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A trained adapter on its base model: evaluation, chat and merge
-
-
-def adapter_model_arguments(adapter: str | Path, base: str | None = None, **overrides: Any) -> ModelArguments:
-    """Model settings to load an adapter's base: the base named in `adapter_config.json` (or `base`), and the model
-    fields of the recipe saved with the adapter (revision, dtype, attention, image pixel bounds, 4-bit)."""
-    adapter_config = read_adapter_config(adapter)
-    known = {f.name for f in fields(ModelArguments)}
-    saved = read_saved_recipe(adapter)
-    settings = {key: value for key, value in saved.items() if key in known}
-    settings["load_in_4bit"] = loads_in_4bit(saved)  # evaluated and chatted with as trained
-    settings["model_name_or_path"] = base or adapter_config.get("base_model_name_or_path")
-    if not settings["model_name_or_path"]:
-        raise RecipeError(f"{adapter}/{ADAPTER_CONFIG} names no base model; pass the base model's path or Hub id.")
-    if base is None and adapter_config.get("revision"):
-        settings.setdefault("model_revision", adapter_config["revision"])
-    settings.update(overrides)
-    return ModelArguments(**settings)
-
-
-def _same_model(a: str, b: str) -> bool:
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-
-def _architecture(config: Any) -> dict[str, Any]:
-    text = config.get_text_config()
-    return {
-        "model_type": config.model_type,
-        "hidden_size": getattr(text, "hidden_size", None),
-        "num_hidden_layers": getattr(text, "num_hidden_layers", None),
-    }
-
-
-def check_adapter_fits(adapter: str | Path, config: Any, model_name: str, trust_remote_code: bool = False) -> None:
-    """Refuse an adapter trained on another architecture, before any weights load. The base it names is compared
-    with `model_name` when the two differ and its config can be read (offline, a Hub id may not be)."""
-    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
-    if not recorded or _same_model(str(recorded), str(model_name)):
-        return
-    try:
-        recorded_config = AutoConfig.from_pretrained(recorded, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        logger.info(
-            "Could not read the config of %s, the adapter's base; its weights are checked on loading", recorded
-        )
-        return
-    theirs, mine = _architecture(recorded_config), _architecture(config)
-    differences = [f"{name} {theirs[name]} vs {mine[name]}" for name in theirs if theirs[name] != mine[name]]
-    if differences:
-        raise RecipeError(
-            f"The adapter in {adapter} was trained on {recorded}, which does not match {model_name} "
-            f"({', '.join(differences)}). Load it onto the model it was trained on."
-        )
-
-
-def load_adapter(model: Any, adapter: str | Path, model_name: str | None = None, *, trainable: bool = False) -> Any:
-    """`model` with a saved LoRA adapter as its "default" adapter (a peft `PeftModel`), frozen for inference or
-    `trainable` to train further; a clear error when it does not fit."""
-    import warnings
-
-    from peft import PeftModel
-
-    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
-    trained_on = f" It was trained on {recorded}." if recorded else ""
-    model_name = model_name or getattr(model, "name_or_path", None) or "this model"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-        except (ValueError, RuntimeError, KeyError) as error:
-            cause = " ".join(str(error).split())[:400]
-            raise RecipeError(f"The adapter in {adapter} does not fit {model_name}: {cause}.{trained_on}") from None
-    for warning in caught:
-        if "missing adapter keys" in str(warning.message):
-            raise RecipeError(
-                f"The adapter in {adapter} does not fit {model_name}: some of its weights have no place in the model "
-                f"({str(warning.message)[:300]}).{trained_on}"
-            )
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return peft_model
+    return model
 
 
 def load_for_inference(
@@ -328,12 +57,13 @@ def load_for_inference(
             "the merged weights back to 4 bit, so the result would not be the model DPO trained. Load the base in "
             "16 bit: `--tuning_strategy lora` (or `load_in_4bit: false`)."
         )
-    if adapter is not None:
-        config = load_config(model_args, trust_remote_code)
-        for folder in (sft_adapter, adapter):
-            if folder is not None:
-                check_adapter_fits(folder, config, model_args.model_name_or_path, trust_remote_code)
-    model, processor, family = load_model_and_processor(model_args, trust_remote_code, for_inference=True)
+    config = load_config(model_args, trust_remote_code)
+    family = get_family(config)  # an unsupported model gets the table of families, before anything else loads
+    for folder in (sft_adapter, adapter):
+        if folder is not None:
+            check_adapter_fits(folder, config, model_args.model_name_or_path, trust_remote_code)
+    processor = load_processor(model_args, family, trust_remote_code)
+    model = load_model(model_args, family, trust_remote_code, for_inference=True)
     if adapter is not None:
         if sft_adapter is not None:
             print_main(
@@ -343,17 +73,7 @@ def load_for_inference(
         model = load_adapter(model, adapter, model_args.model_name_or_path)
         if any((Path(adapter) / name).is_file() for name in PROCESSOR_FILES):
             processor = load_processor(
-                replace(model_args, model_name_or_path=str(adapter), model_revision=None), trust_remote_code, family
+                replace(model_args, model_name_or_path=str(adapter), model_revision=None), family, trust_remote_code
             )
     model.eval()
     return model, processor, family
-
-
-def merge_adapter(model: Any, adapter_path: str | Path, model_name: str | None = None) -> Any:
-    """`model` with a saved LoRA adapter merged into its weights, in place: one model, no adapter left."""
-    if getattr(model, "is_loaded_in_4bit", False):
-        raise RecipeError(
-            "Merging an adapter into a 4-bit model rounds the merged weights back to 4 bit, so the result is not "
-            "the adapter's model. Keep the adapter separate instead, or merge into a 16-bit model."
-        )
-    return load_adapter(model, adapter_path, model_name).merge_and_unload()

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from vlm_recipes.modeling.families import ModelFamily
-
 
 GIB = 1024**3
 NF4_BLOCK = 64  # weights per quantization constant
@@ -157,21 +155,19 @@ def _activation_bytes(shape: LayerShape, kind: str, tokens: int, element_bytes: 
 
 
 def estimate_peak_memory(
-    config: Any,
-    family: ModelFamily,
-    plan: Any,
-    model_args: Any,
+    setup: Any,
     training_args: Any,
     longest_row_tokens: int,
     longest_row_image_tokens: int = 0,
     sequences_per_row: int = 1,
 ) -> MemoryEstimate:
-    """The estimate for `plan` (a `TuningPlan` from `resolve_strategy`) at the recipe's batch size.
+    """The estimate for a run's `ModelSetup` (config, family, tuning plan) at the recipe's batch size.
 
     `sequences_per_row`: 2 for preference pairs, whose chosen and rejected sequences run in one forward pass (the
     reference pass runs without a graph and adds no stored activations)."""
     from vlm_recipes.modeling.strategies import apply_strategy
 
+    config, family, plan, model_args = setup.config, setup.family, setup.plan, setup.model_args
     dtype = _dtype(model_args.dtype)
     model = apply_strategy(_meta_model(config, dtype, training_args.trust_remote_code), plan, model_args, family)
     linear_weights = _linear_weight_names(model)

@@ -1,7 +1,7 @@
 """Tuning strategies: which parts of the VLM learn (vision tower, projector, language model), how, and how fast.
 
-A strategy is one row of `STRATEGIES`. `resolve_strategy` checks the recipe against the model's config before any
-weights load; `apply_strategy` wraps and freezes the loaded model accordingly; `parameter_groups` gives the optimizer one
+A strategy is one row of `STRATEGIES`. `resolve_strategy` (a pure function) checks the recipe against the model's config
+before any weights load; `apply_strategy` wraps and freezes the loaded model accordingly; `parameter_groups` gives the optimizer one
 group per part (and per weight-decay class) with that part's learning rate.
 """
 
@@ -87,10 +87,11 @@ def resolve_strategy(
     learning_rate: float,
     explicit_fields: set[str] | frozenset[str] = frozenset(),
 ) -> TuningPlan:
-    """The checked plan for this model, from its config alone (before any weights load).
+    """The checked plan for this model, from its config alone (before any weights load). Changes nothing it is given.
 
-    Also sets `use_peft`/`load_in_4bit` on `model_args` to match the strategy; `explicit_fields` (what the recipe set)
-    lets a contradiction between those fields and the strategy fail instead of being overridden.
+    Without `tuning_strategy`, `load_in_4bit` (qlora) or `use_peft` (lora) pick the strategy; `explicit_fields` (what
+    the recipe set) lets a contradiction between those fields and a named strategy fail instead of being overridden
+    (`modeling.setup` gives the loading code a copy of `model_args` with the strategy's values).
     """
     name = tuning.tuning_strategy or _strategy_from_legacy_fields(model_args)
     if name not in STRATEGIES:
@@ -104,9 +105,6 @@ def resolve_strategy(
                     f"`{field_name}: {str(getattr(model_args, field_name)).lower()}`. Drop {field_name} (the strategy "
                     "decides) or pick the strategy that matches."
                 )
-    model_args.load_in_4bit = strategy.four_bit
-    model_args.use_peft = strategy.uses_lora
-
     modes = {
         "vision_tower": strategy.vision_tower,
         "projector": (FULL if tuning.train_projector else FROZEN)

@@ -1,7 +1,6 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
-from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
@@ -12,9 +11,8 @@ from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.hub.push import push_output_dir
 from vlm_recipes.hub.token import HubTarget
-from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
-from vlm_recipes.modeling.strategies import TuningPlan, resolve_strategy
+from vlm_recipes.modeling.loading import load_for_training
+from vlm_recipes.modeling.setup import ModelSetup, resolve_model_setup
 from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
 from vlm_recipes.recipe import Recipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
@@ -33,21 +31,20 @@ def reliability(recipe: Recipe) -> ReliabilityArguments:
     return recipe.parts.get("reliability") or ReliabilityArguments()
 
 
-def check_tuning_plan(recipe: Recipe) -> TuningPlan:
-    """The recipe's tuning strategy checked against the model's config alone (an unknown strategy, `llm_frozen_layers`
-    above the layer count, a learning rate for a frozen part, ...): the first step of every training entry point,
-    before the output folder, the data and any weights. Sets `use_peft`/`load_in_4bit` to match the strategy."""
-    model_args, training_args = recipe.model, recipe.training
-    config = load_config(model_args, training_args.trust_remote_code)
-    return resolve_strategy(
-        recipe.tuning, model_args, config, get_family(config), training_args.learning_rate, set(recipe.settings)
+def resolve_model(recipe: Recipe) -> ModelSetup:
+    """The model side of the run, worked out once (`modeling.setup`): config -> family row -> tuning plan, checked
+    against each other (an unknown strategy, `llm_frozen_layers` above the layer count, a learning rate for a frozen
+    part, ...). The first step of every training entry point, before the output folder, the data and any weights."""
+    training_args = recipe.training
+    return resolve_model_setup(
+        recipe.model, recipe.tuning, training_args.learning_rate, set(recipe.settings), training_args.trust_remote_code
     )
 
 
-def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
-    """(output_dir, train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`,
-    every row checked (images, text, placeholders, length; `data.checks`) and the report published. A missing column,
-    or too many bad rows, stops the run here, before any weights load."""
+def prepare_output_and_data(recipe: Recipe, processor: Any, task: str) -> tuple[Any, Any]:
+    """(train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`, every row
+    checked with the model's `processor` (images, text, placeholders, length; `data.checks`) and the report published.
+    A missing column, or too many bad rows, stops the run here, before any weights load."""
     data_args, run_args, training_args = recipe.data, recipe.run, recipe.training
     launch = describe_launch(training_args)
     check_launch(launch)
@@ -76,7 +73,7 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
             train_dataset,
             eval_dataset,
             data_report,
-            load_processor(recipe.model, training_args.trust_remote_code),
+            processor,
             reliability(recipe),
             training_args.max_length,
             training_args.dataset_num_proc,
@@ -87,22 +84,13 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     # The adapter's initial weights are drawn before the Trainer seeds anything: seed here, so that they follow the
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
-    return output_dir, train_dataset, eval_dataset
+    return train_dataset, eval_dataset
 
 
-def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
-    """`modeling.loading.load_for_training` with the recipe's fields, for this launch (4-bit weights stored to shard
-    under ZeRO-3/FSDP). `start`: DPO's `start_adapter` and `merge_start_adapter`."""
-    training_args = recipe.training
-    return load_for_training(
-        recipe.model,
-        recipe.tuning,
-        training_args.learning_rate,
-        set(recipe.settings),
-        training_args.trust_remote_code,
-        shard_parameters=describe_launch(training_args).shards_parameters,
-        **start,
-    )
+def load_training_model(recipe: Recipe, setup: ModelSetup, **start: Any) -> Any:
+    """`modeling.loading.load_for_training` for this launch (4-bit weights stored to shard under ZeRO-3/FSDP).
+    `start`: DPO's `start_adapter` and `merge_start_adapter`."""
+    return load_for_training(setup, shard_parameters=describe_launch(recipe.training).shards_parameters, **start)
 
 
 def train_and_save(

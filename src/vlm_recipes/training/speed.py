@@ -22,8 +22,7 @@ from vlm_recipes.compat import add_trained_tokens, check_labelled_positions_only
 from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.lengths import TokenCounter, dataset_token_lengths, padding_share
-from vlm_recipes.modeling.families import get_family
-from vlm_recipes.modeling.loading import load_config
+from vlm_recipes.modeling.families import ModelFamily
 from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.padding_free import check_padding_free, pack_rows, packed_tokens
 from vlm_recipes.training.sampling import LengthGroupedSampler
@@ -45,14 +44,13 @@ def apply_speed_defaults(recipe: Any) -> None:
     recipe.apply_defaults("training", defaults)
 
 
-def take_padding_free(recipe: Any) -> bool:
+def take_padding_free(training_args: Any, family: ModelFamily) -> bool:
     """Whether the recipe asks for padding-free SFT batches (TRL's `padding_free` field), checked against the model
-    family from its config (before any data or weights load). The field is then switched off in TRL's arguments, which
-    refuse it for vision data: `SpeedMixin` packs the rows instead."""
-    training_args = recipe.training
+    family (before any data or weights load). The field is then switched off in TRL's arguments, which refuse it for
+    vision data: the trainer packs the rows instead."""
     if not getattr(training_args, "padding_free", False):
         return False
-    check_padding_free(get_family(load_config(recipe.model, training_args.trust_remote_code)))
+    check_padding_free(family)
     training_args.padding_free = False
     return True
 

@@ -1,0 +1,203 @@
+"""One trainer per training method: TRL's trainer with what vision-language fine-tuning adds, all set in `__init__`.
+
+    trainer = VLMSFTTrainer(
+        model, training_args, train_dataset, eval_dataset, processor,
+        setup=setup,                          # the run's ModelSetup: family row and tuning plan (`modeling.setup`)
+        speed=recipe.speed,                   # SpeedArguments
+        reliability=recipe.reliability,       # ReliabilityArguments: the NaN guard
+        training_template=template,           # SFT: ours for assistant-only loss, or None (`modeling.chat_templates`)
+        padding_free=padding_free,            # SFT: pack rows (`training.speed.take_padding_free`)
+    )
+
+What each trainer adds to TRL's, and where the feature lives:
+- optimizer groups per part (vision tower, projector, language model) with their learning rates, and staged unfreezing
+  of the vision tower (`training.optimization`);
+- DDP's unused-parameter search only where a step can skip trained weights, and the launch and global batch printed
+  when training starts (`training.distributed`);
+- TRL's collator replaced by one with the same output, faster (`training.collators`); length-grouped batches
+  (`training.sampling`); the LM head at labelled positions only; SFT: padding-free packed rows (`training.speed`);
+- SFT: the family's training chat template swapped into the processor while TRL builds its collator, then handed to
+  the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
+- checkpoint completion markers, and a stop at the first NaN or infinite loss or gradient, before the optimizer step
+  (`training.guards`; the loss of every micro-batch is recorded by `training_step`);
+- DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`).
+
+A new method (GRPO, KTO) gets a class of the same shape: `_before_trl`, TRL's `__init__`, `_after_trl`, and the same
+overrides.
+"""
+
+from typing import Any
+
+from trl import DPOTrainer, SFTTrainer
+
+from vlm_recipes.compat import count_tokens_of_global_batch, warn_if_untested
+from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
+from vlm_recipes.console import print_main
+from vlm_recipes.modeling.chat_templates import processor_template_swapped
+from vlm_recipes.modeling.setup import ModelSetup
+from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
+from vlm_recipes.training.guards import install_fault_guards
+from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
+from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
+from vlm_recipes.training.speed import (
+    LengthGrouping,
+    check_speed_settings,
+    faster_collator,
+    lm_head_positions,
+    pack_rows_for_forward,
+)
+
+
+def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments) -> None:
+    """What must be settled before TRL's `__init__` reads the arguments."""
+    warn_if_untested()
+    check_speed_settings(speed)
+    set_unused_parameter_search(args, model, setup.family)
+
+
+def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> Any:
+    """What replaces or joins the pieces TRL's `__init__` built; returns the NaN guard (None when switched off)."""
+    if speed.fast_collator:
+        trainer.data_collator = faster_collator(trainer.data_collator)
+    trainer.add_callback(LaunchSummaryCallback(trainer, trainer.family))
+    return install_fault_guards(trainer, reliability)
+
+
+class VLMSFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer` for a vision-language model (see the module docstring for what it adds)."""
+
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any,
+        *,
+        setup: ModelSetup,
+        speed: SpeedArguments,
+        reliability: ReliabilityArguments,
+        training_template: str | None = None,
+        padding_free: bool = False,
+    ):
+        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
+        self.length_grouping = LengthGrouping(speed)
+        _before_trl(args, model, setup, speed)
+        # TRL accepts a processor for assistant-only loss only when its template has generation markers: ours is in
+        # the processor while TRL builds its collator, which then renders with it; the processor keeps its own.
+        with processor_template_swapped(processing_class, training_template):
+            super().__init__(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+            )
+        if training_template is not None:
+            self.data_collator.chat_template = training_template
+        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
+        count_tokens_of_global_batch(self)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None:
+            self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        sampler = self.length_grouping.train_sampler(dataset, self.processing_class, self.args)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        if not self.length_grouping.keeps_eval_order(eval_dataset, self.args):
+            return super()._get_eval_sampler(eval_dataset)
+        return self.length_grouping.eval_sampler(eval_dataset, self.args)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.packs_rows:
+            inputs = pack_rows_for_forward(self, model, inputs)
+        with lm_head_positions(self.speed):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        if self.nonfinite_guard is not None:
+            self.nonfinite_guard.record(loss)
+        return loss
+
+
+class VLMDPOTrainer(DPOTrainer):
+    """TRL's `DPOTrainer` for a vision-language model (see the module docstring for what it adds). DPO has no
+    assistant-only loss, so no training chat template: TRL's collator renders prompts with the model's own."""
+
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any,
+        *,
+        setup: ModelSetup,
+        speed: SpeedArguments,
+        reliability: ReliabilityArguments,
+    ):
+        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.length_grouping = LengthGrouping(speed)
+        self.image_reuse_blocker: str | None = None  # why image features cannot be reused; decided at the first loss
+        self._image_reuse_decided = False
+        _before_trl(args, model, setup, speed)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+        )
+        self.nonfinite_guard = _after_trl(self, speed, reliability)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None:
+            self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        sampler = self.length_grouping.train_sampler(dataset, self.processing_class, self.args)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        if not self.length_grouping.keeps_eval_order(eval_dataset, self.args):
+            return super()._get_eval_sampler(eval_dataset)
+        return self.length_grouping.eval_sampler(eval_dataset, self.args)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.speed.reuse_image_features:
+            if not self._image_reuse_decided:  # on the model compute_loss gets: wrapped by now (FSDP, DDP visible)
+                self.image_reuse_blocker = image_feature_reuse_blocker(model, self.family)
+                self._image_reuse_decided = True
+                print_main(
+                    "DPO image features: encoded once per batch for chosen, rejected, policy and reference"
+                    if self.image_reuse_blocker is None
+                    else f"DPO image features: encoded for every pass, as TRL does ({self.image_reuse_blocker})"
+                )
+            if self.image_reuse_blocker is None:
+                inputs = with_image_features(model, self.family, inputs)
+        with lm_head_positions(self.speed):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        if self.nonfinite_guard is not None:
+            self.nonfinite_guard.record(loss)
+        return loss
