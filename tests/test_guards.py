@@ -95,14 +95,9 @@ def test_old_checkpoints_are_rotated_only_after_the_new_one_is_marked(tmp_path):
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
 
 
-def fake_trainer(tmp_path, losses):
-    values = iter(losses)
-    return SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)), training_step=lambda *a: next(values))
-
-
-def run_step(guard, trainer, model, micro_batches=1):
+def run_step(guard, losses, model, micro_batches=1):
     for _ in range(micro_batches):
-        trainer.training_step()
+        guard.record(next(losses))  # what the trainers' training_step does with each micro-batch's loss
     state = SimpleNamespace(global_step=6, is_world_process_zero=True, log_history=[{"loss": 1.0, "step": 6}])
     return guard.on_pre_optimizer_step(None, state, None, model=model)
 
@@ -111,11 +106,11 @@ def test_a_nan_loss_stops_before_the_optimizer_step(tmp_path):
     write_checkpoint(tmp_path, 5)
     model = torch.nn.Linear(2, 2)
     model.weight.grad = torch.ones(2, 2)
-    trainer = fake_trainer(tmp_path, [torch.tensor(0.5), torch.tensor(float("nan")), torch.tensor(0.7)])
-    guard = NonFiniteGuard(trainer)
-    assert run_step(guard, trainer, model) is None  # a finite step passes (control unchanged)
+    losses = iter([torch.tensor(0.5), torch.tensor(float("nan")), torch.tensor(0.7)])
+    guard = NonFiniteGuard(tmp_path)
+    assert run_step(guard, losses, model) is None  # a finite step passes (control unchanged)
     with pytest.raises(TrainingDiverged) as info:
-        run_step(guard, trainer, model, micro_batches=2)  # gradient accumulation: one bad micro-batch is enough
+        run_step(guard, losses, model, micro_batches=2)  # gradient accumulation: one bad micro-batch is enough
     message = str(info.value)
     assert "Training stopped at step 7: the loss was nan" in message
     assert f"Last complete checkpoint: {tmp_path / 'checkpoint-5'} (step 5)" in message
@@ -125,13 +120,12 @@ def test_a_nan_loss_stops_before_the_optimizer_step(tmp_path):
 def test_infinite_gradients_stop_the_run_even_with_a_finite_loss(tmp_path):
     model = torch.nn.Linear(2, 2)
     model.weight.grad = torch.tensor([[1.0, float("inf")], [0.0, 0.0]])
-    trainer = fake_trainer(tmp_path, [torch.tensor(0.5)])
     with pytest.raises(TrainingDiverged, match="a gradient was NaN or infinite .*No checkpoint was saved before it"):
-        run_step(NonFiniteGuard(trainer), trainer, model)
+        run_step(NonFiniteGuard(tmp_path), iter([torch.tensor(0.5)]), model)
 
 
 def test_a_nonfinite_logged_value_stops_the_run(tmp_path):
-    guard = NonFiniteGuard(fake_trainer(tmp_path, []))
+    guard = NonFiniteGuard(tmp_path)
     state = SimpleNamespace(global_step=30, is_world_process_zero=True, log_history=[])
     guard.on_log(None, state, None, logs={"loss": 1.0, "grad_norm": 2.0})
     with pytest.raises(TrainingDiverged, match="step 30: the logged grad_norm was inf"):

@@ -53,7 +53,7 @@ class ModelCalls:
 
     def __init__(self, trainer):
         self.log_probs, self.vision_rows = [], []
-        vision_tower = dict(unwrap_model(trainer.model).named_modules())[trainer.model_family.vision_tower]
+        vision_tower = dict(unwrap_model(trainer.model).named_modules())[trainer.family.vision_tower]
         self.hooks = [
             trainer.model.register_forward_hook(lambda _, args, output: self.log_probs.append(output.log_probs)),
             vision_tower.register_forward_hook(self._vision_pass, with_kwargs=True),
@@ -89,7 +89,7 @@ def dpo_step(trainer, batch, reuse_in_trainer=False):
 def reuse(trainer, batch):
     """The batch with its image features, and the rows each vision-tower pass computing them encoded."""
     with ModelCalls(trainer) as calls:
-        reused = with_image_features(trainer.model, trainer.model_family, batch)
+        reused = with_image_features(trainer.model, trainer.family, batch)
     return reused, calls.vision_rows
 
 
@@ -130,7 +130,7 @@ def trainers(tiny_models, preference_dir, tmp_path_factory):
 
 def test_qwen2_5_vl_encodes_each_image_once_with_the_same_loss_and_gradients(trainers):
     trainer, batch = trainers("qwen2_5_vl")
-    assert image_feature_reuse_blocker(trainer.model, trainer.model_family) is None
+    assert image_feature_reuse_blocker(trainer.model, trainer.family) is None
     reused, vision_rows = reuse(trainer, batch)
     assert "pixel_values" not in reused and "pixel_values" in batch  # the collated batch itself is left as it was
     calls, _ = assert_same_step(trainer, batch, reused)
@@ -148,7 +148,7 @@ def test_qwen2_5_vl_encodes_each_image_once_with_the_same_loss_and_gradients(tra
 @pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm", "gemma3"])
 def test_deepstack_tiled_and_fixed_size_families_give_the_same_loss_and_gradients(trainers, family):
     trainer, batch = trainers(family)
-    assert image_feature_reuse_blocker(trainer.model, trainer.model_family) is None
+    assert image_feature_reuse_blocker(trainer.model, trainer.family) is None
     reused, vision_rows = reuse(trainer, batch)
     calls, _ = assert_same_step(trainer, batch, reused)
     expected = [calls.vision_rows[0] // 2] if family == "qwen3_vl" else calls.vision_rows[:1]
@@ -169,7 +169,7 @@ def test_qwen_images_that_are_not_repeated_are_all_encoded(trainers):
 def test_a_batch_without_images_is_left_alone(trainers):
     trainer, batch = trainers("qwen2_5_vl")
     text_only = {key: value for key, value in batch.items() if key not in ("pixel_values", "image_grid_thw")}
-    assert with_image_features(trainer.model, trainer.model_family, text_only) is text_only
+    assert with_image_features(trainer.model, trainer.family, text_only) is text_only
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_a_batch_without_images_is_left_alone(trainers):
 )
 def test_a_trained_or_adapted_vision_path_blocks_reuse(tiny_qwen, preference_dir, tmp_path, extra, fragment):
     trainer = dpo_trainer(tiny_qwen, preference_dir, tmp_path / "out", *extra)
-    blocker = image_feature_reuse_blocker(trainer.model, trainer.model_family)
+    blocker = image_feature_reuse_blocker(trainer.model, trainer.family)
     assert blocker is not None and fragment in blocker
 
 
@@ -227,7 +227,7 @@ def test_a_ddp_wrapped_model_is_unwrapped(tiny_qwen, preference_dir, tmp_path):
         pytest.skip("a process group is already set up in this session")
     trainer = dpo_trainer(tiny_qwen, preference_dir, tmp_path / "out")  # its own: DDP leaves hooks on the parameters
     move_trained_weights(trainer.model)
-    batch, family = first_batch(trainer), trainer.model_family
+    batch, family = first_batch(trainer), trainer.family
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(trainer.model)

@@ -38,9 +38,9 @@ from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
-from vlm_recipes.training.optimization import VLMDPOTrainer
 from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
 from vlm_recipes.training.speed import apply_speed_defaults
+from vlm_recipes.training.trainers import VLMDPOTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -138,14 +138,14 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
         recipe, setup, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"
     )
     trainer = VLMDPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        tuning_plan=setup.plan,
-        model_family=setup.family,
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        processor,
+        setup=setup,
         speed=recipe.speed,
+        reliability=recipe.reliability,
     )
     if policy.reference != "sft_adapter":
         use_disabled_adapter_as_reference(trainer.model)

@@ -22,12 +22,12 @@ from vlm_recipes.configs import (
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
-from vlm_recipes.modeling.chat_templates import training_chat_template
+from vlm_recipes.modeling.chat_templates import choose_training_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
-from vlm_recipes.training.optimization import VLMSFTTrainer
 from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
+from vlm_recipes.training.trainers import VLMSFTTrainer
 
 
 RECIPE_PARTS = {
@@ -60,21 +60,19 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
 
     model = load_training_model(recipe, setup)
 
-    # The family's training chat template for assistant-only loss, where TRL has none (the processor keeps its own).
-    with training_chat_template(processor, setup.family, training_args) as attach_template:
-        trainer = attach_template(
-            VLMSFTTrainer(
-                model=model,
-                args=training_args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processor,
-                tuning_plan=setup.plan,
-                model_family=setup.family,
-                speed=recipe.speed,
-                padding_free=padding_free,
-            )
-        )
+    trainer = VLMSFTTrainer(
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        processor,
+        setup=setup,
+        speed=recipe.speed,
+        reliability=recipe.reliability,
+        # The family's training chat template for assistant-only loss, where TRL has none (None: TRL's own handling)
+        training_template=choose_training_template(processor, setup.family, training_args),
+        padding_free=padding_free,
+    )
     add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
     return trainer
 

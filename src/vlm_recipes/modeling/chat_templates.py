@@ -4,11 +4,12 @@ Assistant-only loss needs a template with `{% generation %}` markers around what
 training versions for most families and swaps one in itself when the processor's template is the byte-identical stock
 one. Where TRL has none (Gemma 4) or its stock template never labels the end of a turn (LLaVA 1.5), the family row names
 one of ours, in `vlm_recipes/chat_templates/`. Ours is used the way TRL uses its own: the collator renders with it, and
-the processor keeps (and saves, with the adapter) the model's own template.
+the processor keeps (and saves, with the adapter) the model's own template (`training.trainers.VLMSFTTrainer` swaps it
+in with `processor_template_swapped` while TRL builds the collator, then hands it to the collator).
 """
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,25 +113,16 @@ def choose_training_template(processor: Any, family: ModelFamily, args: Any) -> 
 
 
 @contextmanager
-def training_chat_template(processor: Any, family: ModelFamily, args: Any) -> Iterator[Callable[[Any], Any]]:
-    """Build the trainer inside this block, and pass it through the yielded function.
-
-    While the trainer is built, the processor carries our training template (so TRL accepts it for assistant-only
-    loss); the function hands the template to the trainer's collator; on exit the processor's own template is back,
-    which is what `save_model` and checkpoints save. Where TRL's own handling applies, nothing changes.
-    """
-    ours = choose_training_template(processor, family, args)
-    if ours is None:
-        yield lambda trainer: trainer
+def processor_template_swapped(processor: Any, template: str | None) -> Iterator[None]:
+    """Within this block the processor carries `template` (our training template, so that TRL accepts the processor
+    for assistant-only loss while it builds its collator); on exit its own template is back, which is what
+    `save_model` and checkpoints save. `template` None: nothing changes."""
+    if template is None:
+        yield
         return
     own = processor.chat_template
-
-    def attach(trainer: Any) -> Any:
-        trainer.data_collator.chat_template = ours
-        return trainer
-
-    processor.chat_template = ours
+    processor.chat_template = template
     try:
-        yield attach
+        yield
     finally:
         processor.chat_template = own

@@ -6,7 +6,6 @@ from typing import Any
 from transformers import TrainerCallback
 
 from vlm_recipes.configs import EvaluationArguments
-from vlm_recipes.console import print_main
 from vlm_recipes.evaluation.runner import evaluate_rows
 from vlm_recipes.run_folder import PLOT_FILE
 from vlm_recipes.training.plots import plot_training_log
@@ -50,21 +49,6 @@ class TrainingPlotCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_training_log(state.log_history, Path(args.output_dir) / PLOT_FILE, title=Path(args.output_dir).name)
-
-
-class LaunchSummaryCallback(TrainerCallback):
-    """When training starts (the model wrapped by then), on the main process: the launch (DDP, ZeRO stage, FSDP), the
-    global batch and, under DDP, whose gradients are reduced (`training.distributed.launch_summary`)."""
-
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from vlm_recipes.training.distributed import launch_summary
-
-        lines = launch_summary(self.trainer)
-        if lines:
-            print_main(*lines)
 
 
 def generation_rows(eval_dataset: Any, max_samples: int | None) -> Any:

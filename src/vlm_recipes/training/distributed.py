@@ -3,11 +3,12 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m vlm_recipes.sft recipes/chartqa.yaml
 
 The Trainer (through accelerate) does the distributing; this module covers what it leaves to the recipe for vision
-data: work that should happen once happens once (`vlm_recipes.processes.main_process_first`), text-only rows cannot hang a sharded launch
-(`drop_text_only_rows`), DDP looks for unused parameters only when a step can leave some without a gradient
-(`find_unused_parameters`, `DistributedTrainingMixin`), DPO's frozen reference adapter is saved whole under ZeRO-3
-(`save_frozen_adapters_under_zero3`), and the run says what the launch is and how large the global batch is
-(`launch_summary`). The SFT loss being one token mean on any number of processes is `VLMSFTTrainer`'s.
+data: text-only rows cannot hang a sharded launch (`drop_text_only_rows`), DDP looks for unused parameters only when a
+step can leave some without a gradient (`find_unused_parameters`, `set_unused_parameter_search`), DPO's frozen
+reference adapter is saved whole under ZeRO-3 (`save_frozen_adapters_under_zero3`), and the run says what the launch is
+and how large the global batch is (`launch_summary`, `LaunchSummaryCallback`). Work that should happen once happens
+once with `vlm_recipes.processes.main_process_first`; the SFT loss being one token mean on any number of processes is
+`training.trainers.VLMSFTTrainer`'s.
 """
 
 import atexit
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from accelerate import PartialState
+from transformers import TrainerCallback
 
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.processes import wait_for_everyone
 
@@ -225,21 +228,15 @@ def find_unused_parameters(model: Any, family: Any) -> bool:
     return _trains_outside_language_model(model, family)
 
 
-class DistributedTrainingMixin:
-    """Put first among a TRL trainer's bases. Sets `ddp_find_unused_parameters` (unless the recipe does) before TRL
-    chooses its own default, and prints the launch summary when training starts."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        training_args, model, family = kwargs.get("args"), kwargs.get("model"), kwargs.get("model_family")
-        if training_args is not None and model is not None and training_args.ddp_find_unused_parameters is None:
-            search = find_unused_parameters(model, family)
-            reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-            if not (search and reentrant):  # reentrant checkpointing fails with the search: left to TRL, as before
-                training_args.ddp_find_unused_parameters = search
-        super().__init__(*args, **kwargs)
-        from vlm_recipes.training.callbacks import LaunchSummaryCallback
-
-        self.add_callback(LaunchSummaryCallback(self))
+def set_unused_parameter_search(training_args: Any, model: Any, family: Any) -> None:
+    """`ddp_find_unused_parameters` from `find_unused_parameters`, unless the recipe sets it; before TRL's trainer
+    chooses its own default (on for every VLM)."""
+    if training_args.ddp_find_unused_parameters is not None:
+        return
+    search = find_unused_parameters(model, family)
+    reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if not (search and reentrant):  # reentrant checkpointing fails with the search: left to TRL, as before
+        training_args.ddp_find_unused_parameters = search
 
 
 def _reduced_parameters(ddp_model: Any) -> list[tuple[str, Any]]:
@@ -273,7 +270,7 @@ def ddp_summary(ddp_model: Any, family: Any) -> str:
     )
 
 
-def launch_summary(trainer: Any) -> list[str]:
+def launch_summary(trainer: Any, family: Any = None) -> list[str]:
     """The launch, the global batch and, under DDP, which gradients are reduced (for the start of training, when the
     model has been wrapped); nothing for one process."""
     from torch.nn.parallel import DistributedDataParallel
@@ -287,5 +284,18 @@ def launch_summary(trainer: Any) -> list[str]:
         f"({launch.backend}); {global_batch_text(args, launch)}"
     ]
     if isinstance(trainer.model_wrapped, DistributedDataParallel):
-        lines.append(ddp_summary(trainer.model_wrapped, getattr(trainer, "model_family", None)))
+        lines.append(ddp_summary(trainer.model_wrapped, family))
     return lines
+
+
+class LaunchSummaryCallback(TrainerCallback):
+    """When training starts (the model wrapped by then), on the main process: the launch (DDP, ZeRO stage, FSDP), the
+    global batch and, under DDP, whose gradients are reduced (`launch_summary`)."""
+
+    def __init__(self, trainer: Any, family: Any = None):
+        self.trainer, self.family = trainer, family
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        lines = launch_summary(self.trainer, self.family)
+        if lines:
+            print_main(*lines)

@@ -7,7 +7,7 @@ optimizer, scheduler and RNG state, `trainer_state.json` last), then deletes che
 whatever it holds. A kill during a save therefore leaves a folder that looks like the newest checkpoint, which resume
 picks and then fails on (no `trainer_state.json`) or loads half-written weights from.
 
-What this module adds, for any TRL/transformers trainer (`install_fault_guards(trainer, args)`):
+What this module adds, for the package's trainers (`install_fault_guards(trainer, args)`, from their `__init__`):
 - after the Trainer has written a checkpoint, every file in it is flushed to disk (fsync) and a completion marker,
   `checkpoint_complete.json`, listing each file and its size, is written atomically (temporary file, then rename);
   only then are old checkpoints rotated out (`save_total_limit` is taken over from the Trainer so that the previous
@@ -19,7 +19,6 @@ What this module adds, for any TRL/transformers trainer (`install_fault_guards(t
   checkpoint. Gradient norms are logged by the Trainer with every loss (`grad_norm`).
 """
 
-import functools
 import json
 import logging
 import math
@@ -203,18 +202,13 @@ class NonFiniteGuard(TrainerCallback):
     step reads them together with the gradient norm. Under several processes the verdict is shared, so all stop.
     """
 
-    def __init__(self, trainer: Any):
-        self.output_dir = Path(trainer.args.output_dir)
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
         self.losses: list[torch.Tensor] = []
-        training_step = trainer.training_step
 
-        @functools.wraps(training_step)
-        def recorded_training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = training_step(*args, **kwargs)
-            self.losses.append(loss.detach())
-            return loss
-
-        trainer.training_step = recorded_training_step
+    def record(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss, from the trainer's `training_step` (kept on its device: no synchronisation)."""
+        self.losses.append(loss.detach())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         losses, self.losses = self.losses, []
@@ -264,13 +258,16 @@ class NonFiniteGuard(TrainerCallback):
         return path
 
 
-def install_fault_guards(trainer: Any, args: Any) -> Any:
-    """Add the checkpoint markers and (unless `args.stop_on_nonfinite_loss` is off) the NaN guard to a trainer.
+def install_fault_guards(trainer: Any, args: Any) -> NonFiniteGuard | None:
+    """Add the checkpoint markers and (unless `args.stop_on_nonfinite_loss` is off) the NaN guard to a trainer, whose
+    `training_step` then records each loss in the returned guard (`training.trainers`).
 
-    `args` is the recipe's `ReliabilityArguments`. Call once, after building the trainer and before `train()`.
+    `args` is the recipe's `ReliabilityArguments`. Called once, by the trainer's `__init__`.
     """
     # rotation happens after the marker (CompleteCheckpoints.on_save)
     trainer.add_callback(CompleteCheckpoints(take_over_checkpoint_rotation(trainer.args)))
-    if args.stop_on_nonfinite_loss:
-        trainer.add_callback(NonFiniteGuard(trainer))
-    return trainer
+    if not args.stop_on_nonfinite_loss:
+        return None
+    guard = NonFiniteGuard(trainer.args.output_dir)
+    trainer.add_callback(guard)
+    return guard

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vlm_recipes.compat import add_trained_tokens
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
 
@@ -79,3 +80,17 @@ def pack_rows(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
 def packed_tokens(batch: dict[str, Any]) -> int:
     """Tokens of a batch as `pack_rows` feeds them (its padding-free length)."""
     return int(batch["attention_mask"].sum())
+
+
+def pack_for_forward(trainer: Any, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """In a trainer's `compute_loss`: the collator's batch packed (`pack_rows`), with the trainer's token count kept
+    right. TRL counts a batch without `attention_mask` by `position_ids.size(1)`, which is 1 for the (4, 1, N) ids: what
+    it misses is added, so `num_tokens` in the logs stays the number of real tokens trained on."""
+    if "attention_mask" not in batch:
+        return batch
+    tokens = packed_tokens(batch)
+    packed = pack_rows(trainer.accelerator.unwrap_model(model), batch)
+    if trainer.model.training:
+        missing = torch.tensor(tokens - 1, device=trainer.accelerator.device)
+        add_trained_tokens(trainer, int(trainer.accelerator.gather_for_metrics(missing).sum().item()))
+    return packed

@@ -5,7 +5,6 @@ from typing import Any
 
 from transformers import set_seed
 
-from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
@@ -22,13 +21,8 @@ from vlm_recipes.training.distributed import (
     drop_text_only_rows,
     end_process_group_at_exit,
 )
-from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
+from vlm_recipes.training.guards import resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
-
-
-def reliability(recipe: Recipe) -> ReliabilityArguments:
-    """The recipe's data-check and fault-guard settings (the defaults for an entry point without that part)."""
-    return recipe.parts.get("reliability") or ReliabilityArguments()
 
 
 def resolve_model(recipe: Recipe) -> ModelSetup:
@@ -74,7 +68,7 @@ def prepare_output_and_data(recipe: Recipe, processor: Any, task: str) -> tuple[
             eval_dataset,
             data_report,
             processor,
-            reliability(recipe),
+            recipe.reliability,
             training_args.max_length,
             training_args.dataset_num_proc,
         )
@@ -96,11 +90,10 @@ def load_training_model(recipe: Recipe, setup: ModelSetup, **start: Any) -> Any:
 def train_and_save(
     trainer: Any, recipe: Recipe, summary_keys: tuple[str, ...] = (), hub_target: HubTarget | None = None
 ) -> Any:
-    """Train (guarded against faults; resuming from the last complete checkpoint when the recipe says so), save the
+    """Train (resuming from the last complete checkpoint when the recipe says so), save the
     outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,
     when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
-    install_fault_guards(trainer, reliability(recipe))  # checkpoint completion markers, NaN/inf stop
     trainer.train(
         resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
     )

@@ -1,5 +1,5 @@
 """The speed and memory features a trainer gets from the recipe (`SpeedArguments`, `train_sampling_strategy`,
-`padding_free`), as one mixin for TRL's trainers.
+`padding_free`); the trainers in `training.trainers` call them from their overrides.
 
 - Length-grouped batching by true token count (`training.sampling`), the default sampling strategy here.
 - The LM head only at labelled positions (`loss_on_labels_only`): TRL 1.16's fused LM head already projects only the
@@ -8,23 +8,22 @@
   every device; the kernels, and so the loss and gradients, are TRL's own.
 - Padding-free batches for the Qwen-VL families (`training.padding_free`), SFT only.
 - Faster collators with TRL's exact output (`training.collators`) and, for DPO, image features encoded once per batch
-  (`training.image_features`): wired in by the trainers in `training.optimization`.
+  (`training.image_features`): wired in by the trainers in `training.trainers`.
 """
 
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch.utils.data import SequentialSampler
 
-from vlm_recipes.compat import add_trained_tokens, check_labelled_positions_only, labelled_positions_only
+from vlm_recipes.compat import check_labelled_positions_only, labelled_positions_only
 from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.lengths import TokenCounter, dataset_token_lengths, padding_share
 from vlm_recipes.modeling.families import ModelFamily
-from vlm_recipes.training.collators import faster_collator
-from vlm_recipes.training.padding_free import check_padding_free, pack_rows, packed_tokens
+from vlm_recipes.training.padding_free import check_padding_free
 from vlm_recipes.training.sampling import LengthGroupedSampler
 
 
@@ -55,64 +54,54 @@ def take_padding_free(training_args: Any, family: ModelFamily) -> bool:
     return True
 
 
-class SpeedMixin:
-    """Put before a TRL trainer class. `speed` holds the recipe's `SpeedArguments`; `padding_free` packs SFT batches
-    (checked against the model family by the entry point)."""
+def check_speed_settings(speed: SpeedArguments) -> None:
+    """Stop at the start when a speed feature the recipe keeps on needs what the installed libraries lack."""
+    if speed.loss_on_labels_only:
+        check_labelled_positions_only()
 
-    def __init__(self, *args: Any, speed: SpeedArguments | None = None, padding_free: bool = False, **kwargs: Any):
-        self.speed = speed or SpeedArguments()
-        self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
-        self._row_lengths: list[int] | None = None
-        if self.speed.loss_on_labels_only:
-            check_labelled_positions_only()
-        super().__init__(*args, **kwargs)
-        if self.speed.fast_collator:
-            self.data_collator = faster_collator(self.data_collator)
 
-    # -- batching --------------------------------------------------------------------------------------------------
+def lm_head_positions(speed: SpeedArguments) -> AbstractContextManager:
+    """Around a trainer's `compute_loss`: TRL's fused LM head at labelled positions only (`loss_on_labels_only`)."""
+    return labelled_positions_only() if speed.loss_on_labels_only else nullcontext()
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        if self.args.train_sampling_strategy != GROUP_BY_LENGTH:
-            return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self._row_lengths is None or len(self._row_lengths) != len(dataset):
-            self._row_lengths = dataset_token_lengths(dataset, TokenCounter(self.processing_class))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length-grouped batching
+
+
+def groups_by_length(args: Any) -> bool:
+    """Whether the training arguments ask for length-grouped batches (`train_sampling_strategy`, our default)."""
+    return args.train_sampling_strategy == GROUP_BY_LENGTH
+
+
+def in_dataset_order(eval_dataset: Any, args: Any) -> Any:
+    """The evaluation sampler under length grouping: the dataset's order (transformers would group it with a sampler
+    that needs a `length` or `pixel_values` column), as the default strategy gives it; None (accelerate's own
+    sharding) for several processes."""
+    return SequentialSampler(eval_dataset) if args.world_size <= 1 else None
+
+
+class LengthGrouping:
+    """The training sampler of `train_sampling_strategy: group_by_length`, over each row's true token count (counted
+    once per dataset, from image headers: `data.lengths`)."""
+
+    def __init__(self, speed: SpeedArguments):
+        self.group_batches = speed.length_group_batches
+        self.row_lengths: list[int] | None = None
+
+    def sampler(self, dataset: Any, processor: Any, args: Any) -> LengthGroupedSampler:
+        if self.row_lengths is None or len(self.row_lengths) != len(dataset):
+            self.row_lengths = dataset_token_lengths(dataset, TokenCounter(processor))
         sampler = LengthGroupedSampler(
-            self._row_lengths,
-            self.args.per_device_train_batch_size,
-            processes=self.args.world_size,
-            group_batches=self.speed.length_group_batches,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            self.row_lengths,
+            args.per_device_train_batch_size,
+            processes=args.world_size,
+            group_batches=self.group_batches,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
         )
         print_main(
             f"Batching: rows grouped by true length (text + image tokens); padding "
-            f"{padding_share(self._row_lengths, self.args.per_device_train_batch_size, sampler.order()):.1%} of the "
+            f"{padding_share(self.row_lengths, args.per_device_train_batch_size, sampler.order()):.1%} of the "
             f"positions in this epoch's per-device batches"
         )
         return sampler
-
-    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        """Evaluation keeps the dataset's order (transformers would group it with a sampler that needs a `length`
-        or `pixel_values` column): what the default strategy gives it."""
-        if self.args.train_sampling_strategy != GROUP_BY_LENGTH or eval_dataset is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
-
-    # -- the forward -----------------------------------------------------------------------------------------------
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if self.packs_rows and "attention_mask" in inputs:
-            tokens = packed_tokens(inputs)
-            inputs = pack_rows(self.accelerator.unwrap_model(model), inputs)
-            self._count_packed_tokens(tokens)
-        labelled_only = labelled_positions_only() if self.speed.loss_on_labels_only else nullcontext()
-        with labelled_only:
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def _count_packed_tokens(self, tokens: int) -> None:
-        """TRL counts a batch without `attention_mask` by `position_ids.size(1)`, which is 1 for our (4, 1, N) ids:
-        add what it misses, so `num_tokens` in the logs stays the number of real tokens trained on."""
-        if not self.model.training:
-            return
-        missing = torch.tensor(tokens - 1, device=self.accelerator.device)
-        add_trained_tokens(self, int(self.accelerator.gather_for_metrics(missing).sum().item()))

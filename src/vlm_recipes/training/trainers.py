@@ -35,16 +35,18 @@ from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
+from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
 from vlm_recipes.training.guards import install_fault_guards
 from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
+from vlm_recipes.training.padding_free import pack_for_forward
 from vlm_recipes.training.speed import (
     LengthGrouping,
     check_speed_settings,
-    faster_collator,
+    groups_by_length,
+    in_dataset_order,
     lm_head_positions,
-    pack_rows_for_forward,
 )
 
 
@@ -101,27 +103,29 @@ class VLMSFTTrainer(SFTTrainer):
         count_tokens_of_global_batch(self)
 
     def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is None:
-            self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not groups_by_length(self.args):
+            return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        sampler = self.length_grouping.train_sampler(dataset, self.processing_class, self.args)
-        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+        return self.length_grouping.sampler(dataset, self.processing_class, self.args)
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        if not self.length_grouping.keeps_eval_order(eval_dataset, self.args):
+        if not groups_by_length(self.args) or eval_dataset is None:
             return super()._get_eval_sampler(eval_dataset)
-        return self.length_grouping.eval_sampler(eval_dataset, self.args)
+        return in_dataset_order(eval_dataset, self.args)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.packs_rows:
-            inputs = pack_rows_for_forward(self, model, inputs)
+            inputs = pack_for_forward(self, model, inputs)
         with lm_head_positions(self.speed):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
@@ -163,23 +167,25 @@ class VLMDPOTrainer(DPOTrainer):
         self.nonfinite_guard = _after_trl(self, speed, reliability)
 
     def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is None:
-            self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not groups_by_length(self.args):
+            return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        sampler = self.length_grouping.train_sampler(dataset, self.processing_class, self.args)
-        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+        return self.length_grouping.sampler(dataset, self.processing_class, self.args)
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        if not self.length_grouping.keeps_eval_order(eval_dataset, self.args):
+        if not groups_by_length(self.args) or eval_dataset is None:
             return super()._get_eval_sampler(eval_dataset)
-        return self.length_grouping.eval_sampler(eval_dataset, self.args)
+        return in_dataset_order(eval_dataset, self.args)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.speed.reuse_image_features:
