@@ -219,7 +219,7 @@ def package_trainer(spec: dict[str, Any]) -> Any:
     import torch
 
     from vlm_recipes.recipe import parse_recipe
-    from vlm_recipes.sft import RECIPE_PARTS, build_trainer
+    from vlm_recipes.sft import SFTRecipe, build_trainer
 
     argv = [
         "--model_name_or_path", spec["model"], "--dataset_name", spec["data"], "--formatter", "chartqa",
@@ -233,7 +233,7 @@ def package_trainer(spec: dict[str, Any]) -> Any:
     ]  # fmt: skip
     for name, value in spec["features"].items():
         argv += [f"--{name}", value]
-    return build_trainer(parse_recipe(RECIPE_PARTS, argv))
+    return build_trainer(parse_recipe(SFTRecipe, argv))
 
 
 def plain_trl_trainer(spec: dict[str, Any]) -> Any:

@@ -98,10 +98,10 @@ def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> 
 def trainer_for(model_dir, dataset, output_dir, *extra):
     """The SFT trainer `vlm_recipes.sft` would build for this model and data (16-bit LoRA, fp32, CPU)."""
     from vlm_recipes.recipe import parse_recipe
-    from vlm_recipes.sft import RECIPE_PARTS, build_trainer
+    from vlm_recipes.sft import SFTRecipe, build_trainer
 
     recipe = parse_recipe(
-        RECIPE_PARTS,
+        SFTRecipe,
         [
             "--model_name_or_path", str(model_dir), "--dataset_name", str(dataset), "--output_dir", str(output_dir),
             "--use_peft", "true", "--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--report_to", "none",

@@ -38,7 +38,7 @@ EVAL_GENERATION_ROWS = 5  # odd: one process gets a padded share
 PLANTED_ROWS = (0, 2, 4)  # evaluation rows whose label is set to the untrained model's own answer
 EVAL_ARGS = [
     "--eval_strategy", "steps", "--eval_steps", STEPS, "--eval_on_start", "true", "--max_eval_samples", 6,
-    "--per_device_eval_batch_size", 1, "--eval_max_samples", EVAL_GENERATION_ROWS,
+    "--per_device_eval_batch_size", 1, "--eval_generation_rows", EVAL_GENERATION_ROWS,
     "--eval_generation_batch_size", 1, "--max_new_tokens", 3,
 ]  # fmt: skip
 GPU_COUNT = torch.cuda.device_count()
@@ -114,7 +114,7 @@ def planted_data(tiny_qwen, chartqa_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("planted")
     args = recipe_args(tiny_qwen, chartqa_dir, root / "probe", 1, *EVAL_ARGS)
-    recipe = parse_recipe(sft.RECIPE_PARTS, [str(a) for a in args])
+    recipe = parse_recipe(sft.SFTRecipe, [str(a) for a in args])
     trainer = sft.build_trainer(recipe)
     rows = trainer.eval_dataset.select(range(EVAL_GENERATION_ROWS))
     answers = [record["prediction"] for record in evaluate_rows(
@@ -419,7 +419,7 @@ def prepare(model, data, output_dir, launch, monkeypatch, *extra):
         DEMO_RECIPE, "--model_name_or_path", model, "--dataset_name", data, "--formatter", "conversations",
         "--dataset_test_split", "none", "--output_dir", output_dir, "--overwrite_output_dir", "false", *extra,
     ]  # fmt: skip
-    recipe = parse_recipe(sft.RECIPE_PARTS, [str(a) for a in args])
+    recipe = parse_recipe(sft.SFTRecipe, [str(a) for a in args])
     return run.prepare_output_and_data(recipe, run.resolve_model(recipe).load_processor(), task="sft")
 
 

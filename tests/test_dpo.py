@@ -10,7 +10,7 @@ import torch
 from conftest import REPO_ROOT, assert_ok, run_module
 from PIL import Image
 
-from vlm_recipes.dpo import RECIPE_PARTS, build_trainer, main, train
+from vlm_recipes.dpo import DPORecipe, build_trainer, main, train
 from vlm_recipes.recipe import parse_recipe
 
 
@@ -75,7 +75,7 @@ def trainers(tiny_qwen, preference_dir, sft_adapter, tmp_path_factory):
             extra = [*extra, "--sft_adapter_path", str(sft_adapter)]
         output_dir = tmp_path_factory.mktemp("dpo") / mode
         argv = dpo_args(LORA_RECIPE, tiny_qwen, preference_dir, output_dir, "--dtype", "float32", "--bf16", "false")
-        trainer = build_trainer(parse_recipe(RECIPE_PARTS, [*argv, "--max_train_samples", "4", *extra]))
+        trainer = build_trainer(parse_recipe(DPORecipe, [*argv, "--max_train_samples", "4", *extra]))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         built[mode] = (trainer, batch, torch.cat(trainer.compute_ref_log_probs(trainer.model, batch)))
     return built
@@ -121,7 +121,7 @@ def test_no_second_copy_of_the_model_weights(trainers, tiny_qwen):
 
 def test_sft_merged_saves_the_sft_adapter_it_sits_on(tiny_qwen, preference_dir, sft_adapter, tmp_path):
     argv = dpo_args(LORA_RECIPE, tiny_qwen, preference_dir, tmp_path / "out", "--sft_adapter_path", sft_adapter)
-    trainer = train(parse_recipe(RECIPE_PARTS, [*argv, "--reference", "sft_merged", "--max_steps", "2"]))
+    trainer = train(parse_recipe(DPORecipe, [*argv, "--reference", "sft_merged", "--max_steps", "2"]))
     assert trainer.state.global_step == 2
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists() and not (out / "ref").exists()

@@ -61,7 +61,7 @@ def trained(tiny_qwen, chartqa_dir, tmp_path_factory):
                 "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(chartqa_dir),
                 "--output_dir", str(output_dir), "--overwrite_output_dir", "false", "--dtype", "float32",
                 "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "6", "--logging_steps", "1",
-                "--eval_strategy", "steps", "--eval_steps", "3", "--eval_max_samples", "4", "--max_new_tokens", "4",
+                "--eval_strategy", "steps", "--eval_steps", "3", "--eval_generation_rows", "4", "--max_new_tokens", "4",
                 "--push_to_hub", "true", "--hub_model_id", "me/tiny-chartqa", "--hub_private_repo", "true",
             ]
         )  # fmt: skip
@@ -265,5 +265,5 @@ def test_help_lists_the_evaluation_fields(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for field in ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_max_samples", "--max_new_tokens"):
+    for field in ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_generation_rows", "--max_new_tokens"):
         assert field in out

@@ -20,7 +20,7 @@ from vlm_recipes.modeling.setup import check_family_settings, resolve_model_setu
 from vlm_recipes.modeling.strategies import apply_strategy, resolve_strategy
 from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
-from vlm_recipes.sft import RECIPE_PARTS
+from vlm_recipes.sft import SFTRecipe
 
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -233,7 +233,7 @@ def test_each_family_recipe_passes_its_family_checks(tiny_models, family_name):
     """The real recipe's settings, on the family's tiny model: strategy, LoRA settings and image bounds all accepted."""
     family, path = FAMILIES[family_name], family_recipe(family_name)
     assert f"model_name_or_path: {family.example_model}\n" in path.read_text()  # the real model id
-    recipe = parse_recipe(RECIPE_PARTS, [str(path), "--model_name_or_path", str(tiny_models(family_name))])
+    recipe = parse_recipe(SFTRecipe, [str(path), "--model_name_or_path", str(tiny_models(family_name))])
     setup = resolve_model_setup(recipe.model, recipe.tuning, recipe.training.learning_rate, set(recipe.settings))
     assert setup.family is family
     processor = setup.load_processor()

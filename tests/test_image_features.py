@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from vlm_recipes.dpo import RECIPE_PARTS, build_trainer
+from vlm_recipes.dpo import DPORecipe, build_trainer
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.training.image_features import image_feature_reuse_blocker, unwrap_model, with_image_features
@@ -31,7 +31,7 @@ def dpo_trainer(model_dir, data_dir, output_dir, *extra):
         "--overwrite_output_dir", "true", "--dtype", "float32", "--bf16", "false", "--use_cpu", "true",
         "--dataset_test_split", "none", "--max_train_samples", PAIRS, *extra,
     ]  # fmt: skip
-    return build_trainer(parse_recipe(RECIPE_PARTS, [str(value) for value in argv]))
+    return build_trainer(parse_recipe(DPORecipe, [str(value) for value in argv]))
 
 
 def first_batch(trainer):

@@ -6,25 +6,27 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
+from vlm_recipes.dpo import DPORecipe
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.recipe import entry_point_of, parse_recipe, save_recipe
-from vlm_recipes.sft import RECIPE_PARTS as SFT_PARTS
+from vlm_recipes.sft import SFTRecipe
 
 
 RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
 
 
-def recipe_parts(path: Path) -> dict:
-    """The entry point a recipe is for: its `# entry point:` comment, or SFT."""
-    import importlib
+RECIPE_CLASSES = {"vlm_recipes.sft": SFTRecipe, "vlm_recipes.dpo": DPORecipe}
 
-    return importlib.import_module(entry_point_of(path.read_text(encoding="utf-8"))).RECIPE_PARTS
+
+def recipe_class(path: Path) -> type:
+    """The recipe class of the entry point a recipe is for: its `# entry point:` comment, or SFT."""
+    return RECIPE_CLASSES[entry_point_of(path.read_text(encoding="utf-8"))]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_every_recipe_parses(path):
-    recipe = parse_recipe(recipe_parts(path), [str(path)])
+    recipe = parse_recipe(recipe_class(path), [str(path)])
     assert recipe.model.model_name_or_path
     assert recipe.data.dataset_name
     assert recipe.training.output_dir
@@ -86,26 +88,58 @@ def test_overrides_and_yaml_number_strings(tmp_path):
     recipe_file.write_text(
         "model_name_or_path: m\ndataset_name: d\noutput_dir: o\nlearning_rate: 2e-4\nmax_steps: 5\n"
     )
-    recipe = parse_recipe(SFT_PARTS, [str(recipe_file), "--max_steps", "7", "--lora_r", "4"])
+    recipe = parse_recipe(SFTRecipe, [str(recipe_file), "--max_steps", "7", "--lora_r", "4"])
     assert recipe.training.learning_rate == pytest.approx(2e-4)  # YAML 1.1 reads `2e-4` as a string
     assert recipe.training.max_steps == 7 and recipe.model.lora_r == 4
     assert recipe.settings["max_steps"] == 7 and recipe.settings["lora_r"] == 4
     # `--config path` works as in TRL's scripts
-    assert parse_recipe(SFT_PARTS, ["--config", str(recipe_file)]).training.max_steps == 5
+    assert parse_recipe(SFTRecipe, ["--config", str(recipe_file)]).training.max_steps == 5
 
 
 def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("model_name_or_path: m\nlerning_rate: 1.0e-4\n")
     with pytest.raises(RecipeError, match=r"r.yaml: unknown field 'lerning_rate'. Did you mean 'learning_rate'\?"):
-        parse_recipe(SFT_PARTS, [str(recipe_file)])
+        parse_recipe(SFTRecipe, [str(recipe_file)])
     with pytest.raises(RecipeError, match="command line: unknown field 'max_stepz'. Did you mean 'max_steps'"):
-        parse_recipe(SFT_PARTS, ["--max_stepz", "3"])
+        parse_recipe(SFTRecipe, ["--max_stepz", "3"])
+
+
+def test_a_renamed_field_names_its_new_name(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model_name_or_path: m\neval_max_samples: 32\n")
+    renamed = r"the field 'eval_max_samples' is now 'eval_generation_rows' \(the evaluation rows answers are generated"
+    with pytest.raises(RecipeError, match=rf"r.yaml: {renamed}.*`max_eval_samples` still trims the split\)"):
+        parse_recipe(SFTRecipe, [str(recipe_file)])
+    with pytest.raises(RecipeError, match=f"command line: {renamed}"):
+        parse_recipe(SFTRecipe, ["--eval_max_samples", "32"])
+    assert parse_recipe(SFTRecipe, ["--eval_generation_rows", "32"]).evaluation.eval_generation_rows == 32
+    # an entry point without the new field calls the old one unknown
+    with pytest.raises(RecipeError, match="unknown field 'eval_max_samples'"):
+        parse_recipe(DPORecipe, ["--eval_max_samples", "32"])
+
+
+def test_each_entry_point_recipe_is_typed_by_its_parts():
+    assert list(SFTRecipe.parts()) == [
+        "data",
+        "model",
+        "tuning",
+        "run",
+        "training",
+        "reliability",
+        "speed",
+        "evaluation",
+    ]
+    assert DPORecipe.parts()["training"].__name__ == "DPOConfig" and "policy" in DPORecipe.parts()
+    recipe = parse_recipe(SFTRecipe, ["--output_dir", "o", "--learning_rate", "3e-4"])
+    assert type(recipe.training).__name__ == "SFTConfig" and recipe.training.learning_rate == 3e-4
+    assert recipe.settings == {"output_dir": "o", "learning_rate": 3e-4}
+    assert not hasattr(recipe, "policy")
 
 
 def test_saved_recipe_leaves_out_tokens(tmp_path):
     recipe = parse_recipe(
-        SFT_PARTS, ["--output_dir", "o", "--hub_token", "hf_secret123", "--max_steps", "3", "--max_new_tokens", "7"]
+        SFTRecipe, ["--output_dir", "o", "--hub_token", "hf_secret123", "--max_steps", "3", "--max_new_tokens", "7"]
     )
     save_recipe(recipe, tmp_path / "recipe.yaml")
     text = (tmp_path / "recipe.yaml").read_text()

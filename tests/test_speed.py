@@ -16,7 +16,7 @@ from vlm_recipes.data.lengths import TokenCounter, padding_share, random_batchin
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.recipe import parse_recipe
-from vlm_recipes.sft import RECIPE_PARTS
+from vlm_recipes.sft import SFTRecipe
 from vlm_recipes.training.padding_free import check_padding_free, pack_rows
 from vlm_recipes.training.run import resolve_model
 from vlm_recipes.training.sampling import LengthGroupedSampler
@@ -206,7 +206,7 @@ def test_padding_free_trainer_loss_equals_the_padded_loss(tiny_qwen, chartqa_dir
 @pytest.mark.parametrize("family", ["smolvlm", "gemma3", "qwen3_5"])
 def test_padding_free_is_refused_where_rows_would_mix(family, tiny_models, tmp_path):
     recipe = parse_recipe(
-        RECIPE_PARTS,
+        SFTRecipe,
         ["--model_name_or_path", str(tiny_models(family)), "--output_dir", str(tmp_path), "--padding_free", "true"],
     )
     with pytest.raises(RecipeError, match=rf"padding_free: true cannot be used with {family}"):
@@ -235,7 +235,7 @@ def test_speed_defaults_group_by_length_unless_the_recipe_says_otherwise(tmp_pat
     from vlm_recipes.training.speed import apply_speed_defaults
 
     def defaults_applied(*extra, gpus=0, cores=2):
-        recipe = parse_recipe(RECIPE_PARTS, ["--output_dir", str(tmp_path), *extra])
+        recipe = parse_recipe(SFTRecipe, ["--output_dir", str(tmp_path), *extra])
         with monkeypatch.context() as patch:  # the machine as apply_speed_defaults sees it
             patch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
             patch.setattr(torch.cuda, "device_count", lambda: gpus)

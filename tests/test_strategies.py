@@ -14,7 +14,7 @@ from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.modeling.strategies import STRATEGIES, apply_strategy, resolve_strategy
 from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
-from vlm_recipes.sft import RECIPE_PARTS, build_trainer
+from vlm_recipes.sft import SFTRecipe, build_trainer
 
 
 FAMILIES_WITH_TINY_MODELS = [name for name in FAMILIES if name in TINY_BUILDERS]
@@ -24,7 +24,7 @@ PART_RATE = {"language_model": 2e-3, "vision_tower": 3e-3, "projector": 4e-3, "o
 
 def build(model_dir, data_dir, output_dir, *extra):
     recipe = parse_recipe(
-        RECIPE_PARTS,
+        SFTRecipe,
         [
             "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
             "--max_train_samples", "4", "--report_to", "none", "--bf16", "false", "--dtype", "float32",
@@ -308,7 +308,7 @@ def test_unknown_strategy_in_a_recipe_file_is_named(config_only_model, chartqa_d
         RecipeError, match="Unknown tuning_strategy 'qlora_plus'. Choose one of: " + ", ".join(STRATEGIES)
     ):
         trainer_recipe = parse_recipe(
-            RECIPE_PARTS,
+            SFTRecipe,
             [
                 str(recipe),
                 "--model_name_or_path",

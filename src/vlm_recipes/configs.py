@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 from trl import ModelConfig
 
 
+# Fields that were renamed: old name -> (new name, what it is). A recipe with the old name gets one message naming the
+# new one (`recipe.parse_recipe`).
+RENAMED_FIELDS = {
+    "eval_max_samples": (
+        "eval_generation_rows",
+        "the evaluation rows answers are generated for during training; `max_eval_samples` still trims the split",
+    ),
+}
+
+
 @dataclass
 class DataArguments:
     """Where the data comes from and how rows become chat messages."""
@@ -158,7 +168,7 @@ class EvaluationArguments:
     """Answer-level evaluation: greedy generation on the evaluation split, scored with relaxed accuracy and exact match.
 
     `python -m vlm_recipes.evaluate` uses every evaluation row (after `max_eval_samples`); during training the same
-    evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on `eval_max_samples` rows.
+    evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on `eval_generation_rows` rows.
     """
 
     eval_generation: bool = field(
@@ -168,11 +178,11 @@ class EvaluationArguments:
             "eval/exact_match to the trainer's loggers (`report_to`). Needs an evaluation split and `eval_strategy`."
         },
     )
-    eval_max_samples: int | None = field(
+    eval_generation_rows: int | None = field(
         default=64,
         metadata={
-            "help": "Rows of the evaluation split (the first N, the same every time) that generation runs on during "
-            "training; `null` for all. Not to be confused with `max_eval_samples`, which trims the split itself."
+            "help": "Rows of the evaluation split (the first N, the same every time) that generation runs on at each "
+            "evaluation during training; `null` for all."
         },
     )
     max_new_tokens: int = field(

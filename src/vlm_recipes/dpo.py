@@ -16,26 +16,19 @@ TRL's default, a second, frozen copy of the model.
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trl import DPOConfig
 
 from vlm_recipes.compat import TRL_REFERENCE_ADAPTER
-from vlm_recipes.configs import (
-    DataArguments,
-    ModelArguments,
-    PolicyArguments,
-    ReliabilityArguments,
-    RunArguments,
-    SpeedArguments,
-    TuningArguments,
-)
+from vlm_recipes.configs import PolicyArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.strategies import TuningPlan
-from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
@@ -45,16 +38,15 @@ from vlm_recipes.training.trainers import VLMDPOTrainer
 
 logger = logging.getLogger(__name__)
 
-RECIPE_PARTS = {
-    "data": DataArguments,
-    "model": ModelArguments,
-    "tuning": TuningArguments,
-    "policy": PolicyArguments,
-    "run": RunArguments,
-    "training": DPOConfig,
-    "reliability": ReliabilityArguments,
-    "speed": SpeedArguments,
-}
+
+@dataclass
+class DPORecipe(TrainingRecipe):
+    """What a DPO recipe holds: data, model, tuning, run, training (TRL's `DPOConfig`), reliability, speed and where the
+    policy starts (the base model, or an SFT run's adapter) with its reference."""
+
+    training: DPOConfig
+    policy: PolicyArguments
+
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
 VISION_DPO_DEFAULTS = {
@@ -72,7 +64,14 @@ NEW_ADAPTER_FIELDS = (
 )  # fmt: skip
 
 
-def check_recipe(recipe: Recipe, plan: TuningPlan) -> None:
+def apply_defaults(recipe: DPORecipe) -> None:
+    """Our defaults over TRL's, where the recipe is silent (the preflight applies the same)."""
+    recipe.set_defaults(recipe.training, VISION_DPO_DEFAULTS)
+    recipe.set_defaults(recipe.data, PREFERENCE_DATA_DEFAULTS)
+    apply_speed_defaults(recipe)
+
+
+def check_recipe(recipe: DPORecipe, plan: TuningPlan) -> None:
     """Settings that cannot work together (with the run's tuning `plan`) fail here, before any data or weights load;
     `reference` gets its default."""
     policy, training_args = recipe.policy, recipe.training
@@ -123,12 +122,11 @@ def use_disabled_adapter_as_reference(model: Any) -> None:
         model.delete_adapter(TRL_REFERENCE_ADAPTER)
 
 
-def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
-    """Everything up to training: recipe and output folder checked, data formatted, policy formed, trainer built."""
+def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
+    """Everything up to training: model side resolved, recipe and output folder checked, data checked, policy formed,
+    trainer built."""
     policy, training_args = recipe.policy, recipe.training
-    recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
-    recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
-    apply_speed_defaults(recipe)
+    apply_defaults(recipe)
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
     processor = setup.load_processor()
@@ -155,7 +153,7 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
     return trainer
 
 
-def save_sft_adapter_copy(recipe: Recipe) -> None:
+def save_sft_adapter_copy(recipe: DPORecipe) -> None:
     """With `reference: sft_merged` the DPO adapter applies on top of base + SFT adapter: keep both in one folder."""
     if recipe.policy.reference != "sft_merged":
         return
@@ -165,7 +163,7 @@ def save_sft_adapter_copy(recipe: Recipe) -> None:
         shutil.copy2(Path(recipe.policy.sft_adapter_path).expanduser() / name, target / name)
 
 
-def train(recipe: Recipe) -> VLMDPOTrainer:
+def train(recipe: DPORecipe) -> VLMDPOTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
     return train_and_save(build_trainer(recipe), recipe, summary_keys=DPO_METRICS, hub_target=hub_target)
 
@@ -173,7 +171,7 @@ def train(recipe: Recipe) -> VLMDPOTrainer:
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> None:
     setup_console()
-    recipe = parse_recipe(RECIPE_PARTS, argv, prog="python -m vlm_recipes.dpo")
+    recipe = parse_recipe(DPORecipe, argv, prog="python -m vlm_recipes.dpo")
     train(recipe)
 
 

@@ -9,6 +9,7 @@ Reads top to bottom: parse the recipe, refuse to overwrite earlier results, form
 `eval_results.json` and one predictions JSONL per model in the recipe's `output_dir`, print the comparison.
 """
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,9 @@ from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
 from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.processes import is_main_process, main_process_first
-from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.run_folder import EVAL_RESULTS_FILE, predictions_file, sft_adapter_under
-from vlm_recipes.sft import RECIPE_PARTS as SFT_RECIPE_PARTS
+from vlm_recipes.sft import SFTRecipe
 
 
 @dataclass
@@ -49,7 +50,11 @@ class EvaluateCommandArguments:
     )
 
 
-RECIPE_PARTS = {**SFT_RECIPE_PARTS, "command": EvaluateCommandArguments}
+@dataclass
+class EvaluateRecipe(SFTRecipe):
+    """A task recipe (an SFT recipe: its data, model and evaluation settings) plus the command's own options."""
+
+    command: EvaluateCommandArguments
 
 
 def result_paths(output_dir: Path, names: list[str]) -> list[Path]:
@@ -87,7 +92,7 @@ def write_predictions(path: Path, outcome: EvaluationOutcome) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def evaluate(recipe: Recipe) -> dict[str, Any]:
+def evaluate(recipe: EvaluateRecipe) -> dict[str, Any]:
     data_args, model_args, training_args = recipe.data, recipe.model, recipe.training
     evaluation, command = recipe.evaluation, recipe.command
     names = (["base"] if command.evaluate_base or not command.adapter else []) + (
@@ -115,10 +120,11 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
     data_report.stop_if_too_many_rejected(data_args.max_bad_fraction)
 
     # The precision the recipe trains in (4-bit for qlora), for the base and the adapter alike.
-    model_args.load_in_4bit = loads_in_4bit(
+    load_args = copy.copy(model_args)  # the recipe's own fields stay as set
+    load_args.load_in_4bit = loads_in_4bit(
         {"tuning_strategy": recipe.tuning.tuning_strategy, "load_in_4bit": model_args.load_in_4bit}
     )
-    model, processor, _ = load_for_inference(model_args, command.adapter, training_args.trust_remote_code)
+    model, processor, _ = load_for_inference(load_args, command.adapter, training_args.trust_remote_code)
     sft_adapter = sft_adapter_under(command.adapter)  # a DPO adapter (`reference: sft_merged`) on base + SFT adapter
     if sft_adapter is not None and "base" in names:
         print_main(f"'base' is {model_args.model_name_or_path} + the SFT adapter in {sft_adapter}, merged in.")
@@ -172,7 +178,7 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_console()
-    recipe = parse_recipe(RECIPE_PARTS, argv, prog="python -m vlm_recipes.evaluate")
+    recipe = parse_recipe(EvaluateRecipe, argv, prog="python -m vlm_recipes.evaluate")
     return evaluate(recipe)
 
 

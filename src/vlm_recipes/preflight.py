@@ -14,19 +14,21 @@ Nothing is written to the recipe's `output_dir`.
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
+from vlm_recipes import dpo, sft
 from vlm_recipes.console import setup_console
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
-from vlm_recipes.recipe import Recipe, entry_point_of, parse_recipe
+from vlm_recipes.modeling.memory import estimate_peak_memory
+from vlm_recipes.recipe import entry_point_of, parse_recipe
+from vlm_recipes.training.run import resolve_model
 from vlm_recipes.training.sampling import LengthGroupedSampler
-from vlm_recipes.training.speed import apply_speed_defaults
 
 
 VERIFY_ROWS = 8  # rows whose token counts are compared with TRL's collator
@@ -41,40 +43,39 @@ class PreflightArguments:
     )
 
 
-# Entry point -> (formatter task, {recipe part: name of the module's defaults for it}).
-ENTRY_POINTS = {
-    "vlm_recipes.sft": ("sft", {"training": "VISION_SFT_DEFAULTS"}),
-    "vlm_recipes.dpo": ("preference", {"training": "VISION_DPO_DEFAULTS", "data": "PREFERENCE_DATA_DEFAULTS"}),
+@dataclass
+class SFTPreflightRecipe(sft.SFTRecipe):
+    preflight: PreflightArguments
+
+
+@dataclass
+class DPOPreflightRecipe(dpo.DPORecipe):
+    preflight: PreflightArguments
+
+
+@dataclass(frozen=True)
+class PreflightTarget:
+    """How the preflight reads a recipe of one training entry point: as it parses it, with its defaults, for its task."""
+
+    recipe_class: type
+    apply_defaults: Callable[[Any], None]
+    task: str  # the formatters' task: "sft" or "preference"
+
+
+# A recipe's `# entry point:` line (SFT when it has none) -> how the preflight checks it.
+TARGETS = {
+    "vlm_recipes.sft": PreflightTarget(SFTPreflightRecipe, sft.apply_defaults, "sft"),
+    "vlm_recipes.dpo": PreflightTarget(DPOPreflightRecipe, dpo.apply_defaults, "preference"),
 }
 
 
-def _entry_point(argv: list[str]) -> tuple[Any, str]:
-    """(the entry-point module the recipe is for, by its `# entry point:` line (default SFT), the formatter task)."""
-    import importlib
-
+def target_of(argv: list[str]) -> PreflightTarget:
+    """What the recipe (`argv[0]`) is for, by its `# entry point:` line; SFT without one."""
     text = Path(argv[0]).read_text(encoding="utf-8") if argv and Path(argv[0]).is_file() else ""
     name = entry_point_of(text)
-    if name not in ENTRY_POINTS:
-        raise RecipeError(f"preflight checks recipes of {', '.join(ENTRY_POINTS)}; this one is for {name}.")
-    return importlib.import_module(name), ENTRY_POINTS[name][0]
-
-
-def _defaults(entry_point: Any) -> dict[str, dict[str, Any]]:
-    """The entry point's own defaults over TRL's, by recipe part, as its `build_trainer` applies them."""
-    parts = ENTRY_POINTS[entry_point.__name__][1]
-    return {part: getattr(entry_point, name) for part, name in parts.items() if hasattr(entry_point, name)}
-
-
-def _parts(entry_point: Any) -> dict[str, type]:
-    parts = dict(entry_point.RECIPE_PARTS)
-    if ReliabilityArguments not in parts.values():
-        parts["reliability"] = ReliabilityArguments
-    parts["preflight"] = PreflightArguments
-    return parts
-
-
-def _part(recipe: Recipe, kind: type) -> Any:
-    return next(part for part in recipe.parts.values() if isinstance(part, kind))
+    if name not in TARGETS:
+        raise RecipeError(f"preflight checks recipes of {', '.join(TARGETS)}; this one is for {name}.")
+    return TARGETS[name]
 
 
 def length_summary(checked: CheckedSplit, batch_size: int, group_batches: int = 64) -> dict[str, Any]:
@@ -119,22 +120,15 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
     return sum(a == b for a, b in zip(counted, expected)), len(sample)
 
 
-def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: PreflightTarget) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
-    from vlm_recipes.configs import DataArguments, ModelArguments, TuningArguments
-    from vlm_recipes.modeling.memory import estimate_peak_memory
-    from vlm_recipes.modeling.setup import resolve_model_setup
-
-    for part, values in defaults.items():
-        recipe.apply_defaults(part, values)
-    apply_speed_defaults(recipe)  # length-grouped batching unless the recipe says otherwise, as training does
-    data_args, model_args = _part(recipe, DataArguments), _part(recipe, ModelArguments)
-    reliability, training_args = _part(recipe, ReliabilityArguments), recipe.training
-    tuning = recipe.parts.get("tuning") or TuningArguments()
-    trust = training_args.trust_remote_code
+    task = target.task
+    target.apply_defaults(recipe)  # the entry point's own defaults over TRL's, as its training applies them
+    data_args, model_args = recipe.data, recipe.model
+    reliability, training_args = recipe.reliability, recipe.training
 
     # The recipe's model side first, from the config alone: a wrong family or strategy fails before the data.
-    setup = resolve_model_setup(model_args, tuning, training_args.learning_rate, set(recipe.settings), trust)
+    setup = resolve_model(recipe)
     family, plan = setup.family, setup.plan
     processor = setup.load_processor()
     print(f"Preflight of {recipe.source or 'the recipe'}: {task}, {model_args.model_name_or_path} ({family.name}), "
@@ -164,7 +158,7 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
     print(f"\nData checks: {rows:,} rows in {seconds:.0f} s ({processes} process(es))", report.table(), sep="\n")
 
     batch_size = training_args.per_device_train_batch_size
-    group_batches = (recipe.parts.get("speed") or SpeedArguments()).length_group_batches
+    group_batches = recipe.speed.length_group_batches
     lengths = {name: length_summary(split, batch_size, group_batches) for name, split in checked.items()}
     print(f"\nTokens per row (text + image tokens; max_length {training_args.max_length})")
     print(f"  {'split':<6}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
@@ -209,9 +203,8 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
             "is_estimate": True,
         },
     }
-    preflight_args = _part(recipe, PreflightArguments)
-    if preflight_args.preflight_report:
-        Path(preflight_args.preflight_report).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if recipe.preflight.preflight_report:
+        Path(recipe.preflight.preflight_report).write_text(json.dumps(result, indent=2), encoding="utf-8")
     try:
         report.stop_if_too_many_rejected(data_args.max_bad_fraction)
     except DataError as error:
@@ -224,9 +217,9 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
 def main(argv: list[str] | None = None) -> None:
     setup_console()
     argv = list(sys.argv[1:] if argv is None else argv)
-    entry_point, task = _entry_point(argv)
-    recipe = parse_recipe(_parts(entry_point), argv, prog="python -m vlm_recipes.preflight")
-    preflight(recipe, task, _defaults(entry_point))
+    target = target_of(argv)
+    recipe = parse_recipe(target.recipe_class, argv, prog="python -m vlm_recipes.preflight")
+    preflight(recipe, target)
 
 
 if __name__ == "__main__":

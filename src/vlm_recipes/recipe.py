@@ -1,43 +1,79 @@
-"""Parse a YAML recipe plus command-line overrides into the run's dataclasses.
+"""Parse a YAML recipe plus command-line overrides into an entry point's typed recipe.
 
 `python -m vlm_recipes.sft recipes/chartqa.yaml --learning_rate 1e-4` works like TRL's own scripts
-(`TrlParser.parse_args_and_config`), with three additions: the recipe path may be given without `--config`, an unknown
-field gets one clear message naming it (with the closest known field), and YAML strings such as `2e-4`, which YAML 1.1
-does not read as numbers, are converted with the field's own type.
+(`TrlParser.parse_args_and_config`), with four additions: the recipe path may be given without `--config`, an unknown
+field gets one clear message naming it (with the closest known field), a renamed field names its new name
+(`configs.RENAMED_FIELDS`), and YAML strings such as `2e-4`, which YAML 1.1 does not read as numbers, are converted with
+the field's own type.
+
+Each entry point declares its recipe as a dataclass whose fields are its parts, each a dataclass the parser fills:
+
+    @dataclass
+    class SFTRecipe(TrainingRecipe):
+        training: SFTConfig
+        evaluation: EvaluationArguments
+
+    recipe = parse_recipe(SFTRecipe, argv)   # recipe.training.learning_rate, recipe.data.dataset_name, ...
 """
 
 import difflib
 import os
+import typing
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainingArguments
 
+from vlm_recipes.configs import (
+    RENAMED_FIELDS,
+    DataArguments,
+    ModelArguments,
+    ReliabilityArguments,
+    RunArguments,
+    SpeedArguments,
+    TuningArguments,
+)
 from vlm_recipes.errors import RecipeError
 
 
 @dataclass
 class Recipe:
-    """The parsed dataclasses, by kind, plus what the recipe file and the command line set (saved with the outputs)."""
+    """Base of every entry point's recipe: besides its parts (the fields a subclass adds), where it came from and what
+    the recipe file and the command line set (saved with the outputs)."""
 
-    parts: dict[str, Any]
-    source: str | None
-    settings: dict[str, Any]
-    entry_point: str | None = None  # the module that ran it, e.g. "vlm_recipes.dpo"
+    source: str | None  # the recipe file
+    settings: dict[str, Any]  # field -> value, for every field the file or the command line set
+    entry_point: str | None  # the module that ran it, e.g. "vlm_recipes.dpo"
 
-    def apply_defaults(self, part: str, defaults: dict[str, Any]) -> None:
-        """Set fields of `part` that neither the recipe file nor the command line set (our defaults over TRL's)."""
+    @classmethod
+    def parts(cls) -> dict[str, type]:
+        """The recipe's parts, by name, in order: each a dataclass the parser fills."""
+        hints = typing.get_type_hints(cls)
+        base = {f.name for f in fields(Recipe)}
+        return {f.name: hints[f.name] for f in fields(cls) if f.name not in base}
+
+    def set_defaults(self, part: Any, defaults: dict[str, Any]) -> None:
+        """Set the fields of `part` (one of this recipe's parts) that neither the recipe file nor the command line set:
+        an entry point's defaults over TRL's."""
         for name, value in defaults.items():
             if name not in self.settings:
-                setattr(self.parts[part], name, value)
+                setattr(part, name, value)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["parts"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+
+@dataclass
+class TrainingRecipe(Recipe):
+    """The parts every training entry point's recipe has; each narrows `training` to its TRL config."""
+
+    data: DataArguments
+    model: ModelArguments
+    tuning: TuningArguments
+    run: RunArguments
+    training: TrainingArguments
+    reliability: ReliabilityArguments
+    speed: SpeedArguments
 
 
 def _split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -65,6 +101,9 @@ def _load_recipe_file(path: str) -> dict[str, Any]:
 
 
 def _unknown_field_message(name: str, known: list[str], where: str) -> str:
+    if name in RENAMED_FIELDS and RENAMED_FIELDS[name][0] in known:
+        new_name, meaning = RENAMED_FIELDS[name]
+        return f"{where}: the field '{name}' is now '{new_name}' ({meaning}). Rename it."
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"{where}: unknown field '{name}'.{hint} `--help` lists every field."
@@ -94,12 +133,17 @@ def _has_accelerator() -> bool:
     )
 
 
-def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: str | None = None) -> Recipe:
-    """Parse `argv` (default `sys.argv[1:]`) into one instance of each dataclass in `parts`, keyed like `parts`."""
+RecipeType = typing.TypeVar("RecipeType", bound=Recipe)
+
+
+def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, prog: str | None = None) -> RecipeType:
+    """Parse `argv` (default `sys.argv[1:]`: a recipe path and field overrides) into `recipe_class`, one instance of
+    each of its parts."""
     import sys
 
     from trl import TrlParser
 
+    parts = recipe_class.parts()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(list(parts.values()), prog=prog)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
@@ -133,13 +177,14 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
     except ValueError as error:
         raise RecipeError(f"{recipe_path or 'command line'}: {error}") from None
 
-    by_kind = dict(zip(parts, instances))
     for name in _cli_field_names(argv):
         for instance in instances:
             if name in {f.name for f in fields(instance)}:
                 settings[name] = getattr(instance, name)
     entry_point = prog.removeprefix("python -m ").strip() if prog else None
-    return Recipe(parts=by_kind, source=recipe_path, settings=settings, entry_point=entry_point)
+    return recipe_class(
+        source=recipe_path, settings=settings, entry_point=entry_point, **dict(zip(parts, instances, strict=True))
+    )
 
 
 ENTRY_POINT_COMMENT = "# entry point:"  # first line of a recipe that another entry point than SFT runs

@@ -3,43 +3,36 @@
     accelerate launch --config_file accelerate_configs/single_gpu.yaml -m vlm_recipes.sft recipes/chartqa.yaml
     python -m vlm_recipes.sft recipes/chartqa.yaml --learning_rate 1e-4 --max_steps 200
 
-Reads top to bottom: parse the recipe, check the output folder, load and format the data, load the model and processor
-and apply the tuning strategy (which parts train, LoRA, 4-bit), train with TRL's `SFTTrainer` (plus per-part learning
-rates), save the adapter, the processor, the training log and the recipe as run.
+Reads top to bottom: parse the recipe, work out the model side (config, family, tuning strategy: which parts train,
+LoRA, 4-bit), check the output folder, load, format and check the data, load the model, train with TRL's `SFTTrainer`
+(plus per-part learning rates and the speed features), save the adapter, the processor, the training log and the
+recipe as run.
 """
+
+from dataclasses import dataclass
 
 from trl import SFTConfig
 
-from vlm_recipes.configs import (
-    DataArguments,
-    EvaluationArguments,
-    ModelArguments,
-    ReliabilityArguments,
-    RunArguments,
-    SpeedArguments,
-    TuningArguments,
-)
+from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.chat_templates import choose_training_template
-from vlm_recipes.recipe import Recipe, parse_recipe
+from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 from vlm_recipes.training.trainers import VLMSFTTrainer
 
 
-RECIPE_PARTS = {
-    "data": DataArguments,
-    "model": ModelArguments,
-    "tuning": TuningArguments,
-    "run": RunArguments,
-    "training": SFTConfig,
-    "evaluation": EvaluationArguments,
-    "reliability": ReliabilityArguments,
-    "speed": SpeedArguments,
-}
+@dataclass
+class SFTRecipe(TrainingRecipe):
+    """What an SFT recipe holds: data, model, tuning, run, training (TRL's `SFTConfig`), reliability, speed and the
+    answer-level evaluation during training."""
+
+    training: SFTConfig
+    evaluation: EvaluationArguments
+
 
 # Where TRL's defaults do not suit vision data, unless the recipe sets the field itself.
 VISION_SFT_DEFAULTS = {
@@ -48,12 +41,18 @@ VISION_SFT_DEFAULTS = {
 }
 
 
-def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
-    """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
-    training_args = recipe.training
-    recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
-    setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
+def apply_defaults(recipe: SFTRecipe) -> None:
+    """Our defaults over TRL's, where the recipe is silent (the preflight applies the same)."""
+    recipe.set_defaults(recipe.training, VISION_SFT_DEFAULTS)
     apply_speed_defaults(recipe)
+
+
+def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
+    """Everything up to training: model side resolved, output folder checked, data checked, model loaded, trainer
+    built."""
+    training_args = recipe.training
+    apply_defaults(recipe)
+    setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     padding_free = take_padding_free(training_args, setup.family)
     processor = setup.load_processor()
     train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="sft")
@@ -77,7 +76,7 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     return trainer
 
 
-def train(recipe: Recipe) -> VLMSFTTrainer:
+def train(recipe: SFTRecipe) -> VLMSFTTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
     return train_and_save(
         build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
@@ -87,7 +86,7 @@ def train(recipe: Recipe) -> VLMSFTTrainer:
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> None:
     setup_console()
-    recipe = parse_recipe(RECIPE_PARTS, argv, prog="python -m vlm_recipes.sft")
+    recipe = parse_recipe(SFTRecipe, argv, prog="python -m vlm_recipes.sft")
     train(recipe)
 
 

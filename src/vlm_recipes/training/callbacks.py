@@ -65,7 +65,7 @@ def add_evaluation_callbacks(trainer: Any, evaluation: EvaluationArguments, eval
         trainer.add_callback(
             GenerationEvaluationCallback(
                 trainer,
-                generation_rows(eval_dataset, evaluation.eval_max_samples),
+                generation_rows(eval_dataset, evaluation.eval_generation_rows),
                 batch_size=evaluation.eval_generation_batch_size or args.per_device_eval_batch_size,
                 max_new_tokens=evaluation.max_new_tokens,
             )

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.recipe import Recipe, save_recipe
+from vlm_recipes.recipe import TrainingRecipe, save_recipe
 from vlm_recipes.run_folder import (
     ADAPTER_WEIGHTS,
     PRE_TRAINING_FILES,
@@ -89,7 +89,7 @@ def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: Any, 
     return path
 
 
-def save_outputs(trainer: Any, recipe: Recipe, output_dir: str | Path) -> None:
+def save_outputs(trainer: Any, recipe: TrainingRecipe, output_dir: str | Path) -> None:
     """Adapter (or model) and processor via the trainer, the saved adapters read back, the training log and the
     recipe as run."""
     trainer.save_model(str(output_dir))

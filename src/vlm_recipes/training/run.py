@@ -13,7 +13,7 @@ from vlm_recipes.hub.token import HubTarget
 from vlm_recipes.modeling.loading import load_for_training
 from vlm_recipes.modeling.setup import ModelSetup, resolve_model_setup
 from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
-from vlm_recipes.recipe import Recipe
+from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
 from vlm_recipes.training.distributed import (
     check_launch,
@@ -25,7 +25,7 @@ from vlm_recipes.training.guards import resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
 
-def resolve_model(recipe: Recipe) -> ModelSetup:
+def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
     """The model side of the run, worked out once (`modeling.setup`): config -> family row -> tuning plan, checked
     against each other (an unknown strategy, `llm_frozen_layers` above the layer count, a learning rate for a frozen
     part, ...). The first step of every training entry point, before the output folder, the data and any weights."""
@@ -35,7 +35,7 @@ def resolve_model(recipe: Recipe) -> ModelSetup:
     )
 
 
-def prepare_output_and_data(recipe: Recipe, processor: Any, task: str) -> tuple[Any, Any]:
+def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -> tuple[Any, Any]:
     """(train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`, every row
     checked with the model's `processor` (images, text, placeholders, length; `data.checks`) and the report published.
     A missing column, or too many bad rows, stops the run here, before any weights load."""
@@ -81,14 +81,14 @@ def prepare_output_and_data(recipe: Recipe, processor: Any, task: str) -> tuple[
     return train_dataset, eval_dataset
 
 
-def load_training_model(recipe: Recipe, setup: ModelSetup, **start: Any) -> Any:
+def load_training_model(recipe: TrainingRecipe, setup: ModelSetup, **start: Any) -> Any:
     """`modeling.loading.load_for_training` for this launch (4-bit weights stored to shard under ZeRO-3/FSDP).
     `start`: DPO's `start_adapter` and `merge_start_adapter`."""
     return load_for_training(setup, shard_parameters=describe_launch(recipe.training).shards_parameters, **start)
 
 
 def train_and_save(
-    trainer: Any, recipe: Recipe, summary_keys: tuple[str, ...] = (), hub_target: HubTarget | None = None
+    trainer: Any, recipe: TrainingRecipe, summary_keys: tuple[str, ...] = (), hub_target: HubTarget | None = None
 ) -> Any:
     """Train (resuming from the last complete checkpoint when the recipe says so), save the
     outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,

@@ -23,6 +23,7 @@ from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.lengths import TokenCounter, dataset_token_lengths, padding_share
 from vlm_recipes.modeling.families import ModelFamily
+from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.training.padding_free import check_padding_free
 from vlm_recipes.training.sampling import LengthGroupedSampler
 
@@ -33,14 +34,14 @@ SPEED_DEFAULTS = {"train_sampling_strategy": GROUP_BY_LENGTH}
 MAX_DEFAULT_WORKERS = 4
 
 
-def apply_speed_defaults(recipe: Any) -> None:
+def apply_speed_defaults(recipe: TrainingRecipe) -> None:
     """Our defaults for the training arguments, where the recipe is silent: length-grouped batching; on GPUs, image
     decoding and resizing in dataloader workers (on CPUs they would take cores from the training itself)."""
     defaults = dict(SPEED_DEFAULTS)
     if torch.cuda.is_available():
         per_process = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         defaults["dataloader_num_workers"] = max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
-    recipe.apply_defaults("training", defaults)
+    recipe.set_defaults(recipe.training, defaults)
 
 
 def take_padding_free(training_args: Any, family: ModelFamily) -> bool:
