@@ -32,7 +32,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 $(TINY_MODEL)/config.json: | $(INSTALLED)
-	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family qwen2_5_vl --output_dir $(TINY_MODEL)
+	$(OFFLINE) $(PY) -m vlm_recipes.testing.tiny_models --family qwen2_5_vl --output_dir $(TINY_MODEL)
 
 $(DEMO_DATA)/data/train-00000-of-00001.parquet: | $(INSTALLED)
 	$(PY) -m vlm_recipes.data.synthetic --output_dir $(DEMO_DATA) --train_rows 256 --test_rows 32
@@ -49,7 +49,7 @@ demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00
 
 # Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
 demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
-	$(OFFLINE) $(PY) -m vlm_recipes.modeling.tiny --family $* --output_dir $(CACHE)/tiny/$*
+	$(OFFLINE) $(PY) -m vlm_recipes.testing.tiny_models --family $* --output_dir $(CACHE)/tiny/$*
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
 
 test: $(INSTALLED)

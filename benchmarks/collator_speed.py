@@ -191,7 +191,7 @@ def measure_collators_on_tiny_model(
     """`measure_collators` with the tiny Qwen2.5-VL (built in `workdir`, or reused) on generated charts of `size`."""
     from transformers import AutoProcessor
 
-    from vlm_recipes.modeling.tiny import build_tiny_model
+    from vlm_recipes.testing.tiny_models import build_tiny_model
 
     model = build_tiny_model("qwen2_5_vl", Path(workdir) / "tiny_qwen2_5_vl")
     processor = AutoProcessor.from_pretrained(model)

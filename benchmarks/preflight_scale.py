@@ -27,7 +27,7 @@ def main() -> None:
     from datasets import concatenate_datasets, load_dataset
 
     from vlm_recipes.data.synthetic import REALISTIC_SIZES, chartqa_features, make_chartqa_rows, save_splits
-    from vlm_recipes.modeling.tiny import build_tiny_model
+    from vlm_recipes.testing.tiny_models import build_tiny_model
 
     workdir = Path(args.workdir)
     model = build_tiny_model("qwen2_5_vl", workdir / "tiny")

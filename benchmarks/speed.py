@@ -121,7 +121,7 @@ def chartqa_like_dataset(workdir: Path, rows: int, unique_rows: int) -> Path:
 
 def tiny_model(workdir: Path) -> Path:
     """The package's tiny Qwen2.5-VL with a real-size vocabulary: the output layer is as wide as the real model's."""
-    from vlm_recipes.modeling.tiny import build_tiny_model
+    from vlm_recipes.testing.tiny_models import build_tiny_model
 
     return build_tiny_model("qwen2_5_vl", workdir / "tiny_qwen2_5_vl_151936", vocab_size=REAL_VOCAB)
 

@@ -25,7 +25,7 @@ if str(SRC) not in sys.path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A function: family name -> folder of that family's tiny model, built on first use in this session."""
-    from vlm_recipes.modeling.tiny import build_tiny_model
+    from vlm_recipes.testing.tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     built: dict[str, Path] = {}

@@ -18,9 +18,9 @@ from vlm_recipes.modeling.base_model import load_config, load_processor
 from vlm_recipes.modeling.families import FAMILIES, get_family
 from vlm_recipes.modeling.setup import check_family_settings, resolve_model_setup
 from vlm_recipes.modeling.strategies import apply_strategy, resolve_strategy
-from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.sft import SFTRecipe
+from vlm_recipes.testing.tiny_models import TINY_BUILDERS
 
 
 FAMILY_NAMES = sorted(FAMILIES)

@@ -12,9 +12,9 @@ from vlm_recipes.configs import ModelArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.modeling.strategies import STRATEGIES, apply_strategy, resolve_strategy
-from vlm_recipes.modeling.tiny import TINY_BUILDERS
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.sft import SFTRecipe, build_trainer
+from vlm_recipes.testing.tiny_models import TINY_BUILDERS
 
 
 FAMILIES_WITH_TINY_MODELS = [name for name in FAMILIES if name in TINY_BUILDERS]

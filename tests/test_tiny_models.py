@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_recipes.modeling.chat_templates import read_template
 from vlm_recipes.modeling.families import FAMILIES, get_family
-from vlm_recipes.modeling.tiny import build_tiny_model, trl_chat_template
+from vlm_recipes.testing.tiny_models import build_tiny_model, trl_chat_template
 
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

@@ -11,7 +11,7 @@ exactly one part:
   output head;
 - `other`: modules the row names explicitly that are none of these (Gemma 4's audio tower).
 
-Adding a family is adding a row here, a tiny builder in `vlm_recipes.modeling.tiny` and a recipe.
+Adding a family is adding a row here, a tiny builder in `vlm_recipes.testing.tiny_models` and a recipe.
 """
 
 import re
@@ -71,7 +71,6 @@ class ModelFamily:
     # Why rows packed into one sequence (`padding_free`) would not stay apart in this family's forward; None where they
     # do (the Qwen-VL families: per-row multimodal RoPE ids with their text row isolate rows, `training.padding_free`).
     padding_free_refusal: str | None = NO_PACKED_ROWS
-    notes: str = ""
 
     @property
     def language_model_layers(self) -> str:
@@ -133,8 +132,6 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-QWEN_VL_NOTE = "multimodal RoPE; padding-free/packing would need Qwen-style per-row position ids (not enabled)"
-
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
@@ -147,7 +144,6 @@ FAMILIES: dict[str, ModelFamily] = {
             example_model="Qwen/Qwen2-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
             padding_free_refusal=None,
-            notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
             name="qwen2_5_vl",
@@ -158,7 +154,6 @@ FAMILIES: dict[str, ModelFamily] = {
             example_model="Qwen/Qwen2.5-VL-7B-Instruct",
             training_template="trl:qwen2_5_vl_training.jinja",
             padding_free_refusal=None,
-            notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
             name="qwen3_vl",
@@ -170,7 +165,6 @@ FAMILIES: dict[str, ModelFamily] = {
             example_model="Qwen/Qwen3-VL-8B-Instruct",
             training_template="trl:qwen3_vl_training.jinja",
             padding_free_refusal=None,
-            notes=QWEN_VL_NOTE,
         ),
         ModelFamily(
             name="qwen3_vl_moe",
@@ -185,8 +179,6 @@ FAMILIES: dict[str, ModelFamily] = {
             lora_projections=("q_proj", "k_proj", "v_proj", "o_proj"),
             lora_expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
             padding_free_refusal=None,
-            notes="mixture of experts: LoRA on the attention and on every expert (peft target_parameters, "
-            "lora_dropout 0); 4-bit leaves the fused experts in 16 bit; " + QWEN_VL_NOTE,
         ),
         ModelFamily(
             name="qwen3_5",
@@ -195,12 +187,12 @@ FAMILIES: dict[str, ModelFamily] = {
             projector=("model.visual.merger",),
             language_model="model.language_model",
             example_model="Qwen/Qwen3.5-27B",
-            training_template="trl:qwen3_5_think_training.jinja",  # and qwen3_5_nothink_training.jinja (<= 2B)
+            # labels an empty <think></think> block before each answer; qwen3_5_nothink_training.jinja for <= 2B
+            training_template="trl:qwen3_5_think_training.jinja",
             lora_projections=LLM_PROJECTIONS + LINEAR_ATTENTION_PROJECTIONS,
+            # 3 linear-attention (Gated DeltaNet) layers per full-attention layer
             padding_free_refusal="its linear-attention (Gated DeltaNet) layers carry a recurrent state along the "
             "sequence, which would run from one packed row into the next",
-            notes="hybrid linear/full attention (3 Gated DeltaNet layers per full-attention layer); the training "
-            "template labels an empty <think></think> block before each answer; " + QWEN_VL_NOTE,
         ),
         ModelFamily(
             name="smolvlm",
@@ -210,8 +202,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.text_model",
             example_model="HuggingFaceTB/SmolVLM-Instruct",
             training_template="trl:smolvlm_training.jinja",  # idefics3_training.jinja for Idefics3-8B
-            image_size=LONGEST_EDGE,
-            notes="images tiled into 384x384 crops plus a global view",
+            image_size=LONGEST_EDGE,  # images tiled into 384x384 crops plus a global view
         ),
         ModelFamily(
             name="llava",
@@ -224,8 +215,7 @@ FAMILIES: dict[str, ModelFamily] = {
             # learn to stop; ours ends each answer with </s> (as LLaVA 1.5 was trained) inside the markers.
             training_template="vlm_recipes:llava_1_5_training.jinja",
             stock_templates=("vlm_recipes:llava_1_5.jinja",),
-            image_size=FIXED,
-            notes="one 336x336 image = 576 tokens",
+            image_size=FIXED,  # one 336x336 image = 576 tokens
         ),
         ModelFamily(
             name="llava_next",
@@ -236,8 +226,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.language_model",
             example_model="llava-hf/llava-v1.6-mistral-7b-hf",
             training_template="trl:llava_next_training.jinja",
-            image_size=GRID_PINPOINTS,
-            notes="AnyRes tiling: up to 5 x 576 image tokens per image",
+            image_size=GRID_PINPOINTS,  # AnyRes tiling: up to 5 x 576 image tokens per image
         ),
         ModelFamily(
             name="gemma3",
@@ -247,8 +236,7 @@ FAMILIES: dict[str, ModelFamily] = {
             language_model="model.language_model",
             example_model="google/gemma-3-4b-it",
             training_template="trl:gemma3_training.jinja",
-            image_size=FIXED,
-            notes="one 896x896 image = 256 tokens; output head tied to the embeddings",
+            image_size=FIXED,  # one 896x896 image = 256 tokens
         ),
         ModelFamily(
             name="gemma4",
@@ -269,8 +257,6 @@ FAMILIES: dict[str, ModelFamily] = {
             lora_expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
             expert_config_flag="enable_moe_block",
             image_size=SOFT_TOKENS,
-            notes="audio tower counted as `other` (frozen unless `full`); output head tied to the embeddings; "
-            "26B-A4B: LoRA on every expert too (lora_dropout 0), which 4-bit leaves in 16 bit",
         ),
     )
 }
@@ -291,5 +277,5 @@ def get_family(config_or_model: Any) -> ModelFamily:
         f"Model type '{model_type}' is not a supported vision-language family. Supported: {supported_families_text()}. "
         "To add one, add a row to FAMILIES in vlm_recipes/modeling/families.py (where its vision tower, projector "
         "and language-model layers live, and its training chat template), a tiny builder in "
-        "vlm_recipes/modeling/tiny.py, and a recipe."
+        "vlm_recipes/testing/tiny_models.py, and a recipe."
     )

@@ -5,7 +5,7 @@ the family's real chat template and image-processor settings, and a config whose
 tokenizer. Everything downstream loads it with `from_pretrained`, exactly as it loads a real checkpoint: the demo and
 the tests run the product's real code paths on it.
 
-    python -m vlm_recipes.modeling.tiny --family qwen2_5_vl --output_dir .cache/tiny/qwen2_5_vl
+    python -m vlm_recipes.testing.tiny_models --family qwen2_5_vl --output_dir .cache/tiny/qwen2_5_vl
 """
 
 import argparse
@@ -112,7 +112,7 @@ def save_tiny(output_dir: Path, model: Any, processor: Any, generation: dict[str
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     (output_dir / "TINY_MODEL.md").write_text(
-        "Random weights, built by `python -m vlm_recipes.modeling.tiny` for tests and demos. Not a trained model.\n",
+        "Random weights, built by `python -m vlm_recipes.testing.tiny_models` for tests and demos. Not a trained model.\n",
         encoding="utf-8",
     )
 
