@@ -1,7 +1,6 @@
 """A base model: its config, its processor (with the recipe's image-size bounds) and its weights (16-bit, or 4-bit NF4
-with the vision tower kept 16-bit), each loaded the one way every entry point shares. Adapters are `modeling.adapters`'."""
+with the vision tower kept 16-bit), each loaded the one way every entry point shares (adapters: `modeling.adapters`)."""
 
-import logging
 from typing import Any
 
 import torch
@@ -11,9 +10,6 @@ from vlm_recipes.configs import ModelArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
 from vlm_recipes.modeling.image_size import bound_image_size
-
-
-logger = logging.getLogger(__name__)
 
 
 def _torch_dtype(name: str | None) -> Any:

@@ -20,7 +20,6 @@ What this module adds, for the package's trainers (`install_fault_guards(trainer
 """
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -35,9 +34,6 @@ from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.processes import is_main_process, wait_for_everyone
 from vlm_recipes.run_folder import COMPLETE_MARKER, INCOMPLETE_PREFIX, TRAINER_STATE, TRAINING_LOG
-
-
-logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RecipeError):
