@@ -25,7 +25,7 @@ LAYERS = {
         "vlm_recipes.run_folder",
     ),
     "data": ("vlm_recipes.data",),
-    "modeling": ("vlm_recipes.modeling", "vlm_recipes.evaluation"),
+    "modeling": ("vlm_recipes.modeling", "vlm_recipes.tasks", "vlm_recipes.evaluation"),
     "training": ("vlm_recipes.training", "vlm_recipes.hub"),
     "entry points": (
         "vlm_recipes.sft",
@@ -36,6 +36,7 @@ LAYERS = {
         "vlm_recipes.chat",
         "vlm_recipes.push",
         "vlm_recipes.launch_check",
+        "vlm_recipes.docs_reference",  # writes docs/reference.md from the entry points' recipes
     ),
     "testing": ("vlm_recipes.testing",),  # tiny models for tests, demos and benchmarks: nothing imports it
 }

@@ -123,7 +123,7 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
 def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: PreflightTarget) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
     task = target.task
-    target.apply_defaults(recipe)  # the entry point's own defaults over TRL's, as its training applies them
+    target.apply_defaults(recipe)  # the entry point's own defaults over TRL's (SFT: the task's formatter), as training
     data_args, model_args = recipe.data, recipe.model
     reliability, training_args = recipe.reliability, recipe.training
 

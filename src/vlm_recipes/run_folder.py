@@ -7,7 +7,7 @@
       training_log.json                                the Trainer's log history
       data_report.json                                 rows rejected and fixed before training (`data.report`)
       training_plot.png                                losses and evaluation metrics by step (`training.plots`)
-      eval_results.json, predictions_<model>.jsonl     `python -m vlm_recipes.evaluate`
+      eval_results.json, predictions_<set>_<model>.jsonl   `python -m vlm_recipes.evaluate`
       README.md                                        the model card (`hub.card`)
       sft_adapter/                                     DPO with `reference: sft_merged`: the SFT adapter it sits on
       checkpoint-N/ (with checkpoint_complete.json)    the Trainer's checkpoints, marked complete (`training.guards`)
@@ -50,9 +50,9 @@ PRE_TRAINING_FILES = frozenset({DATA_REPORT_FILE})
 PRE_TRAINING_FOLDERS = {SFT_ADAPTER_COPY: frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS})}
 
 
-def predictions_file(model: str) -> str:
-    """The predictions of one evaluated model ("base", "adapter")."""
-    return f"predictions_{model}.jsonl"
+def predictions_file(set_name: str, model: str) -> str:
+    """The predictions of one evaluated model ("base", "adapter") on one evaluation set."""
+    return f"predictions_{set_name}_{model}.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

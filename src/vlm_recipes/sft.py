@@ -16,11 +16,18 @@ from trl import SFTConfig
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.evaluation.sets import apply_task_defaults, headline_keys, resolve_eval_sets
 from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.chat_templates import choose_training_template
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
+from vlm_recipes.training.run import (
+    load_training_model,
+    prepare_eval_sets,
+    prepare_output_and_data,
+    resolve_model,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 from vlm_recipes.training.trainers import VLMSFTTrainer
 
@@ -42,8 +49,10 @@ VISION_SFT_DEFAULTS = {
 
 
 def apply_defaults(recipe: SFTRecipe) -> None:
-    """Our defaults over TRL's, where the recipe is silent (the preflight applies the same)."""
+    """Our defaults over TRL's, where the recipe is silent (the preflight applies the same): vision SFT's, the task's
+    formatter, length grouping."""
     recipe.set_defaults(recipe.training, VISION_SFT_DEFAULTS)
+    apply_task_defaults(recipe)
     apply_speed_defaults(recipe)
 
 
@@ -52,10 +61,12 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
     built."""
     training_args = recipe.training
     apply_defaults(recipe)
+    eval_sets = resolve_eval_sets(recipe.data, recipe.evaluation)  # names, tasks, prompt presets checked now
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     padding_free = take_padding_free(training_args, setup.family)
     processor = setup.load_processor()
     train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="sft")
+    generation_sets = prepare_eval_sets(recipe, recipe.evaluation, processor, eval_sets, eval_dataset)
 
     model = load_training_model(recipe, setup)
 
@@ -72,15 +83,15 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
         training_template=choose_training_template(processor, setup.family, training_args),
         padding_free=padding_free,
     )
-    add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
+    add_evaluation_callbacks(trainer, recipe.evaluation, generation_sets)  # eval/<set>/<metric>, training_plot.png
     return trainer
 
 
 def train(recipe: SFTRecipe) -> VLMSFTTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
-    return train_and_save(
-        build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
-    )
+    trainer = build_trainer(recipe)
+    headlines = headline_keys(resolve_eval_sets(recipe.data, recipe.evaluation))  # each set's first metric
+    return train_and_save(trainer, recipe, summary_keys=headlines, hub_target=hub_target)
 
 
 @exit_on_recipe_error

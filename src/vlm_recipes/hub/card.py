@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from vlm_recipes.hub.license import is_local_path
+from vlm_recipes.evaluation.card import evaluation_lines, is_local_path, last_training_evaluation, model_index
+from vlm_recipes.evaluation.sets import EvalSet, saved_eval_sets
 from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.run_folder import CARD_FILE, PLOT_FILE, RECIPE_FILE, SFT_ADAPTER_COPY, SavedRun, loss_points
 
@@ -19,6 +20,11 @@ GENERATED_CARD_MARKERS = (
     "<!-- Provide a quick summary of what the model is/does. -->",
     "It has been trained using [TRL](https://github.com/huggingface/trl).",
 )
+
+
+def _eval_sets(run: SavedRun) -> list[EvalSet]:
+    """What the run evaluated on during training (an SFT recipe's evaluation sets)."""
+    return saved_eval_sets(run.recipe) if run.entry_point == "vlm_recipes.sft" else []
 
 
 def _format_number(value: Any) -> str:
@@ -56,14 +62,11 @@ def _training_section(run: SavedRun) -> list[str]:
     if points:
         (first_step, first), (last_step, last) = points[0], points[-1]
         lines.append(f"- training loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-    evaluations = [entry for entry in run.log_history if "eval_relaxed_accuracy" in entry or "eval_loss" in entry]
-    if evaluations:
-        last = {}
-        for entry in evaluations:
-            last.update({key: value for key, value in entry.items() if key.startswith("eval_")})
-        shown = [key for key in ("eval_loss", "eval_relaxed_accuracy", "eval_exact_match") if key in last]
+    last = last_training_evaluation(run.log_history, _eval_sets(run))
+    if last:
+        shown = [(key if key == "eval_loss" else key.removeprefix("eval_"), value) for key, (value, _) in last.items()]
         lines.append(
-            "- last evaluation during training: " + ", ".join(f"{key} {_format_number(last[key])}" for key in shown)
+            "- last evaluation during training: " + ", ".join(f"{key} {_format_number(value)}" for key, value in shown)
         )
     if run.has_plot:
         lines += ["", f"![training curves]({PLOT_FILE})"]
@@ -101,23 +104,9 @@ def _evaluation_command(run: SavedRun) -> list[str]:
 
 def _evaluation_section(run: SavedRun) -> list[str]:
     eval_results = run.eval_results
-    if not eval_results or not eval_results.get("results"):
+    if not eval_results or not eval_results.get("eval_sets"):
         return ["## Evaluation", "", *_evaluation_command(run)]
-    results = eval_results["results"]
-    names = list(results)
-    metrics = [key for key in ("relaxed_accuracy", "exact_match") if any(key in results[name] for name in names)]
-    lines = [
-        "## Evaluation",
-        "",
-        f"Greedy answers on `{eval_results.get('dataset')}` (split `{eval_results.get('split')}`, "
-        f"{eval_results.get('rows')} rows), scored with ChartQA's relaxed accuracy (numbers within 5%) and exact match.",
-        "",
-        "| metric | " + " | ".join(names) + " |",
-        "| --- | " + " | ".join("---" for _ in names) + " |",
-    ]
-    for metric in metrics:
-        lines.append(f"| {metric} | " + " | ".join(_format_number(results[name].get(metric)) for name in names) + " |")
-    return lines
+    return ["## Evaluation", "", *evaluation_lines(eval_results)]
 
 
 def _usage_section(run: SavedRun, repo_id: str) -> list[str]:
@@ -188,6 +177,9 @@ def model_card(run: SavedRun, repo_id: str, license_name: str | None) -> str:
     metadata["tags"] = ["vlm-recipes", "trl", "dpo" if run.entry_point == "vlm_recipes.dpo" else "sft"] + (
         ["qlora" if loads_in_4bit(run.recipe) else "lora"] if run.is_adapter else []
     )
+    index = model_index(repo_id.split("/")[-1], run.eval_results, run.log_history, _eval_sets(run), run.is_adapter)
+    if index:
+        metadata["model-index"] = index  # the Hub shows these results on the model page
     base = run.base_model or "an unknown base model"
     base_link = f"[{base}](https://huggingface.co/{base})" if "base_model" in metadata else f"`{base}`"
     kind = "A LoRA adapter for" if run.is_adapter else "A fine-tune of"

@@ -5,12 +5,8 @@ from typing import Any
 
 import yaml
 
+from vlm_recipes.evaluation.card import is_local_path
 from vlm_recipes.run_folder import CARD_FILE
-
-
-def is_local_path(name: str | None) -> bool:
-    """Whether a model or dataset name is a local path rather than a Hub id (kept out of the card's metadata)."""
-    return bool(name) and (Path(str(name)).expanduser().exists() or str(name).startswith((".", "/", "~")))
 
 
 def _front_matter(text: str) -> dict[str, Any]:

@@ -5,9 +5,11 @@ from typing import Any
 
 from transformers import set_seed
 
+from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub.push import push_output_dir
 from vlm_recipes.hub.token import HubTarget
 from vlm_recipes.modeling.loading import load_for_training
@@ -79,6 +81,50 @@ def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return train_dataset, eval_dataset
+
+
+def prepare_eval_sets(
+    recipe: TrainingRecipe,
+    evaluation: EvaluationArguments,
+    processor: Any,
+    eval_sets: list[EvalSet],
+    eval_dataset: Any,
+) -> list[tuple[EvalSet, Any]]:
+    """Each evaluation set with the rows evaluation during training generates on, before any weights load: the
+    recipe's own split as `prepare_output_and_data` checked it; other sets loaded (only the rows generation uses),
+    formatted and checked the same way here, with the run's `processor`. Too many bad rows in a set stop the run, as
+    in the training data. Nothing when the run does not evaluate by generation."""
+    training_args = recipe.training
+    if training_args.eval_strategy == "no" or not evaluation.eval_generation:
+        return []
+    prepared = []
+    for eval_set in eval_sets:
+        if eval_set.own_split:
+            prepared.append((eval_set, eval_dataset))
+            continue
+        with main_process_first():
+            rows, report = load_eval_set(
+                eval_set,
+                seed=training_args.seed,
+                num_proc=training_args.dataset_num_proc,
+                limit=eval_set.max_samples or evaluation.eval_generation_rows,
+            )
+            _, rows = check_training_data(
+                None,
+                rows,
+                report,
+                processor,
+                recipe.reliability,
+                training_args.max_length,
+                training_args.dataset_num_proc,
+            )
+        if report.rejected:
+            print_main(
+                f"Evaluation set '{eval_set.name}': {report.rejected} row(s) rejected and skipped", report.table()
+            )
+        report.stop_if_too_many_rejected(recipe.data.max_bad_fraction)
+        prepared.append((eval_set, rows))
+    return prepared
 
 
 def load_training_model(recipe: TrainingRecipe, setup: ModelSetup, **start: Any) -> Any:
