@@ -165,7 +165,29 @@ def load_model(
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    if quantization is not None and not for_inference:
+        keep_4bit_weights_trainable(model)
     return model
+
+
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Turn off bitsandbytes' inference-only repacking of 4-bit weights on CPUs in a model that trains; returns how many
+    4-bit layers it applies to.
+
+    bitsandbytes 0.50.2 (`Linear4bit.forward`): on a CPU with AVX512-BF16 (`support_avx512bf16_for_cpu`), the first
+    forward of a 4-bit layer in eval mode without gradients repacks its weight in place into a layout only an inference
+    kernel reads (`quant_state.packing_format_for_cpu`), and the layer keeps it after `model.train()`. An evaluation
+    during training (`eval_strategy`) is exactly that forward; the next training step then goes through the inference
+    kernel, which has no backward: "a view of a leaf Variable that requires grad is being used in an in-place
+    operation", or silently wrong gradients for the layers below. Training therefore keeps the trainable layout;
+    evaluation during training runs bitsandbytes' ordinary 4-bit path, as training does. Inference-only loading
+    (`load_for_inference`: evaluate, chat) keeps the faster repacking."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def load_model_and_processor(
