@@ -20,6 +20,9 @@ REJECTED = {
     18: "no 'messages' or 'conversations' in the row",  # wrong column names
     19: "<image> placeholders do not match the images",
     20: "longer than max_length",  # text far longer than max_length
+    21: "image is not a path or an image",  # a number
+    22: "image is not a path or an image",  # a dict that is not an encoded image
+    23: "image is not a path or an image",  # a list of numbers
 }
 # line -> the fix the row is kept with
 FIXED = {
@@ -29,6 +32,7 @@ FIXED = {
     14: "aspect ratio over 200:1 -> squashed to 200:1",
 }
 VALID_LINES = range(1, 7)
+ROWS = 23
 MAX_LENGTH = 512  # the long-text row is ~3,000 tokens; every other row is under 300
 
 
@@ -72,6 +76,9 @@ def write_bad_input_dataset(folder: Path) -> Path:
         {"question": "What is the value of Corn?", "answer": "42", "image": valid[0]},
         row(valid[0], question="<image><image>Which is higher?"),
         row(valid[0], question="<image>" + "Describe every bar of the chart in detail. " * 300),
+        {**row(None), "images": [7]},
+        {**row(None), "images": [{"width": 64, "height": 48}]},
+        {**row(None, question="<image><image>Compare them."), "images": [[0, 255, 0], [255, 0, 0]]},
     ]
     path = folder / "bad_inputs.jsonl"
     path.write_text("\n".join(json.dumps(item) for item in rows) + "\n", encoding="utf-8")

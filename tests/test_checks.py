@@ -144,7 +144,10 @@ def test_eval_split_and_dataset_folders_are_checked_with_row_numbers(tmp_path, p
 def test_too_many_rejections_stop_the_run_naming_reason_and_rows(tmp_path, processor):
     path = write_bad_input_dataset(tmp_path / "data")
     _, report = load_and_check(path, processor, max_length=MAX_LENGTH)
-    with pytest.raises(DataError, match=r"rows of the 'train' split were rejected.*Most common: corrupt or truncated"):
+    with pytest.raises(
+        DataError,
+        match=r"rows of the 'train' split were rejected.*Most common: image is not a path or an image \(3 rows",
+    ):
         report.stop_if_too_many_rejected(0.05)
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from bad_inputs import FIXED, MAX_LENGTH, REJECTED, write_bad_input_dataset
+from bad_inputs import FIXED, MAX_LENGTH, REJECTED, ROWS, write_bad_input_dataset
 from conftest import REPO_ROOT, assert_ok, run_module
 
 from vlm_recipes import preflight, sft
@@ -85,7 +85,7 @@ def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, t
     assert_ok(result)
     assert "Traceback" not in result.stderr
     assert f"output_dir {output_dir} holds only what a run writes before training (data_report.json)" in result.stdout
-    assert f"train: 10 of 20 rows kept, 10 rejected ({data})" in result.stdout
+    assert f"train: {ROWS - len(REJECTED)} of {ROWS} rows kept, {len(REJECTED)} rejected ({data})" in result.stdout
     report = json.loads((output_dir / "data_report.json").read_text())["train"]
     reported = {e: reason for reason, d in report["rejected_by_reason"].items() for e in d["examples"]}
     assert reported == {f"line {line}": reason for line, reason in REJECTED.items()}
@@ -138,5 +138,5 @@ def test_preflight_says_when_training_would_stop(tiny_qwen, tmp_path, capsys):
         preflight.main([str(a) for a in args])
     assert info.value.code == 2
     captured = capsys.readouterr()
-    assert "train: 10 of 20 rows kept, 10 rejected" in captured.out
+    assert f"train: {ROWS - len(REJECTED)} of {ROWS} rows kept, {len(REJECTED)} rejected" in captured.out
     assert "error: training would stop here" in captured.err and "max_bad_fraction 5%" in captured.err

@@ -37,7 +37,13 @@ from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
-from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    check_tuning_plan,
+    load_training_model,
+    prepare_output_and_data,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults
 
 
@@ -126,6 +132,7 @@ def build_trainer(recipe: Recipe) -> VLMDPOTrainer:
     policy, training_args = recipe.policy, recipe.training
     recipe.apply_defaults("training", VISION_DPO_DEFAULTS)
     recipe.apply_defaults("data", PREFERENCE_DATA_DEFAULTS)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     apply_speed_defaults(recipe)
     check_recipe(recipe)
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="preference")

@@ -6,6 +6,7 @@ field gets one clear message naming it (with the closest known field), and YAML 
 does not read as numbers, are converted with the field's own type.
 """
 
+import argparse
 import difflib
 import os
 from dataclasses import dataclass, fields
@@ -71,14 +72,44 @@ def _unknown_field_message(name: str, known: list[str], where: str) -> str:
     return f"{where}: unknown field '{name}'.{hint} `--help` lists every field."
 
 
-def _coerce(action, value: Any) -> Any:
-    # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
+def _expected(action) -> str:
+    """What a field takes, in words, for messages."""
+    if action.choices:
+        return "one of " + ", ".join(str(choice) for choice in action.choices)
+    names = {int: "a whole number", float: "a number", str: "text"}
+    if action.type in names:
+        return names[action.type]
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "true or false"
+    return f"a value of the field's type ({action.help or 'see --help'})"
+
+
+def _coerce(action, value: Any, where: str) -> Any:
+    """A recipe file's value with the field's own type, or one error naming the file, the field, the value and what the
+    field takes. argparse checks command-line values, but not values set as defaults, which is how a file's reach it."""
+    if value is None or action.nargs in ("+", "*"):
+        return value
+    wrong = RecipeError(f"{where}: field '{action.dest}' is {value!r}, which is not {_expected(action)}.")
     if isinstance(value, str) and callable(action.type) and action.type is not str:
+        # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
         try:
-            return action.type(value)
-        except (TypeError, ValueError):
-            return value
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise wrong from None
+    elif action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        if action.type is int:
+            if not float(value).is_integer():
+                raise wrong
+            value = int(value)
+    if action.choices and getattr(value, "value", value) not in action.choices and value not in action.choices:
+        raise wrong
     return value
+
+
+def _one_line_error(message: str) -> None:
+    raise RecipeError(f"command line: {message}. `--help` lists every field and what it takes.")
 
 
 def _cli_field_names(argv: list[str]) -> list[str]:
@@ -101,6 +132,7 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(list(parts.values()), prog=prog)
+    parser.error = _one_line_error  # a wrong command-line value: one message, not the usage of every field
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     known = sorted(actions)
 
@@ -113,7 +145,7 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
         for key, value in content.items():
             if key not in actions:
                 raise RecipeError(_unknown_field_message(key, known, recipe_path))
-            settings[key] = _coerce(actions[key], value)
+            settings[key] = _coerce(actions[key], value, recipe_path)
         parser.set_defaults_with_config(**settings)
 
     for name in _cli_field_names(argv):

@@ -26,7 +26,13 @@ from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    check_tuning_plan,
+    load_training_model,
+    prepare_output_and_data,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 
 
@@ -52,6 +58,7 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     training_args = recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     check_tuning_plan(recipe)  # the strategy against the model's config, before the output folder, data and weights
     apply_speed_defaults(recipe)
     padding_free = take_padding_free(recipe)  # checked against the model family before any data work

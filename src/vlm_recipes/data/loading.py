@@ -26,9 +26,26 @@ JSON_SUFFIXES = (".jsonl", ".json")
 SOURCE_ROW = "source_row"
 
 
+def _utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"is not valid UTF-8 (byte 0x{data[error.start]:02x}, the line's byte {column}); JSON files must be UTF-8: "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            source=str(path),
+            row=line,
+            row_label="line",
+        ) from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (or a JSON list); a line that is not a JSON object is an error naming the line."""
-    text = path.read_text(encoding="utf-8")
+    """Rows of a JSONL file (or a JSON list); a line that is not UTF-8 or not a JSON object is an error naming it."""
+    text = _utf8_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -12,6 +12,7 @@ from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.errors import RecipeError
 from vlm_recipes.hub import HubTarget, push_output_dir
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
@@ -32,6 +33,71 @@ from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, s
 def reliability(recipe: Recipe) -> ReliabilityArguments:
     """The recipe's data-check and fault-guard settings (the defaults for an entry point without that part)."""
     return recipe.parts.get("reliability") or ReliabilityArguments()
+
+
+# `report_to` loggers that need a package the base install lacks: (transformers' availability check, the package, the
+# extra of this package that installs it, or None).
+LOGGER_PACKAGES = {
+    "tensorboard": ("is_tensorboard_available", "tensorboard", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb", "wandb"),
+    "trackio": ("is_trackio_available", "trackio", None),
+    "mlflow": ("is_mlflow_available", "mlflow", None),
+    "comet_ml": ("is_comet_available", "comet_ml", None),
+    "clearml": ("is_clearml_available", "clearml", None),
+    "neptune": ("is_neptune_available", "neptune", None),
+    "swanlab": ("is_swanlab_available", "swanlab", None),
+    "dvclive": ("is_dvclive_available", "dvclive", None),
+    "codecarbon": ("is_codecarbon_available", "codecarbon", None),
+}
+
+
+def check_loggers(training_args: Any) -> None:
+    """Every logger `report_to` names is installed, checked at start: the Trainer would find out only after the data
+    checks and the model load."""
+    import transformers.integrations as integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in training_args.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(
+                f"report_to: '{name}' is not a logger transformers knows ({', '.join(INTEGRATION_TO_CALLBACK)}, or "
+                "none). For several, give a YAML list in the recipe (report_to: [trackio, wandb])."
+            )
+        if name not in LOGGER_PACKAGES:
+            continue  # installed with transformers' own checks at start (azure_ml, kubeflow, ...)
+        available, package, extra = LOGGER_PACKAGES[name]
+        if not getattr(integrations, available)():
+            how = (
+                f"pip install 'vlm-recipes[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+            )
+            raise RecipeError(
+                f"report_to: {name} needs the {package} package, which is not installed: {how}; or set "
+                "`report_to: none`."
+            )
+
+
+def check_training_length(training_args: Any) -> None:
+    """A run that would not train, or would train for a length it does not say: refused before any work. transformers
+    takes any `max_steps` <= 0 as "train by epochs", so -5 ran for `num_train_epochs`; 0 steps or 0 epochs saved an
+    untrained adapter."""
+    steps, epochs = training_args.max_steps, training_args.num_train_epochs
+    if steps == 0 or steps < -1:
+        raise RecipeError(
+            f"max_steps: {steps} is not a length of training: give a positive number of steps, or -1 (the default) "
+            "to train for `num_train_epochs`."
+        )
+    if steps == -1 and not epochs > 0:
+        raise RecipeError(
+            f"num_train_epochs: {epochs} would train nothing (max_steps is -1, so the epochs set the length): give a "
+            "positive number of epochs, or a positive `max_steps`."
+        )
+
+
+def check_run_settings(recipe: Recipe) -> None:
+    """What the Trainer would only find out late (a logger not installed) or silently misread (a training length that
+    trains nothing): checked first, before the model config, the data and any weights."""
+    check_loggers(recipe.training)
+    check_training_length(recipe.training)
 
 
 def check_tuning_plan(recipe: Recipe) -> TuningPlan:
