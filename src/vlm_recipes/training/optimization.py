@@ -47,6 +47,8 @@ class PartLearningRatesMixin:
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # The recipe's rates, before a resumed checkpoint's scheduler state replaces them (`guards.ResumeCheck`).
+        self.scheduled_learning_rates = list(getattr(scheduler, "base_lrs", []) or []) or None
         plan = self.tuning_plan
         if plan is None or not plan.vit_unfreeze_ratio:
             return scheduler

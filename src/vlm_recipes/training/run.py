@@ -26,7 +26,7 @@ from vlm_recipes.training.distributed import (
     main_process_first,
     wait_for_everyone,
 )
-from vlm_recipes.training.guards import install_fault_guards, resume_checkpoint
+from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, install_fault_guards, resume_checkpoint
 from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
 
 
@@ -181,10 +181,17 @@ def train_and_save(
     outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,
     when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
-    install_fault_guards(trainer, reliability(recipe))  # checkpoint completion markers, NaN/inf stop
-    trainer.train(
-        resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
-    )
+    checkpoint = resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    # Checkpoint completion markers, NaN/inf stop, the recipe's schedule on resume, the dead-run warning.
+    install_fault_guards(trainer, reliability(recipe), resume_from=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except ReachedMaxSteps as reached:
+        # Killed after its last checkpoint, before the final save: the Trainer has loaded that checkpoint (weights and
+        # state); it is the result, so it is saved as such without training a step past max_steps.
+        print_main(f"{reached}: saving the final outputs from it, without training further.")
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    check_final_weights(trainer.model, trainer.state.global_step, output_dir)
     save_outputs(trainer, recipe, output_dir)
     print_main(*summary_lines(trainer.state.log_history, output_dir, keys=summary_keys))
     if hub_target is not None and trainer.is_world_process_zero():
