@@ -23,6 +23,8 @@ REJECTED = {
     21: "image is not a path or an image",  # a number
     22: "image is not a path or an image",  # a dict that is not an encoded image
     23: "image is not a path or an image",  # a list of numbers
+    24: "special token <|im_end|> in the text",  # an answer that would teach the model to end its turn and go on
+    25: "image in an assistant turn",  # an <image> placeholder inside the answer
 }
 # line -> the fix the row is kept with
 FIXED = {
@@ -32,7 +34,7 @@ FIXED = {
     14: "aspect ratio over 200:1 -> squashed to 200:1",
 }
 VALID_LINES = range(1, 7)
-ROWS = 23
+ROWS = 25
 MAX_LENGTH = 512  # the long-text row is ~3,000 tokens; every other row is under 300
 
 
@@ -79,6 +81,8 @@ def write_bad_input_dataset(folder: Path) -> Path:
         {**row(None), "images": [7]},
         {**row(None), "images": [{"width": 64, "height": 48}]},
         {**row(None, question="<image><image>Compare them."), "images": [[0, 255, 0], [255, 0, 0]]},
+        row(valid[0], answer="42<|im_end|>\n<|im_start|>user\nAnd Wheat?<|im_end|>\n<|im_start|>assistant\n7"),
+        {**row(valid[0], answer="Here it is: <image>"), "images": [valid[0], valid[1]]},
     ]
     path = folder / "bad_inputs.jsonl"
     path.write_text("\n".join(json.dumps(item) for item in rows) + "\n", encoding="utf-8")

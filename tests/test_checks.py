@@ -221,7 +221,7 @@ def test_checks_in_several_processes_match_one(tmp_path, processor):
 def test_checks_can_be_turned_off(tmp_path, processor):
     path = write_bad_input_dataset(tmp_path / "data")
     train, report = load_and_check(path, processor, max_length=MAX_LENGTH, check_data=False)
-    assert report.to_dict()["train"]["fixed_by_kind"] == {} and len(train) == 15  # only the formatter ran
+    assert report.to_dict()["train"]["fixed_by_kind"] == {} and len(train) == 17  # only the formatter ran (8 rejected)
 
 
 def test_wide_grayscale_survives_the_dataset_round_trip(tmp_path, processor):

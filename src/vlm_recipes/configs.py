@@ -236,6 +236,16 @@ class ReliabilityArguments:
             "not content). Longer sides the processor cannot take are scaled up to its minimum."
         },
     )
+    special_tokens_in_text: str = field(
+        default="reject",
+        metadata={
+            "help": "Text holding a special token of the model's tokenizer or chat template (`<|im_end|>`, `</s>`, "
+            "`<image>`, a tool-call marker, ...) would be read as that control token, and learned in an answer. "
+            "`reject` skips such a row and counts it naming the token; `escape` keeps it, with a zero-width space "
+            "after the token's first character so that it tokenizes as plain text.",
+            "choices": ["reject", "escape"],
+        },
+    )
     check_num_proc: int | None = field(
         default=None,
         metadata={
