@@ -34,7 +34,8 @@ FIXED = {
     14: "aspect ratio over 200:1 -> squashed to 200:1",
 }
 VALID_LINES = range(1, 7)
-ROWS = 25
+OUTSIDE_LINES = [26]  # a valid row whose image lies outside the data folder (`../`): kept, and counted
+ROWS = 26
 MAX_LENGTH = 512  # the long-text row is ~3,000 tokens; every other row is under 300
 
 
@@ -83,6 +84,7 @@ def write_bad_input_dataset(folder: Path) -> Path:
         {**row(None, question="<image><image>Compare them."), "images": [[0, 255, 0], [255, 0, 0]]},
         row(valid[0], answer="42<|im_end|>\n<|im_start|>user\nAnd Wheat?<|im_end|>\n<|im_start|>assistant\n7"),
         {**row(valid[0], answer="Here it is: <image>"), "images": [valid[0], valid[1]]},
+        row(f"../{_save(folder.parent, 'outside.png', Image.new('RGB', (64, 48), 'teal'))}"),
     ]
     path = folder / "bad_inputs.jsonl"
     path.write_text("\n".join(json.dumps(item) for item in rows) + "\n", encoding="utf-8")

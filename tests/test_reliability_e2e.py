@@ -88,7 +88,17 @@ def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, t
     assert "Traceback" not in result.stderr
     assert f"output_dir {output_dir} holds only what a run writes before training (data_report.json)" in result.stdout
     assert f"train: {ROWS - len(REJECTED)} of {ROWS} rows kept, {len(REJECTED)} rejected ({data})" in result.stdout
-    report = json.loads((output_dir / "data_report.json").read_text())["train"]
+    report_text = (output_dir / "data_report.json").read_text()
+    # Shared when the run is pushed: no path of this machine, only paths relative to the data folder, and a count
+    # of the rows that read images from outside it.
+    assert str(tmp_path) not in report_text and "/tmp" not in report_text
+    assert "1  read images from outside the data folder (e.g. line 26)" in result.stdout
+    report = json.loads(report_text)["train"]
+    assert report["source"] == "bad_inputs.jsonl"
+    assert report["rows_with_images_outside_the_data_folder"] == {"count": 1, "examples": ["line 26"]}
+    assert report["rejected_by_reason"]["image file not found"]["first_message"].startswith(
+        "bad_inputs.jsonl, line 9, column 'images': image 0 was not found at missing.png"
+    )
     reported = {e: reason for reason, d in report["rejected_by_reason"].items() for e in d["examples"]}
     assert reported == {f"line {line}": reason for line, reason in REJECTED.items()}
     assert {kind for kind in report["fixed_by_kind"]} == set(FIXED.values())

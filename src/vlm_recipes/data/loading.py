@@ -72,6 +72,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [dict(row, _line=number) for number, row in lines]
 
 
+def data_folder(data_args: DataArguments) -> Path | None:
+    """The folder the data lives in: a JSONL file's folder, or a local dataset folder; None for a Hub dataset."""
+    path = Path(data_args.dataset_name or "").expanduser()
+    if data_args.dataset_name and path.is_file():
+        return path.parent
+    return path if data_args.dataset_name and path.is_dir() else None
+
+
 def _load_splits(data_args: DataArguments) -> tuple[dict[str, Any], str, Path | None]:
     """(splits, a name for messages, the folder relative image paths resolve against)."""
     name = data_args.dataset_name
@@ -143,6 +151,11 @@ def _format_rows(
         number = row.pop("_line", index)
         try:
             formatted.append({**spec.function(row, **options), SOURCE_ROW: f"line {number}"})
+            if any(
+                isinstance(image, str) and not data_report.inside_data_folders(image)
+                for image in formatted[-1]["images"]
+            ):
+                data_report.outside_data_folder(split, f"line {number}")
         except FormatError as error:
             message = str(
                 DataError(str(error), source=report.source, row=number, column=error.column, row_label="line")
@@ -272,7 +285,7 @@ def load_datasets(
             "Set `dataset_test_split` to one of them, or `eval_split_size` to hold out part of the train split."
         )
 
-    report = DataReport()
+    report = DataReport(data_folder(data_args), data_args.image_dir)
     if format_train:
         train = format_split(
             _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc
