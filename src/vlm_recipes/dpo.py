@@ -33,7 +33,7 @@ from vlm_recipes.configs import (
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub import prepare_training_push
-from vlm_recipes.modeling.loading import SFT_ADAPTER_COPY, read_adapter_config
+from vlm_recipes.modeling.loading import REFERENCE_ADAPTER, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.optimization import VLMDPOTrainer
@@ -123,8 +123,8 @@ def use_disabled_adapter_as_reference(model: Any) -> None:
     """A new adapter starts as the identity, so the reference is the model with the adapter disabled. TRL takes any
     adapter it is handed as pretrained and adds a frozen copy named "ref" as the reference: for a new adapter that copy
     equals the disabled adapter, at the cost of its memory and a LoRA pass per batch, so it goes."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)
 
 
 def build_trainer(recipe: Recipe) -> VLMDPOTrainer:

@@ -173,7 +173,7 @@ class DataReport:
     def stop_if_too_many_rejected(self, max_bad_fraction: float) -> None:
         """Raise a `DataError` naming the reasons and example rows when a split loses more than `max_bad_fraction`."""
         for name, split in self.splits.items():
-            if split.rejected and split.bad_fraction > max_bad_fraction:
+            if split.rejected and split.bad_fraction > max_bad_fraction:  # as `stops` says
                 worst = max(split.rejections.values(), key=lambda rejection: rejection.count)
                 raise DataError(
                     f"{split.rejected} of {split.rows} rows of the '{name}' split were rejected "
@@ -183,9 +183,14 @@ class DataReport:
                     source=split.source,
                 )
 
-    def publish(self, output_dir: str | Path, max_bad_fraction: float, is_main_process: bool = True) -> None:
-        """Write `data_report.json`, show the table when rows were rejected, and stop if too many were."""
-        if is_main_process:
+    def stops(self, max_bad_fraction: float) -> bool:
+        """Whether `publish` will stop the run (a split loses more than `max_bad_fraction`)."""
+        return any(split.rejected and split.bad_fraction > max_bad_fraction for split in self.splits.values())
+
+    def publish(self, output_dir: str | Path | None, max_bad_fraction: float, is_main_process: bool = True) -> None:
+        """Write `data_report.json` into `output_dir` (None: on screen only), show the table when rows were rejected,
+        and stop if too many were."""
+        if is_main_process and output_dir is not None:
             self.write(Path(output_dir) / REPORT_FILE)
         outside = sum(split.outside.count for split in self.splits.values())
         if self.rejected or self.fixed or outside:

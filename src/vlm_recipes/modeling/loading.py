@@ -319,6 +319,8 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 # SFT adapter in this subfolder of its output folder (`dpo.SFT_ADAPTER_COPY`, the same name): loading the DPO adapter
 # means merging the SFT one first.
 SFT_ADAPTER_COPY = "sft_adapter"
+# TRL's name for the frozen copy of an adapter it trains from (DPO's reference), saved by peft in a subfolder of it.
+REFERENCE_ADAPTER = "ref"
 
 
 def sft_adapter_under(adapter: str | Path | None) -> Path | None:

@@ -11,7 +11,7 @@ from transformers import set_seed
 from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.data.loading import data_folder, load_datasets
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.hub import HubTarget, push_output_dir
 from vlm_recipes.modeling.families import get_family
@@ -27,7 +27,8 @@ from vlm_recipes.training.distributed import (
     wait_for_everyone,
 )
 from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, install_fault_guards, resume_checkpoint
-from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.output_folder import plan_output_dir
+from vlm_recipes.training.outputs import resume_requested, save_outputs, summary_lines
 
 
 def reliability(recipe: Recipe) -> ReliabilityArguments:
@@ -120,15 +121,16 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     check_launch(launch)
     end_process_group_at_exit()
     is_main_process = PartialState().is_main_process
-    folder_settings = {
-        "overwrite": run_args.overwrite_output_dir,
-        "resume": resume_requested(training_args.resume_from_checkpoint),
-    }
-    # Every process checks the folder before the main process changes it (deletes it, writes the data report), so that
-    # none of them finds the main process's new files and refuses the folder as one that already holds a run.
-    prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=False)
+    # Decided now, done once the data checks pass: an earlier run is moved aside only when this one can start. Every
+    # process decides before the main process changes the folder (moves it, writes the data report), so that none of
+    # them finds the main process's new files and refuses the folder as one that already holds a run.
+    folder = plan_output_dir(
+        training_args.output_dir,
+        overwrite=run_args.overwrite_output_dir,
+        resume=resume_requested(training_args.resume_from_checkpoint),
+        protected=protected_folders(recipe),
+    )
     wait_for_everyone()
-    output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process)
     # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
     with main_process_first():
@@ -152,11 +154,29 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
+        if data_report.stops(data_args.max_bad_fraction) and folder.holds_earlier_run:
+            # The earlier run stays as it was: the report goes on screen only.
+            data_report.publish(None, data_args.max_bad_fraction, is_main_process)
+        output_dir = folder.apply(is_main_process)
         data_report.publish(output_dir, data_args.max_bad_fraction, is_main_process)
     # The adapter's initial weights are drawn before the Trainer seeds anything: seed here, so that they follow the
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return output_dir, train_dataset, eval_dataset
+
+
+def protected_folders(recipe: Recipe) -> dict[str, Any]:
+    """Folders a training run reads, which its output folder must never be nor contain (`training.output_folder`)."""
+    data_args, model_args = recipe.data, recipe.model
+    policy = recipe.parts.get("policy")
+    model = Path(str(model_args.model_name_or_path or "")).expanduser()
+    return {
+        "the dataset's folder": data_folder(data_args),
+        "the images' folder (image_dir)": data_args.image_dir,
+        "the recipe's folder": Path(recipe.source).parent if recipe.source else None,
+        "the model's folder": model if model_args.model_name_or_path and model.is_dir() else None,
+        "the SFT adapter's folder": getattr(policy, "sft_adapter_path", None),
+    }
 
 
 def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
