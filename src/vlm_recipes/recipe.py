@@ -69,7 +69,7 @@ def _load_recipe_file(path: str) -> dict[str, Any]:
 def _unknown_field_message(name: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{where}: unknown field '{name}'.{hint} `--help` lists every field."
+    return f"{where}: unknown field {name!r}.{hint} `--help` lists every field."
 
 
 def _expected(action) -> str:
@@ -84,12 +84,21 @@ def _expected(action) -> str:
     return f"a value of the field's type ({action.help or 'see --help'})"
 
 
+# Fields that take a path to a JSON file or the mapping itself: transformers opens any other value as a file (an
+# integer as a file descriptor).
+CONFIG_FILE_FIELDS = frozenset({"accelerator_config", "deepspeed", "fsdp_config"})
+
+
 def _coerce(action, value: Any, where: str) -> Any:
     """A recipe file's value with the field's own type, or one error naming the file, the field, the value and what the
     field takes. argparse checks command-line values, but not values set as defaults, which is how a file's reach it."""
     if value is None or action.nargs in ("+", "*"):
         return value
     wrong = RecipeError(f"{where}: field '{action.dest}' is {value!r}, which is not {_expected(action)}.")
+    if action.dest in CONFIG_FILE_FIELDS and not isinstance(value, str | dict):
+        raise RecipeError(
+            f"{where}: field '{action.dest}' is {value!r}, which is not a path to a JSON file or a mapping."
+        )
     if isinstance(value, str) and callable(action.type) and action.type is not str:
         # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
         try:
@@ -140,8 +149,11 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
     settings: dict[str, Any] = {}
     if recipe_path is not None:
         content = _load_recipe_file(recipe_path)
-        for key, value in (content.pop("env", None) or {}).items():
-            os.environ[key] = str(value)
+        env = content.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise RecipeError(f"{recipe_path}: `env` should be a mapping of variable: value, got {env!r:.60}.")
+        for key, value in env.items():
+            os.environ[str(key)] = str(value)
         for key, value in content.items():
             if key not in actions:
                 raise RecipeError(_unknown_field_message(key, known, recipe_path))
@@ -161,8 +173,8 @@ def parse_recipe(parts: dict[str, type], argv: list[str] | None = None, prog: st
         parser.set_defaults_with_config(use_cpu=True)
     try:
         instances = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        raise RecipeError(f"{recipe_path or 'command line'}: {error}") from None
+    except (ValueError, TypeError, OSError) as error:  # the dataclasses' own checks (a config file not found, ...)
+        raise RecipeError(f"{recipe_path or 'command line'}: {' '.join(str(error).split())}") from None
 
     by_kind = dict(zip(parts, instances))
     for name in _cli_field_names(argv):
