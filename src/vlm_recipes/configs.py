@@ -102,7 +102,9 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete an existing non-empty `output_dir` before training. Without it (and without "
+            "help": "Replace an earlier run in `output_dir`: once the new run's recipe, model and data checks pass, it "
+            "is moved aside whole to `<output_dir>.previous-<timestamp>` (never deleted). Only a folder that is "
+            "recognisably an earlier run of this package, holding nothing else, is replaced. Without it (and without "
             "`resume_from_checkpoint`), a non-empty `output_dir` is refused so nothing is overwritten silently."
         },
     )
