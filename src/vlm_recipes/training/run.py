@@ -13,6 +13,7 @@ from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import data_folder, load_datasets
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub import HubTarget, push_output_dir
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
@@ -177,6 +178,45 @@ def protected_folders(recipe: Recipe) -> dict[str, Any]:
         "the model's folder": model if model_args.model_name_or_path and model.is_dir() else None,
         "the SFT adapter's folder": getattr(policy, "sft_adapter_path", None),
     }
+
+
+def prepare_eval_sets(recipe: Recipe, eval_sets: list[EvalSet], eval_dataset: Any) -> list[tuple[EvalSet, Any]]:
+    """Each evaluation set with the rows evaluation during training generates on, before any weights load: the
+    recipe's own split as `prepare_output_and_data` checked it; other sets loaded (only the rows generation uses),
+    formatted and checked the same way here. Too many bad rows in a set stop the run, as in the training data.
+    Nothing when the run does not evaluate by generation."""
+    training_args, evaluation = recipe.training, recipe.evaluation
+    if training_args.eval_strategy == "no" or not evaluation.eval_generation:
+        return []
+    prepared = []
+    for eval_set in eval_sets:
+        if eval_set.own_split:
+            prepared.append((eval_set, eval_dataset))
+            continue
+        with main_process_first():
+            rows, report = load_eval_set(
+                eval_set,
+                seed=training_args.seed,
+                num_proc=training_args.dataset_num_proc,
+                limit=eval_set.max_samples or evaluation.eval_max_samples,
+            )
+            _, rows = check_training_data(
+                None,
+                rows,
+                report,
+                load_processor(recipe.model, training_args.trust_remote_code),
+                reliability(recipe),
+                training_args.max_length,
+                training_args.dataset_num_proc,
+                main_process_first=nullcontext,
+            )
+        if report.rejected:
+            print_main(
+                f"Evaluation set '{eval_set.name}': {report.rejected} row(s) rejected and skipped", report.table()
+            )
+        report.stop_if_too_many_rejected(recipe.data.max_bad_fraction)
+        prepared.append((eval_set, rows))
+    return prepared
 
 
 def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
