@@ -138,3 +138,24 @@ def test_a_file_is_not_an_output_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(RecipeError, match="exists and is not a folder"):
         plan_output_dir(str(tmp_path / "f"), overwrite=True, resume=None)
+
+
+def test_every_name_a_run_writes_is_recognised_and_the_checkpoint_prefix_is_transformers_own():
+    from fnmatch import fnmatch
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from vlm_recipes import run_folder
+    from vlm_recipes.compat import TRL_REFERENCE_ADAPTER
+    from vlm_recipes.training.output_folder import run_file_patterns
+
+    assert run_folder.CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR  # what the Trainer names its checkpoints
+    written = [
+        run_folder.ADAPTER_WEIGHTS, run_folder.ADAPTER_CONFIG, run_folder.RECIPE_FILE, run_folder.TRAINING_LOG,
+        run_folder.DATA_REPORT_FILE, run_folder.PLOT_FILE, run_folder.EVAL_RESULTS_FILE, run_folder.CARD_FILE,
+        run_folder.SFT_ADAPTER_COPY, run_folder.TRAINING_ARGS_PICKLE, run_folder.TENSORBOARD_DIR,
+        run_folder.predictions_file("chartqa", "adapter"), TRL_REFERENCE_ADAPTER, "checkpoint-12",
+        "incomplete-checkpoint-12",
+    ]  # fmt: skip
+    assert [name for name in written if not any(fnmatch(name, pattern) for pattern in run_file_patterns())] == []
+    assert not any(fnmatch("notes.txt", pattern) for pattern in run_file_patterns())

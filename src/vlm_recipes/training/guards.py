@@ -17,7 +17,8 @@ trainers' overrides feed the returned `FaultGuards`):
   disk and moves incomplete ones aside as `incomplete-checkpoint-N` (kept, never deleted, and out of the Trainer's way);
 - the loss of every training step and the gradients before every optimizer step are checked: the first NaN or
   infinite value stops the run, before the optimizer applies it, with a message naming the step and the last complete
-  checkpoint (the trainers' `training_step` records each loss). Gradient norms are logged by the Trainer with every loss (`grad_norm`);
+  checkpoint (the trainers' `training_step` records each loss). Gradient norms are logged by the Trainer with every
+  loss (`grad_norm`);
 - a checkpoint is marked complete only when the trained weights it holds are all finite: one saved after weights
   became NaN or infinite gets `checkpoint_nonfinite.json` instead, the run stops there, and resume moves it aside;
 - on resume (`ResumeCheck`), the recipe's learning rates apply: the checkpoint's scheduler state would keep the
