@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 import enum
 import re
-import typing
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
