@@ -42,6 +42,32 @@ class DataArguments:
             "datasets that ship no test split (such as a single JSONL file)."
         },
     )
+    train_split_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train on this fraction (0-1) of the train split and evaluate on the rest: a seeded held-out split "
+            "(the same rows every run, recorded in data_report.json) for data with no test split. The same as "
+            "`eval_split_size: 1 - ratio`; give one of the two. In a mixture, each source without a test split "
+            "(`splits.test` in its registry entry) is split this way."
+        },
+    )
+    dataset_registry: str | None = field(
+        default=None,
+        metadata={
+            "help": "A YAML registry of named datasets (source, formatter or column mapping, image root, splits, "
+            "weight; see docs/your-data.md). Its entries join the built-in ones (ChartQA, RLAIF-V and each task's "
+            "data), replacing any of the same name. `datasets` names them."
+        },
+    )
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train on a mixture instead of `dataset_name`: a YAML list of registered names or mappings with "
+            "`name` and optionally `weight` (sampling probability relative to the others), `max_samples` (a cap; "
+            "alone, the source joins whole) and any registry field for an inline source (on the command line, JSON "
+            "objects). Seeded interleaving; rows per source in data_report.json."
+        },
+    )
     formatter: str = field(
         default="chartqa",
         metadata={

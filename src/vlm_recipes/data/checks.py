@@ -43,7 +43,7 @@ from vlm_recipes.data.images import (
     with_image_decoding,
 )
 from vlm_recipes.data.lengths import COMPLETION_COLUMNS, TokenCounter, row_conversations
-from vlm_recipes.data.loading import SOURCE_ROW
+from vlm_recipes.data.loading import DATA_SOURCE, SOURCE_ROW
 from vlm_recipes.data.report import DataReport
 from vlm_recipes.data.special_tokens import escape_special_tokens, find_special_token, special_token_texts
 from vlm_recipes.errors import DataError
@@ -365,19 +365,24 @@ def check_split(
         desc=f"Checking {split} rows (images, text, placeholders, lengths)",
     )
     labels = dataset[SOURCE_ROW] if SOURCE_ROW in dataset.column_names else [None] * len(dataset)
+    # A mixture's rows name their source: a bad row is reported as "<source>: row 17", with the source's own path.
+    origins = dataset[DATA_SOURCE] if DATA_SOURCE in dataset.column_names else [None] * len(dataset)
     columns = verdicts.to_dict()  # small columns only: read once, not row by row
     kept, fixes = [], {}
     checked = CheckedSplit(dataset)
-    for index, label in enumerate(labels):
+    for index, (label, origin) in enumerate(zip(labels, origins, strict=True)):
         verdict = {name: values[index] for name, values in columns.items()}
         where, number = _where(label, index)
+        row_label = where.split(" ")[0]
+        if origin is not None:
+            where = f"{origin}: {where}"
         if verdict["reason"] is not None:
             message = DataError(
                 verdict["message"],
-                source=source,
+                source=report.sources.get(origin, source),
                 row=number,
                 column=verdict["column"],
-                row_label=where.split(" ")[0],
+                row_label=row_label,
             )
             report.reject(split, where, verdict["reason"], str(message))
             continue

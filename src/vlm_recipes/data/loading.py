@@ -4,16 +4,30 @@
 splits in TRL's vision format (see `vlm_recipes.data.formatters`) with `images` cast to a lazily decoded image feature.
 """
 
+import glob
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, Image, List, Sequence, Value, load_dataset, load_from_disk
+import numpy as np
+from datasets import (
+    Dataset,
+    DatasetDict,
+    Image,
+    List,
+    Sequence,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
+from vlm_recipes.data.mixture import MixtureSource, draw_mixture, held_out_indices, held_out_record, resolve_mixture
+from vlm_recipes.data.registry import load_registry
 from vlm_recipes.data.report import DataReport, SplitReport
 from vlm_recipes.errors import DataError, RecipeError
 
@@ -21,9 +35,13 @@ from vlm_recipes.errors import DataError, RecipeError
 logger = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".jsonl", ".json")
+# Data files a source may name (one, or a glob), by suffix -> the datasets builder that reads them.
+DATA_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Each formatted row says where it came from ("line 18", "row 17"), so later checks name the source row. TRL's vision
 # trainer drops the column with the other non-model columns.
 SOURCE_ROW = "source_row"
+# In a mixture, each row also names its source (the `datasets` entry); the data checks name it for a bad row.
+DATA_SOURCE = "data_source"
 
 
 def _utf8_text(path: Path) -> str:
@@ -73,35 +91,83 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def data_folder(data_args: DataArguments) -> Path | None:
-    """The folder the data lives in: a JSONL file's folder, or a local dataset folder; None for a Hub dataset."""
-    path = Path(data_args.dataset_name or "").expanduser()
-    if data_args.dataset_name and path.is_file():
+    """The folder the data lives in: a data file's folder, or a local dataset folder; None for a Hub dataset."""
+    return source_folder(data_args.dataset_name)
+
+
+def source_folder(source: str | None) -> Path | None:
+    """The local folder of a source (a file's or a glob's folder, or the folder itself); None for a Hub id."""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file() or (_is_glob(source) and path.parent.is_dir()):
         return path.parent
-    return path if data_args.dataset_name and path.is_dir() else None
+    return path if path.is_dir() else None
 
 
-def _load_splits(data_args: DataArguments) -> tuple[dict[str, Any], str, Path | None]:
-    """(splits, a name for messages, the folder relative image paths resolve against)."""
-    name = data_args.dataset_name
-    if not name:
-        raise RecipeError("The recipe sets no `dataset_name` (a Hub dataset id, a local folder or a JSONL file).")
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix in JSON_SUFFIXES:
-        image_root = Path(data_args.image_dir).expanduser() if data_args.image_dir else path.parent
-        return {"train": read_jsonl(path)}, str(path), image_root
-    image_root = Path(data_args.image_dir).expanduser() if data_args.image_dir else (path if path.is_dir() else None)
+def _is_glob(source: str) -> bool:
+    return any(char in source for char in "*?[")
+
+
+def _data_files(source: str) -> list[Path]:
+    """The files a source names (one file, or a glob); [] when it names no data file."""
+    path = Path(source).expanduser()
+    if _is_glob(source):
+        files = sorted(Path(found) for found in glob.glob(str(path), recursive=True))
+        if not files:
+            raise RecipeError(f"{source}: no file matches this pattern.")
+    elif path.is_file():
+        files = [path]
+    else:
+        return []
+    kinds = [DATA_FILE_KINDS.get(file.suffix.lower()) for file in files]
+    if None in kinds or len(set(kinds)) > 1:
+        odd = next(file for file, kind in zip(files, kinds, strict=True) if kind is None or kind != kinds[0])
+        raise RecipeError(
+            f"{odd}: expected a .jsonl/.json file, parquet or CSV files (all of one kind), a dataset folder, or a Hub "
+            "dataset id."
+        )
+    return files
+
+
+def load_source(
+    source: str | None, config: str | None = None, image_dir: str | None = None
+) -> tuple[dict[str, Any], str, Path | None]:
+    """(splits, a name for messages, the folder relative image paths resolve against) of a Hub id, a local dataset
+    folder, or data files (JSONL/JSON, parquet, CSV; a glob matches several). A single JSON file keeps its line
+    numbers for messages; several files, parquet and CSV number their rows."""
+    if not source:
+        raise RecipeError("The recipe sets no `dataset_name` (a Hub dataset id, a local folder or a data file).")
+    path = Path(source).expanduser()
+    files = _data_files(source)
+    folder = source_folder(source)
+    image_root = Path(image_dir).expanduser() if image_dir else folder
+    if len(files) == 1 and files[0].suffix.lower() in JSON_SUFFIXES:
+        return {"train": read_jsonl(files[0])}, str(files[0]), image_root
+    if files:
+        kind = DATA_FILE_KINDS[files[0].suffix.lower()]
+        try:
+            loaded = load_dataset(kind, data_files=[str(file) for file in files], split="train")
+        except (ValueError, OSError) as error:  # pyarrow's parse errors are ValueErrors
+            raise RecipeError(f"{source}: could not read the {kind} file(s): {' '.join(str(error).split())}") from None
+        return {"train": loaded}, source, image_root
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
         loaded = load_from_disk(str(path))
         return (loaded if isinstance(loaded, DatasetDict) else {"train": loaded}), str(path), image_root
     if path.exists() and not path.is_dir():
         raise RecipeError(f"{path}: expected a .jsonl/.json file, a dataset folder, or a Hub dataset id.")
     try:
-        return load_dataset(name, data_args.dataset_config), name, image_root
+        return load_dataset(source, config), source, image_root
     except (DatasetNotFoundError, DataFilesNotFoundError, FileNotFoundError, ConnectionError) as error:
         raise RecipeError(
-            f"Could not load dataset '{name}': {error}. Check the name or path; without network access only local "
+            f"Could not load dataset '{source}': {error}. Check the name or path; without network access only local "
             "folders and files work (set HF_HUB_OFFLINE=1 to use the local cache)."
         ) from None
+
+
+def _load_splits(data_args: DataArguments) -> tuple[dict[str, Any], str, Path | None]:
+    """(splits, a name for messages, the folder relative image paths resolve against)."""
+    return load_source(data_args.dataset_name, data_args.dataset_config, data_args.image_dir)
 
 
 def _pick_split(splits: dict[str, Any], split: str, source: str) -> Any:
@@ -229,9 +295,11 @@ def format_split(
     data_report: DataReport,
     split: str,
     num_proc: int | None = None,
+    spec: FormatterSpec | None = None,
 ) -> Dataset:
-    """Check a split's columns against the formatter, then format every row; rows it rejects are counted and skipped."""
-    spec = get_formatter(data_args.formatter, task)
+    """Check a split's columns against the formatter (the recipe's, or `spec`: a registry entry's), then format every
+    row; rows it rejects are counted under `split` in the report and skipped."""
+    spec = spec or get_formatter(data_args.formatter, task)
     columns = (
         rows.column_names if isinstance(rows, Dataset) else sorted({key for row in rows for key in row} - {"_line"})
     )
@@ -245,6 +313,30 @@ def format_split(
     return _cast_images(formatted)
 
 
+def eval_split_size(data_args: DataArguments) -> float | None:
+    """The evaluation rows to hold out of the train split (a fraction < 1 or a count), from `eval_split_size` or
+    `train_split_ratio`; None when the recipe asks for none."""
+    ratio, size = data_args.train_split_ratio, data_args.eval_split_size
+    if ratio is not None and size is not None:
+        raise RecipeError("Set `train_split_ratio` or `eval_split_size`, not both: they say the same thing.")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise RecipeError(f"train_split_ratio: {ratio} should be between 0 and 1 (0.9 trains on 90%).")
+        return round(1 - ratio, 12)
+    if size is not None and not size > 0:
+        raise RecipeError(f"eval_split_size: {size} should be a fraction (0-1) or a number of rows (>= 1).")
+    return size
+
+
+def _hold_out(rows: Any, size: float, seed: int, name: str, data_report: DataReport) -> tuple[Any, Any]:
+    """(train rows, held-out evaluation rows) of `rows`, seeded; recorded in the report under `name`."""
+    train_ids, eval_ids = held_out_indices(len(rows), size, seed, name)
+    data_report.held_out[name] = held_out_record(name, len(rows), eval_ids, seed, size)
+    if isinstance(rows, Dataset):
+        return rows.select(train_ids), rows.select(eval_ids)
+    return [rows[i] for i in train_ids], [rows[i] for i in eval_ids]
+
+
 def load_datasets(
     data_args: DataArguments,
     *,
@@ -256,38 +348,34 @@ def load_datasets(
 ) -> tuple[Dataset | None, Dataset | None, DataReport]:
     """The formatted train split, the formatted evaluation split (or None), and the report of rejected rows.
 
-    The caller publishes the report (`DataReport.publish`), which stops the run when too many rows were rejected.
-    `format_train=False` (evaluation only) returns None for the train split and skips formatting it.
+    With `datasets` (a mixture of registered sources) the train split is their seeded interleaving and the evaluation
+    split every source's evaluation rows (`_load_mixture`). The caller publishes the report (`DataReport.publish`),
+    which stops the run when too many rows were rejected. `format_train=False` (evaluation only) returns None for the
+    train split and skips formatting it.
     """
+    held_out = eval_split_size(data_args)
+    if data_args.datasets:
+        return _load_mixture(data_args, held_out, seed=seed, need_eval=need_eval, task=task, num_proc=num_proc)
     get_formatter(data_args.formatter, task)  # an unknown formatter fails before any data loads
     splits, source, image_root = _load_splits(data_args)
+    report = DataReport(data_folder(data_args), data_args.image_dir)
     # Evaluation alone needs no train split (DocVQA's Hub dataset has none), unless the evaluation rows are held out of it.
-    needs_train = format_train or bool(data_args.eval_split_size)
+    needs_train = format_train or bool(held_out)
     train = _pick_split(splits, data_args.dataset_train_split, source) if needs_train else None
 
     test_split = data_args.dataset_test_split
     evaluation = None
-    if data_args.eval_split_size:
-        size = data_args.eval_split_size
-        size = int(size) if size >= 1 else size
-        if isinstance(train, Dataset):
-            parts = train.train_test_split(test_size=size, seed=seed)
-            train, evaluation = parts["train"], parts["test"]
-        else:
-            held_out = Dataset.from_list([{"i": i} for i in range(len(train))]).train_test_split(
-                test_size=size, seed=seed
-            )
-            evaluation = [train[i] for i in held_out["test"]["i"]]
-            train = [train[i] for i in held_out["train"]["i"]]
+    if held_out:
+        train, evaluation = _hold_out(train, held_out, seed, "train", report)
     elif test_split and test_split.lower() != "none" and test_split in splits:
         evaluation = splits[test_split]
     elif need_eval:
         raise RecipeError(
             f"Evaluation is on, but {source} has no split '{test_split}' (splits: {', '.join(sorted(splits))}). "
-            "Set `dataset_test_split` to one of them, or `eval_split_size` to hold out part of the train split."
+            "Set `dataset_test_split` to one of them, or `train_split_ratio` / `eval_split_size` to hold out part of "
+            "the train split."
         )
 
-    report = DataReport(data_folder(data_args), data_args.image_dir)
     if format_train:
         train = format_split(
             _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc
@@ -312,3 +400,127 @@ def load_datasets(
         source,
     )
     return train, evaluation, report
+
+
+def mixture_sources(data_args: DataArguments) -> list[MixtureSource]:
+    """The recipe's `datasets` resolved against the registry (built-in + `dataset_registry`), before any data."""
+    registry = load_registry(data_args.dataset_registry)
+    label = (
+        f"the registry ({data_args.dataset_registry} and the built-in one)"
+        if data_args.dataset_registry
+        else ("the built-in registry")
+    )
+    if data_args.dataset_name:
+        raise RecipeError(
+            "The recipe sets both `dataset_name` and `datasets`; a mixture names every source in `datasets`."
+        )
+    return resolve_mixture(data_args.datasets or [], registry, label)
+
+
+def _load_mixture(
+    data_args: DataArguments, held_out: float | None, *, seed: int, need_eval: bool, task: str, num_proc: int | None
+) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Each source loaded, split (its test split, else held out when asked) and formatted under its own report split
+    (`train:<name>`, `eval:<name>`); the train rows drawn into one seeded mixture (`mixture.draw_mixture`), the
+    evaluation rows of every source together. Rows carry their source's name (`DATA_SOURCE`)."""
+    sources = mixture_sources(data_args)
+    folders = [source_folder(source.entry.source) for source in sources]
+    report = DataReport(None, data_args.image_dir, more_folders=[folder for folder in folders if folder])
+    for source in sources:  # every source's formatter and columns known before any data loads
+        source.entry.formatter_spec(task, data_args.formatter)
+    trains, evaluations = [], []
+    for source in sources:
+        entry = source.entry
+        spec = entry.formatter_spec(task, data_args.formatter)
+        splits, label, image_root = load_source(entry.source, entry.config, entry.image_root or data_args.image_dir)
+        report.sources[entry.name] = label
+        train = _pick_split(splits, entry.train_split, f"{entry.where}: {label}")
+        evaluation = None
+        if entry.test_split and entry.test_split in splits:
+            evaluation = splits[entry.test_split]
+        elif entry.test_split:
+            raise RecipeError(
+                f"{entry.where}: {label} has no split '{entry.test_split}' (its splits: {', '.join(sorted(splits))})."
+            )
+        elif held_out:
+            train, evaluation = _hold_out(train, held_out, seed, entry.name, report)
+        train = _first_shuffled(train, source.max_samples, seed)
+        formatted = format_split(
+            train, data_args, label, image_root, task, report, f"train:{entry.name}", num_proc, spec
+        )
+        trains.append(_tagged(formatted, entry.name))
+        if evaluation is not None:
+            evaluation = format_split(
+                _first(evaluation, data_args.max_eval_samples),
+                data_args, label, image_root, task, report, f"eval:{entry.name}", num_proc, spec,
+            )  # fmt: skip
+            evaluations.append(_tagged(evaluation, entry.name))
+    if need_eval and not evaluations:
+        raise RecipeError(
+            "Evaluation is on, but no source of `datasets` has evaluation rows: give a registry entry `splits.test`, "
+            "or set `train_split_ratio` to hold out part of each source."
+        )
+
+    weighted = [index for index, source in enumerate(sources) if source.weighted]
+    order = draw_mixture(
+        [len(trains[index]) for index in weighted], [sources[index].entry.weight for index in weighted], seed
+    )
+    picks = [(weighted[source], row) for source, row in order]
+    picks += [
+        (index, row)
+        for index, source in enumerate(sources)
+        if not source.weighted
+        for row in range(len(trains[index]))
+    ]
+    combined = _concatenate(trains)
+    offsets = np.cumsum([0] + [len(train) for train in trains])
+    mixed = combined.select([int(offsets[source] + row) for source, row in picks])
+    mixed = _first(mixed, data_args.max_train_samples)
+    evaluation = _concatenate(evaluations) if evaluations else None
+    names = ", ".join(source.name for source in sources)
+    report.split("train", f"mixture of {names}", len(mixed))
+    if evaluation is not None:
+        report.split("eval", f"evaluation rows of {names}", len(evaluation))
+    report.mixture = {
+        source.name: {
+            "source": report.sources[source.name],
+            "weight": source.entry.weight if source.weighted else None,
+            "max_samples": source.max_samples,
+            "formatted_rows": len(trains[index]),
+            "mixed_train_rows": sum(1 for picked, _ in picks[: len(mixed)] if picked == index),
+        }
+        for index, source in enumerate(sources)
+    }
+    logger.info("Data: %d training rows mixed from %s", len(mixed), names)
+    return mixed, evaluation, report
+
+
+def _first_shuffled(rows: Any, limit: int | None, seed: int) -> Any:
+    """`limit` rows drawn with `seed` (all when None): a cap that keeps a source's variety, not its first rows."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    chosen = sorted(np.random.default_rng(seed).permutation(len(rows))[:limit].tolist())
+    return rows.select(chosen) if isinstance(rows, Dataset) else [rows[i] for i in chosen]
+
+
+def _tagged(dataset: Dataset, name: str) -> Dataset:
+    return dataset.add_column(DATA_SOURCE, [name] * len(dataset))
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    """Formatted splits of several sources as one: the columns they share, in the first one's features."""
+    shared = [column for column in parts[0].column_names if all(column in part.column_names for part in parts)]
+    parts = [part.select_columns(shared) for part in parts]
+    features = parts[0].features
+    aligned = []
+    for part in parts:
+        if part.features != features:
+            try:
+                part = part.cast(features)
+            except (ValueError, TypeError) as error:
+                raise RecipeError(
+                    f"The formatted rows of the sources cannot be combined ({' '.join(str(error).split())[:200]}); "
+                    "mix sources of one kind (all conversations, or all preference pairs)."
+                ) from None
+        aligned.append(part)
+    return concatenate_datasets(aligned)

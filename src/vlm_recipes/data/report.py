@@ -12,6 +12,7 @@ outside the data folders (an absolute path, `../`) are read as asked, and counte
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,22 +62,46 @@ class SplitReport:
 
 
 class DataReport:
-    def __init__(self, data_folder: str | Path | None = None, image_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        data_folder: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        more_folders: list[str | Path] | None = None,
+    ) -> None:
         self.splits: dict[str, SplitReport] = {}
         # Where relative paths in the report are relative to (`relative_paths`); None for Hub datasets.
         self.data_folder = Path(data_folder).expanduser().resolve() if data_folder else None
         self.image_dir = Path(image_dir).expanduser().resolve() if image_dir else None
+        # A mixture's local sources' folders (each written as its own name in the report).
+        self.more_folders = [Path(folder).expanduser().resolve() for folder in more_folders or []]
+        self.sources: dict[str, str] = {}  # a mixture's source name -> what it reads (for messages)
+        self.held_out: dict[str, dict[str, Any]] = {}  # split or source -> the seeded held-out split's record
+        self.mixture: dict[str, dict[str, Any]] = {}  # source name -> weight, rows formatted, mixed, trained
 
     def inside_data_folders(self, path: str | Path) -> bool:
         """Whether a local file lies in the data folder or `image_dir` (symbolic links followed)."""
         resolved = Path(path).expanduser().resolve()
         return any(
-            folder is not None and resolved.is_relative_to(folder) for folder in (self.data_folder, self.image_dir)
+            folder is not None and resolved.is_relative_to(folder)
+            for folder in (self.data_folder, self.image_dir, *self.more_folders)
         )
+
+    def count_trained_rows(self, train: Any, evaluation: Any) -> None:
+        """After the checks: a mixture's rows per source that train and that evaluate (the `data_source` column)."""
+        for name, dataset in (("train_rows", train), ("eval_rows", evaluation)):
+            counts = (
+                Counter(dataset["data_source"])
+                if dataset is not None and "data_source" in dataset.column_names
+                else {}
+            )
+            for source, record in self.mixture.items():
+                record[name] = counts.get(source, 0)
 
     def relative_paths(self, text: str) -> str:
         """`text` with this machine's absolute paths made relative to the data folders, or reduced to a file name."""
-        for folder, name in ((self.image_dir, "(image_dir)"), (self.data_folder, None)):
+        named = [(self.image_dir, "(image_dir)"), (self.data_folder, None)]
+        named += [(folder, f"({folder.name})") for folder in self.more_folders]
+        for folder, name in named:
             if folder is not None and folder != Path(folder.anchor):
                 # "<folder>/x.png" -> "x.png" (or "(image_dir)/x.png"); "<folder>" alone -> its name (or "(image_dir)")
                 inside = "" if name is None else name + os.sep
@@ -121,27 +146,40 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as `data_report.json` holds it: no absolute local path (`relative_paths`)."""
         local = self.relative_paths
-        return {
-            name: {
-                "source": local(self._source(split.source)),
-                "rows": split.rows,
-                "kept": split.kept,
-                "rejected": split.rejected,
-                "rejected_by_reason": {
-                    local(reason): {"count": r.count, "examples": r.examples, "first_message": local(r.message)}
-                    for reason, r in sorted(split.rejections.items(), key=lambda item: -item[1].count)
-                },
-                "fixed_by_kind": {
-                    local(kind): {"count": f.count, "examples": f.examples}
-                    for kind, f in sorted(split.fixes.items(), key=lambda item: -item[1].count)
-                },
-                "rows_with_images_outside_the_data_folder": {
-                    "count": split.outside.count,
-                    "examples": split.outside.examples,
-                },
+        return (
+            {
+                name: {
+                    "source": local(self._source(split.source)),
+                    "rows": split.rows,
+                    "kept": split.kept,
+                    "rejected": split.rejected,
+                    "rejected_by_reason": {
+                        local(reason): {"count": r.count, "examples": r.examples, "first_message": local(r.message)}
+                        for reason, r in sorted(split.rejections.items(), key=lambda item: -item[1].count)
+                    },
+                    "fixed_by_kind": {
+                        local(kind): {"count": f.count, "examples": f.examples}
+                        for kind, f in sorted(split.fixes.items(), key=lambda item: -item[1].count)
+                    },
+                    "rows_with_images_outside_the_data_folder": {
+                        "count": split.outside.count,
+                        "examples": split.outside.examples,
+                    },
+                }
+                for name, split in self.splits.items()
             }
-            for name, split in self.splits.items()
-        }
+            | ({"held_out": self.held_out} if self.held_out else {})
+            | (
+                {
+                    "mixture": {
+                        name: {key: local(str(value)) if key == "source" else value for key, value in record.items()}
+                        for name, record in self.mixture.items()
+                    }
+                }
+                if self.mixture
+                else {}
+            )
+        )
 
     def _source(self, source: str) -> str:
         """A local dataset's path as an absolute path (which `relative_paths` then shortens); a Hub id as it is."""

@@ -9,7 +9,7 @@ from transformers import set_seed
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
-from vlm_recipes.data.loading import data_folder, load_datasets
+from vlm_recipes.data.loading import data_folder, load_datasets, mixture_sources, source_folder
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub.push import push_output_dir
@@ -149,6 +149,7 @@ def prepare_output_and_data(
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
+        data_report.count_trained_rows(train_dataset, eval_dataset)  # a mixture's rows per source, as trained
         if data_report.stops(data_args.max_bad_fraction) and folder.holds_earlier_run:
             # The earlier run stays as it was: the report goes on screen only.
             data_report.publish(None, data_args.max_bad_fraction)
@@ -165,8 +166,13 @@ def protected_folders(recipe: TrainingRecipe, reads: dict[str, Any] | None = Non
     the dataset's, the images', the recipe's and the model's, and `reads` (what -> path) of the entry point."""
     data_args, model_args = recipe.data, recipe.model
     model = Path(str(model_args.model_name_or_path or "")).expanduser()
+    mixture = {
+        f"the folder of the dataset '{source.name}'": source_folder(source.entry.source)
+        for source in (mixture_sources(data_args) if data_args.datasets else [])
+    }
     return {
         "the dataset's folder": data_folder(data_args),
+        **mixture,
         "the images' folder (image_dir)": data_args.image_dir,
         "the recipe's folder": Path(recipe.source).parent if recipe.source else None,
         "the model's folder": model if model_args.model_name_or_path and model.is_dir() else None,
