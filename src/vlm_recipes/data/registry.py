@@ -45,6 +45,7 @@ CANONICAL_COLUMNS = {
 }
 CANONICAL_ROLES = ("user", "assistant", "system")
 SPLIT_KEYS = ("train", "test")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,16 @@ def parse_entry(name: str, value: Any, where: str, base_folder: Path | None = No
     formatter = _text(value.get("formatter"), where, "formatter")
     if formatter is not None:
         get_formatter(formatter)  # an unknown formatter is named now, before any data
+    source = _local(source, base_folder)
+    if base_folder is not None and Path(source).suffix.lower() in DATA_FILE_SUFFIXES and "*" not in source:
+        if not Path(source).expanduser().is_file():
+            raise RecipeError(
+                f"{where}: field 'source' names {source}: no such file (a relative path is read from the registry's "
+                f"folder, {base_folder})."
+            )
     return DatasetEntry(
         name=name,
-        source=_local(source, base_folder),
+        source=source,
         where=where,
         config=_text(value.get("config"), where, "config"),
         formatter=formatter,

@@ -1,0 +1,262 @@
+"""The dataset registry, mixtures and held-out splits (`data.registry`, `data.mixture`, `data.loading`), and one SFT run
+through the real entry point on a registry of two differently shaped sources mixed 3:1 and split 90/10."""
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, logged_losses
+
+from vlm_recipes.configs import DataArguments
+from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.data.mixture import draw_mixture, held_out_indices
+from vlm_recipes.data.registry import builtin_registry, load_registry
+from vlm_recipes.errors import DataError, RecipeError
+from vlm_recipes.sft import main
+from vlm_recipes.tasks import TASKS
+
+
+ROWS = 200  # per source; 180 train after the 90/10 split
+
+
+def negative_binomial_bounds(successes: int, p: float, sigmas: float = 4.0) -> tuple[float, float]:
+    """Rows of the other source drawn before the `successes`-th draw of a source drawn with probability p: mean
+    r(1-p)/p, variance r(1-p)/p^2; `sigmas` standard deviations either side."""
+    mean = successes * (1 - p) / p
+    deviation = math.sqrt(successes * (1 - p)) / p
+    return mean - sigmas * deviation, mean + sigmas * deviation
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """A registry of two differently shaped sources: a folder of chart images with a CSV of questions (file, prompt,
+    reply), and JSONL conversations with their own keys and role names, an image column and a system column."""
+    from vlm_recipes.data.synthetic import make_chartqa_rows
+
+    root = tmp_path_factory.mktemp("mixture")
+    (root / "images").mkdir()
+    charts = make_chartqa_rows(8, seed=1)
+    for index, chart in enumerate(charts):
+        chart["image"].save(root / "images" / f"chart{index}.png")
+    with open(root / "questions.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "prompt", "reply"])
+        for index in range(ROWS):
+            chart = charts[index % 8]
+            writer.writerow([f"chart{index % 8}.png", chart["query"], chart["label"][0]])
+    lines = []
+    for index in range(ROWS):
+        chart = charts[(index + 3) % 8]
+        dialogue = [
+            {"speaker": "human", "text": "<image>" + chart["query"]},
+            {"speaker": "bot", "text": chart["label"][0]},
+        ]
+        lines.append(
+            json.dumps({"picture": f"images/chart{(index + 3) % 8}.png", "note": "Be brief.", "dialogue": dialogue})
+        )
+    (root / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    registry = {
+        "charts_csv": {
+            "source": "questions.csv",
+            "image_root": "images",
+            "columns": {"image": "file", "question": "prompt", "answer": "reply"},
+        },
+        "chats": {
+            "source": "chats.jsonl",
+            "columns": {"image": "picture", "system": "note"},
+            "messages": {
+                "column": "dialogue",
+                "role_key": "speaker",
+                "content_key": "text",
+                "roles": {"user": "human", "assistant": "bot"},
+            },
+        },
+    }
+    (root / "registry.yaml").write_text(yaml.safe_dump(registry), encoding="utf-8")
+    return root
+
+
+def mixture_args(root, **changes):
+    values = {
+        "dataset_registry": str(root / "registry.yaml"),
+        "datasets": [{"name": "charts_csv", "weight": 3}, "chats"],
+        "train_split_ratio": 0.9,
+    }
+    return DataArguments(**{**values, **changes})
+
+
+def test_draw_follows_the_weights_within_sampling_error_and_repeats_with_the_seed():
+    sizes, weights = [3000, 3000], [3.0, 1.0]
+    order = draw_mixture(sizes, weights, seed=7)
+    assert order == draw_mixture(sizes, weights, seed=7)
+    assert order != draw_mixture(sizes, weights, seed=8)
+    assert len(set(order)) == len(order)  # no row twice
+    first = sum(1 for source, _ in order if source == 0)
+    second = len(order) - first
+    # The weight-3 source runs out first (all its rows taken); the other's count is negative binomial.
+    assert first == 3000
+    low, high = negative_binomial_bounds(3001, 0.75)
+    assert low <= second <= high, (second, low, high)
+
+
+def test_held_out_split_is_the_same_rows_every_run_and_disjoint():
+    train, evaluation = held_out_indices(100, 0.1, seed=3, name="a")
+    assert (train, evaluation) == held_out_indices(100, 0.1, seed=3, name="a")
+    assert len(evaluation) == 10 and not set(train) & set(evaluation) and len(train) + len(evaluation) == 100
+    assert evaluation != held_out_indices(100, 0.1, seed=3, name="b")[1]  # each source its own rows
+    with pytest.raises(RecipeError, match="leaves no training"):
+        held_out_indices(5, 5, seed=0)
+
+
+def test_builtin_registry_covers_chartqa_rlaif_v_and_every_task_with_data():
+    entries = builtin_registry()
+    assert entries["chartqa"].source == "HuggingFaceM4/ChartQA" and entries["chartqa"].formatter == "chartqa"
+    assert entries["rlaif_v"].source == "openbmb/RLAIF-V-Dataset" and entries["rlaif_v"].formatter == "rlaif_v"
+    formatters = {entry.formatter for entry in entries.values()}
+    # Every task reads its data with a registered dataset's formatter; `conversation` is the user's own data.
+    assert {task.formatter for name, task in TASKS.items() if name != "conversation"} <= formatters
+    for name in ("docvqa", "infovqa", "textvqa", "vqav2"):
+        assert entries[name].test_split, name
+
+
+def test_mixture_reads_both_shapes_and_reports_rows_per_source(two_sources):
+    train, evaluation, report = load_datasets(mixture_args(two_sources), seed=1, need_eval=True)
+    chat = next(row for row in train if row["data_source"] == "chats")
+    assert [message["role"] for message in chat["messages"]] == ["system", "user", "assistant"]
+    assert chat["messages"][0]["content"][0]["text"] == "Be brief."  # the row's system column
+    assert chat["messages"][1]["content"][0]["type"] == "image"
+    csv_row = next(row for row in train if row["data_source"] == "charts_csv")
+    assert csv_row["images"][0].size[0] > 4 and csv_row["messages"][-1]["role"] == "assistant"
+    details = report.to_dict()
+    assert details["mixture"]["charts_csv"]["mixed_train_rows"] == 180  # the weight-3 source runs out first
+    assert details["mixture"]["chats"]["mixed_train_rows"] == len(train) - 180
+    assert details["held_out"]["chats"]["eval_rows"] == 20 and len(evaluation) == 40
+    again = load_datasets(mixture_args(two_sources), seed=1, need_eval=True)[2].to_dict()
+    assert again["held_out"] == details["held_out"] and again["mixture"] == details["mixture"]
+    assert str(two_sources) not in json.dumps(details)  # no local path in what a push may upload
+
+
+def test_max_samples_alone_joins_a_source_whole(two_sources):
+    args = mixture_args(two_sources, datasets=["charts_csv", {"name": "chats", "max_samples": 25}])
+    train, _, report = load_datasets(args, seed=1)
+    assert report.mixture["chats"]["mixed_train_rows"] == 25 and report.mixture["chats"]["weight"] is None
+    assert report.mixture["charts_csv"]["mixed_train_rows"] == 180 and len(train) == 205
+
+
+def test_a_bad_turn_is_skipped_and_counted_under_its_source(two_sources, tmp_path):
+    lines = (two_sources / "chats.jsonl").read_text().splitlines()
+    broken = json.loads(lines[4])
+    broken["dialogue"][1]["speaker"] = "narrator"
+    registry = yaml.safe_load((two_sources / "registry.yaml").read_text())
+    (tmp_path / "chats.jsonl").write_text("\n".join([*lines[:4], json.dumps(broken), *lines[5:]]) + "\n")
+    registry["chats"]["source"] = str(tmp_path / "chats.jsonl")
+    registry["charts_csv"].update(source=str(two_sources / "questions.csv"), image_root=str(two_sources / "images"))
+    (tmp_path / "images").symlink_to(two_sources / "images")
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    args = mixture_args(two_sources, dataset_registry=str(tmp_path / "registry.yaml"), train_split_ratio=None)
+    _, _, report = load_datasets(args, seed=1)
+    rejected = report.splits["train:chats"].rejections["unknown role"]
+    assert rejected.count == 1 and rejected.examples == ["line 5"]
+    assert "'narrator'" in rejected.message and "column 'dialogue'" in rejected.message
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragments"),
+    [
+        ({"source": "x.csv", "colums": {}}, ["entry 'mine'", "unknown field 'colums'", "columns"]),
+        ({"source": "x.csv", "weight": -1}, ["entry 'mine'", "field 'weight'", "-1"]),
+        ({"source": "x.csv", "columns": {"picture": "file"}}, ["entry 'mine'", "'picture'", "image"]),
+        ({"source": "x.csv", "formatter": "nope"}, ["Unknown formatter 'nope'"]),
+        ({"columns": {"image": "file"}}, ["entry 'mine'", "field 'source'"]),
+        ({"source": "missing.csv"}, ["entry 'mine'", "missing.csv", "no such file", "registry's folder"]),
+    ],
+)
+def test_a_wrong_registry_entry_is_one_line_naming_file_entry_and_field(tmp_path, entry, fragments):
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"mine": entry}))
+    with pytest.raises(RecipeError) as raised:
+        load_registry(str(path))
+    message = str(raised.value)
+    assert "\n" not in message and (str(path) in message or "Unknown formatter" in message)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_unknown_name_lists_the_registered_ones_and_eval_only_sets_are_refused(two_sources):
+    with pytest.raises(RecipeError, match=r"no dataset 'chart_csv'.*Registered: .*chartqa, charts_csv, chats"):
+        load_datasets(mixture_args(two_sources, datasets=["chart_csv"]))
+    with pytest.raises(RecipeError, match="'docvqa' has no training split"):
+        load_datasets(mixture_args(two_sources, datasets=["docvqa"]))
+    with pytest.raises(RecipeError, match="both `dataset_name` and `datasets`"):
+        load_datasets(mixture_args(two_sources, dataset_name="x.jsonl"))
+
+
+def test_a_mapping_that_names_a_missing_column_says_so_before_formatting(two_sources, tmp_path):
+    registry = yaml.safe_load((two_sources / "registry.yaml").read_text())
+    registry["charts_csv"]["columns"]["answer"] = "response"
+    registry["charts_csv"]["source"] = str(two_sources / "questions.csv")
+    registry["charts_csv"]["image_root"] = str(two_sources / "images")
+    registry["chats"]["source"] = str(two_sources / "chats.jsonl")
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    with pytest.raises(DataError, match=r"questions.csv, column 'response'.*charts_csv.*missing.*file, prompt, reply"):
+        load_datasets(mixture_args(two_sources, dataset_registry=str(tmp_path / "registry.yaml")))
+
+
+def test_csv_glob_and_parquet_sources_read(two_sources, tmp_path):
+    from datasets import Dataset
+
+    rows = list(csv.DictReader(open(two_sources / "questions.csv", encoding="utf-8")))
+    Dataset.from_list(rows[:10]).to_parquet(str(tmp_path / "part-0.parquet"))
+    Dataset.from_list(rows[10:30]).to_parquet(str(tmp_path / "part-1.parquet"))
+    registry = {
+        "parts": {
+            "source": "part-*.parquet",
+            "image_root": str(two_sources / "images"),
+            "columns": {"image": "file", "question": "prompt", "answer": "reply"},
+        }
+    }
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    train, _, report = load_datasets(
+        DataArguments(dataset_registry=str(tmp_path / "registry.yaml"), datasets=["parts"]), seed=0
+    )
+    assert len(train) == 30 and report.mixture["parts"]["formatted_rows"] == 30
+
+
+@pytest.mark.e2e
+def test_sft_trains_on_a_3_to_1_mixture_split_90_10(tiny_qwen, two_sources, tmp_path, capsys):
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml").read_text())
+    for key in ("dataset_name", "formatter", "dataset_train_split", "dataset_test_split", "max_train_samples"):
+        recipe.pop(key)
+    recipe.update(
+        model_name_or_path=str(tiny_qwen),
+        dataset_registry=str(two_sources / "registry.yaml"),
+        datasets=[{"name": "charts_csv", "weight": 3}, {"name": "chats", "weight": 1}],
+        train_split_ratio=0.9,
+        task="conversation",
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        logging_steps=1,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    main([str(tmp_path / "recipe.yaml")])  # in process: the entry point's own code, without a second import of torch
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    mixture = report["mixture"]
+    assert mixture["charts_csv"]["train_rows"] == 180  # every row of the weight-3 source, checked and kept
+    low, high = negative_binomial_bounds(181, 0.75)
+    assert low <= mixture["chats"]["train_rows"] <= high, mixture
+    assert report["train"]["rows"] == mixture["charts_csv"]["train_rows"] + mixture["chats"]["train_rows"]
+    assert {name: record["eval_rows"] for name, record in report["held_out"].items()} == {
+        "charts_csv": 20,
+        "chats": 20,
+    }
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert len(logged_losses(tmp_path / "out")) == 2
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "datasets": ["charts_csv", "chat"]}))
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "out2")])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "no dataset 'chat'" in message and "Registered:" in message and "charts_csv" in message
