@@ -260,3 +260,16 @@ def test_sft_trains_on_a_3_to_1_mixture_split_90_10(tiny_qwen, two_sources, tmp_
     assert stopped.value.code == 2
     message = capsys.readouterr().err
     assert "no dataset 'chat'" in message and "Registered:" in message and "charts_csv" in message
+
+
+def test_the_docs_registry_example_parses():
+    from vlm_recipes.data.registry import _read_registry
+
+    page = (REPO_ROOT / "docs" / "your-data.md").read_text(encoding="utf-8")
+    block = page.split("# data/registry.yaml\n", 1)[1].split("```", 1)[0]
+    entries = _read_registry(block, "docs/your-data.md", None)
+    assert entries["my_charts"].formatter_name("chartqa") == "vqa"
+    chats = entries["support_chats"]
+    assert chats.formatter_name("chartqa") == "conversations" and chats.messages.roles["user"] == "customer"
+    turns = chats.messages.turns('[{"speaker": "agent", "text": "Hi."}]', "dialogue")
+    assert turns == [{"role": "assistant", "content": "Hi."}]

@@ -225,6 +225,8 @@ def parse_entry(name: str, value: Any, where: str, base_folder: Path | None = No
     layout = _messages_layout(value.get("messages"), where)
     if layout is not None and "messages" not in columns:
         columns = {**columns, "messages": _mapping(value["messages"], where, "messages").get("column", "messages")}
+    elif layout is None and "messages" in columns:
+        layout = MessagesLayout()  # role/content turns; a CSV cell's JSON text is parsed
     splits = _mapping(value.get("splits"), where, "splits")
     wrong = sorted(set(splits) - set(SPLIT_KEYS))
     if wrong:
