@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, logged_losses
 
+from vlm_recipes import preflight
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.data.mixture import draw_mixture, held_out_indices
@@ -253,6 +254,12 @@ def test_sft_trains_on_a_3_to_1_mixture_split_90_10(tiny_qwen, two_sources, tmp_
     }
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert len(logged_losses(tmp_path / "out")) == 2
+
+    preflight.main([str(tmp_path / "recipe.yaml"), "--preflight_report", str(tmp_path / "preflight.json")])
+    assert "Padding per source" in capsys.readouterr().out
+    lengths = json.loads((tmp_path / "preflight.json").read_text())["lengths"]
+    assert lengths["train:charts_csv"]["rows"] == 180
+    assert lengths["train:charts_csv"]["rows"] + lengths["train:chats"]["rows"] == lengths["train"]["rows"]
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "datasets": ["charts_csv", "chat"]}))
     with pytest.raises(SystemExit) as stopped:

@@ -23,7 +23,7 @@ from vlm_recipes import dpo, sft
 from vlm_recipes.console import setup_console
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.data.loading import DATA_SOURCE, load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
 from vlm_recipes.modeling.memory import estimate_peak_memory
 from vlm_recipes.recipe import entry_point_of, parse_recipe
@@ -101,6 +101,20 @@ def length_summary(checked: CheckedSplit, batch_size: int, group_batches: int = 
     }
 
 
+def per_source(checked: CheckedSplit) -> dict[str, CheckedSplit]:
+    """A mixture's checked split by source (its `data_source` column); {} for a single dataset."""
+    if DATA_SOURCE not in checked.dataset.column_names:
+        return {}
+    sources = checked.dataset[DATA_SOURCE]
+    split = {}
+    for name in dict.fromkeys(sources):
+        rows = [index for index, source in enumerate(sources) if source == name]
+        split[name] = CheckedSplit(
+            checked.dataset.select(rows), [checked.tokens[i] for i in rows], [checked.image_tokens[i] for i in rows]
+        )
+    return split
+
+
 def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int = VERIFY_ROWS) -> tuple[int, int]:
     """(rows whose count equals TRL's vision collator's non-padding tokens, rows compared); SFT rows only."""
     if len(dataset) == 0 or "messages" not in dataset.column_names:
@@ -153,19 +167,29 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
         num_proc,
     )
     seconds = time.perf_counter() - started
-    rows = sum(split.rows for split in report.splits.values())
+    rows = sum(report.splits[name].rows for name in checked)  # a mixture's per-source splits are within these
     processes = default_num_proc(len(train), num_proc)
     print(f"\nData checks: {rows:,} rows in {seconds:.0f} s ({processes} process(es))", report.table(), sep="\n")
 
     batch_size = training_args.per_device_train_batch_size
     group_batches = recipe.speed.length_group_batches
     lengths = {name: length_summary(split, batch_size, group_batches) for name, split in checked.items()}
+    for name, split in per_source(checked["train"]).items():  # a mixture: each source's rows as they would train
+        lengths[f"train:{name}"] = length_summary(split, batch_size, group_batches)
+    width = max(6, *(len(name) + 1 for name in lengths))
     print(f"\nTokens per row (text + image tokens; max_length {training_args.max_length})")
-    print(f"  {'split':<6}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
+    print(f"  {'split':<{width}}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
     for name, summary in lengths.items():
         t, i = summary["tokens"], summary["image_tokens_per_row"]
-        print(f"  {name:<6}{summary['rows']:>9,}{t['p50']:>8,}{t['p95']:>8,}{t['max']:>8,}   "
+        print(f"  {name:<{width}}{summary['rows']:>9,}{t['p50']:>8,}{t['p95']:>8,}{t['max']:>8,}   "
               f"{i['p50']:,} / {i['p95']:,} / {i['max']:,} ({i['mean']:,})")  # fmt: skip
+    sources = [name for name in lengths if name.startswith("train:")]
+    if sources:
+        shares = ", ".join(
+            f"{name.removeprefix('train:')} {lengths[name]['padding_share']['grouped_by_length']:.1%}"
+            for name in sources
+        )
+        print(f"Padding per source, each grouped by length on its own: {shares}")
     padding = lengths["train"]["padding_share"]
     print(f"Padding at per_device_train_batch_size {batch_size}: {padding['grouped_by_length']:.1%} of the positions fed "
           f"to the model with rows grouped by length, {padding['random_batching']:.1%} under random batching (this "
