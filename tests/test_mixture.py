@@ -280,3 +280,28 @@ def test_the_docs_registry_example_parses():
     assert chats.formatter_name("chartqa") == "conversations" and chats.messages.roles["user"] == "customer"
     turns = chats.messages.turns('[{"speaker": "agent", "text": "Hi."}]', "dialogue")
     assert turns == [{"role": "assistant", "content": "Hi."}]
+
+
+def test_preference_sources_of_two_shapes_mix_for_dpo(two_sources, tmp_path):
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["img", "q", "good", "bad"])
+        writer.writerows([[f"chart{i % 8}.png", "What is shown?", "A chart.", "A cat."] for i in range(30)])
+    pairs = [{"images": [str(two_sources / "images" / "chart1.png")], "prompt": "<image>Describe.", "chosen": "Bars.",
+              "rejected": "Dogs."}] * 30  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    registry = {
+        "pairs_csv": {
+            "source": "pairs.csv",
+            "image_root": str(two_sources / "images"),
+            "columns": {"image": "img", "question": "q", "chosen": "good", "rejected": "bad"},
+        },
+        "pairs_jsonl": {"source": "pairs.jsonl", "formatter": "preference"},
+    }
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    args = DataArguments(dataset_registry=str(tmp_path / "registry.yaml"), datasets=["pairs_csv", "pairs_jsonl"])
+    train, _, report = load_datasets(args, seed=0, task="preference")
+    assert {"images", "prompt", "chosen", "rejected", "data_source"} <= set(train.column_names)
+    assert report.mixture["pairs_csv"]["formatted_rows"] == report.mixture["pairs_jsonl"]["formatted_rows"] == 30
+    row = next(row for row in train if row["data_source"] == "pairs_csv")
+    assert row["prompt"][0]["content"][0]["type"] == "image" and row["chosen"][0]["content"][0]["text"] == "A chart."

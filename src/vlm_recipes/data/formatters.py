@@ -417,7 +417,9 @@ def check_distinct(chosen: Any, rejected: Any) -> None:
 @register_formatter(
     "rlaif_v", required_columns=(("image",), ("question",), ("chosen",), ("rejected",)), task="preference"
 )
-def rlaif_v(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) -> dict[str, Any]:
+def rlaif_v(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
     """openbmb/RLAIF-V-Dataset rows (`image`, `question`, `chosen`, `rejected` as text): one image, one question,
     a preferred and a dispreferred answer."""
     if row.get("image") is None:
@@ -435,7 +437,7 @@ def rlaif_v(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) 
     check_distinct(chosen, rejected)
     prompt = with_system([{"role": "user", "content": question}], system_prompt)
     return {
-        "images": [check_image_value(row["image"], "image")],
+        "images": [resolve_image(row["image"], image_root, "image")],  # a path in a CSV: against the image root
         "prompt": prompt,
         "chosen": [assistant_turn(chosen)],
         "rejected": [assistant_turn(rejected)],

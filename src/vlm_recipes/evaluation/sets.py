@@ -85,7 +85,9 @@ class EvalSet:
 
     @property
     def split(self) -> str:
-        if self.own_split and self.data.eval_split_size:
+        if self.own_split and self.data.datasets:
+            return "each mixture source's evaluation rows"
+        if self.own_split and (self.data.eval_split_size or self.data.train_split_ratio):
             return f"held out of {self.data.dataset_train_split}"
         return str(self.data.dataset_test_split)
 
@@ -162,6 +164,8 @@ def resolve_eval_sets(data_args: DataArguments, evaluation: EvaluationArguments)
             formatter=formatter,
             dataset_test_split=split,
             eval_split_size=data_args.eval_split_size if own_split else None,
+            train_split_ratio=data_args.train_split_ratio if own_split else None,
+            datasets=data_args.datasets if own_split else None,  # another set is one dataset, not the mixture
             max_eval_samples=data_args.max_eval_samples if own_split else None,
         )
         sets.append(
