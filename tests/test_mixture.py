@@ -144,6 +144,8 @@ def test_max_samples_alone_joins_a_source_whole(two_sources):
     train, _, report = load_datasets(args, seed=1)
     assert report.mixture["chats"]["mixed_train_rows"] == 25 and report.mixture["chats"]["weight"] is None
     assert report.mixture["charts_csv"]["mixed_train_rows"] == 180 and len(train) == 205
+    first = load_datasets(mixture_args(two_sources, **{**args.__dict__, "max_train_samples": 41}), seed=1)[0]
+    assert 0 < first["data_source"].count("chats") < 25  # the whole source is spread through the order, not last
 
 
 def test_a_bad_turn_is_skipped_and_counted_under_its_source(two_sources, tmp_path):

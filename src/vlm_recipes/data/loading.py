@@ -466,12 +466,17 @@ def _load_mixture(
         [len(trains[index]) for index in weighted], [sources[index].entry.weight for index in weighted], seed
     )
     picks = [(weighted[source], row) for source, row in order]
-    picks += [
+    whole = [
         (index, row)
         for index, source in enumerate(sources)
         if not source.weighted
         for row in range(len(trains[index]))
     ]
+    if whole:  # sources that join whole go to seeded places among the drawn rows (max_train_samples cuts all alike)
+        picks = [
+            (picks + whole)[position]
+            for position in np.random.default_rng([seed, 1]).permutation(len(picks) + len(whole))
+        ]
     combined = _concatenate(trains)
     offsets = np.cumsum([0] + [len(train) for train in trains])
     mixed = combined.select([int(offsets[source] + row) for source, row in picks])
