@@ -164,6 +164,10 @@ def test_a_bad_turn_is_skipped_and_counted_under_its_source(two_sources, tmp_pat
     assert rejected.count == 1 and rejected.examples == ["line 5"]
     assert "'narrator'" in rejected.message and "column 'dialogue'" in rejected.message
 
+    (tmp_path / "chats.jsonl").write_text(json.dumps(broken) + "\n")
+    with pytest.raises(DataError, match=r"'chats' has no usable training rows \(1 read; most common: unknown role"):
+        load_datasets(args, seed=1)
+
 
 @pytest.mark.parametrize(
     ("entry", "fragments"),

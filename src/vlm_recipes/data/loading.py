@@ -448,6 +448,11 @@ def _load_mixture(
         formatted = format_split(
             train, data_args, label, image_root, task, report, f"train:{entry.name}", num_proc, spec
         )
+        if len(formatted) == 0:  # drawing from it would end the mixture at its first draw
+            split = report.splits[f"train:{entry.name}"]
+            worst = max(split.rejections.values(), key=lambda rejection: rejection.count, default=None)
+            why = f"; most common: {worst.reason} (e.g. {', '.join(worst.examples)}): {worst.message}" if worst else ""
+            raise DataError(f"datasets entry '{entry.name}' has no usable training rows ({split.rows} read{why})")
         trains.append(_tagged(formatted, entry.name))
         if evaluation is not None:
             evaluation = format_split(
