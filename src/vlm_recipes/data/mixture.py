@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_recipes.data.registry import ENTRY_FIELDS, DatasetEntry, parse_entry
+from vlm_recipes.data.registry import ENTRY_FIELDS, DatasetEntry, check_weight, parse_entry
 from vlm_recipes.errors import RecipeError
 
 
@@ -94,9 +94,7 @@ def resolve_mixture(items: list[Any], registry: dict[str, DatasetEntry], registr
         ):
             raise RecipeError(f"{where}: `max_samples` should be a whole number of at least 1, got {max_samples!r}.")
         if "weight" in values:
-            entry = replace(
-                entry, weight=parse_entry(name, {"source": entry.source, "weight": values["weight"]}, where).weight
-            )
+            entry = replace(entry, weight=check_weight(values["weight"], where))
         weighted = "weight" in values or max_samples is None
         sources.append(MixtureSource(entry=entry, weighted=weighted, max_samples=max_samples))
     names = [source.name for source in sources]

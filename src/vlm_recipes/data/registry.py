@@ -231,9 +231,7 @@ def parse_entry(name: str, value: Any, where: str, base_folder: Path | None = No
     wrong = sorted(set(splits) - set(SPLIT_KEYS))
     if wrong:
         raise RecipeError(f"{where}: field 'splits' names {wrong[0]!r}; it takes train and test (the source's names).")
-    weight = value.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-        raise RecipeError(f"{where}: field 'weight' should be a positive number, got {weight!r}.")
+    weight = check_weight(value.get("weight", 1.0), where)
     formatter = _text(value.get("formatter"), where, "formatter")
     if formatter is not None:
         get_formatter(formatter)  # an unknown formatter is named now, before any data
@@ -254,9 +252,16 @@ def parse_entry(name: str, value: Any, where: str, base_folder: Path | None = No
         messages=layout,
         image_root=_local(_text(value.get("image_root"), where, "image_root"), base_folder),
         splits={"train": splits.get("train", "train"), "test": splits.get("test")},
-        weight=float(weight),
+        weight=weight,
         description=str(value.get("description") or ""),
     )
+
+
+def check_weight(weight: Any, where: str) -> float:
+    """A sampling weight: a positive number (relative to the other sources'), else one error naming `where`."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        raise RecipeError(f"{where}: field 'weight' should be a positive number, got {weight!r}.")
+    return float(weight)
 
 
 def _local(path: str | None, base_folder: Path | None) -> str | None:
