@@ -13,7 +13,13 @@ from datasets import Dataset, DatasetDict, Image, List, Sequence, Value, load_da
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
-from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
+from vlm_recipes.data.formatters import (
+    FormatError,
+    FormatterSpec,
+    find_matching_formatters,
+    formatter_for_task,
+    get_formatter,
+)
 from vlm_recipes.data.report import DataReport, SplitReport
 from vlm_recipes.errors import DataError, RecipeError
 
@@ -201,7 +207,7 @@ def format_split(
     num_proc: int | None = None,
 ) -> Dataset:
     """Check a split's columns against the formatter, then format every row; rows it rejects are counted and skipped."""
-    spec = get_formatter(data_args.formatter, task)
+    spec = formatter_for_task(data_args.formatter, task)
     columns = (
         rows.column_names if isinstance(rows, Dataset) else sorted({key for row in rows for key in row} - {"_line"})
     )

@@ -37,6 +37,11 @@ def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
     )
 
 
+def data_processes(training_args: Any) -> int | None:
+    """TRL's `dataset_num_proc` (GRPO's config has none: one process)."""
+    return getattr(training_args, "dataset_num_proc", None)
+
+
 def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -> tuple[Any, Any]:
     """(train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`, every row
     checked with the model's `processor` (images, text, placeholders, length; `data.checks`) and the report published.
@@ -56,13 +61,15 @@ def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -
     output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process())
     # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
+    max_length, reserved_tokens = recipe.length_limit()
+    num_proc = data_processes(training_args)
     with main_process_first():
         train_dataset, eval_dataset, data_report = load_datasets(
             data_args,
             seed=training_args.seed,
             need_eval=training_args.eval_strategy != "no",
             task=task,
-            num_proc=training_args.dataset_num_proc,
+            num_proc=num_proc,
         )
         # With the processor alone (no weights): images decoded and made RGB at a size it takes, true token lengths.
         train_dataset, eval_dataset = check_training_data(
@@ -71,8 +78,9 @@ def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -
             data_report,
             processor,
             recipe.reliability,
-            training_args.max_length,
-            training_args.dataset_num_proc,
+            max_length,
+            num_proc,
+            reserved_tokens=reserved_tokens,
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
@@ -106,7 +114,7 @@ def prepare_eval_sets(
             rows, report = load_eval_set(
                 eval_set,
                 seed=training_args.seed,
-                num_proc=training_args.dataset_num_proc,
+                num_proc=data_processes(training_args),
                 limit=eval_set.max_samples or evaluation.eval_generation_rows,
             )
             _, rows = check_training_data(
@@ -115,8 +123,8 @@ def prepare_eval_sets(
                 report,
                 processor,
                 recipe.reliability,
-                training_args.max_length,
-                training_args.dataset_num_proc,
+                recipe.length_limit()[0],
+                data_processes(training_args),
             )
         if report.rejected:
             print_main(
