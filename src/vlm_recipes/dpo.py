@@ -26,7 +26,13 @@ from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.policy import check_policy, form_reference
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    load_training_model,
+    prepare_output_and_data,
+    resolve_model,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults
 from vlm_recipes.training.trainers import VLMDPOTrainer
 
@@ -72,10 +78,13 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
     trainer built."""
     policy, training_args = recipe.policy, recipe.training
     apply_defaults(recipe)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
     processor = setup.load_processor()
-    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="preference")
+    train_dataset, eval_dataset = prepare_output_and_data(
+        recipe, processor, task="preference", reads={"the SFT adapter's folder": policy.sft_adapter_path}
+    )
 
     model = load_training_model(
         recipe, setup, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"

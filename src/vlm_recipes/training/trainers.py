@@ -18,8 +18,10 @@ What each trainer adds to TRL's, and where the feature lives:
   (`training.sampling`); the LM head at labelled positions only; SFT: padding-free packed rows (`training.speed`);
 - SFT: the family's training chat template swapped into the processor while TRL builds its collator, then handed to
   the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
-- checkpoint completion markers, and a stop at the first NaN or infinite loss or gradient, before the optimizer step
-  (`training.guards`; the loss of every micro-batch is recorded by `training_step`);
+- fault guards (`training.guards`): checkpoints marked complete only with finite trained weights, a stop at the first
+  NaN or infinite loss or gradient before the optimizer step (the loss of every micro-batch is recorded by
+  `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
+  `train` loads) and no step past `max_steps`, a warning for a run that does not learn;
 - DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`);
 - GRPO: the rewards (`tasks.rewards`) handed to TRL; each prompt's images encoded once per generation batch for all its
   generations, the reference and the policy passes (`training.image_features.ImageFeatureCache`);
@@ -41,7 +43,7 @@ from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
-from vlm_recipes.training.guards import install_fault_guards
+from vlm_recipes.training.guards import FaultGuards, install_fault_guards
 from vlm_recipes.training.image_features import (
     ImageFeatureCache,
     generation_reuse_blocker,
@@ -66,8 +68,8 @@ def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments)
     set_unused_parameter_search(args, model, setup.family)
 
 
-def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> Any:
-    """What replaces or joins the pieces TRL's `__init__` built; returns the NaN guard (None when switched off)."""
+def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
+    """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
         trainer.data_collator = faster_collator(trainer.data_collator)
     trainer.add_callback(LaunchSummaryCallback(trainer, trainer.family))
@@ -107,7 +109,7 @@ class VLMSFTTrainer(SFTTrainer):
             )
         if training_template is not None:
             self.data_collator.chat_template = training_template
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
         # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
         count_tokens_of_global_batch(self)
 
@@ -119,7 +121,12 @@ class VLMSFTTrainer(SFTTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not groups_by_length(self.args):
@@ -140,8 +147,7 @@ class VLMSFTTrainer(SFTTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
 
 
@@ -173,7 +179,7 @@ class VLMDPOTrainer(DPOTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
         )
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None:
@@ -183,7 +189,12 @@ class VLMDPOTrainer(DPOTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not groups_by_length(self.args):
@@ -213,8 +224,7 @@ class VLMDPOTrainer(DPOTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
 
 
@@ -249,7 +259,7 @@ class VLMGRPOTrainer(GRPOTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
         )
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None:
@@ -259,7 +269,12 @@ class VLMGRPOTrainer(GRPOTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _reuses_image_features(self, model: Any) -> bool:
         if not self.speed.reuse_image_features:
@@ -289,8 +304,7 @@ class VLMGRPOTrainer(GRPOTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
 
 
@@ -319,7 +333,7 @@ class VLMKTOTrainer(KTOTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
         )
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None:
@@ -329,7 +343,12 @@ class VLMKTOTrainer(KTOTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         with lm_head_positions(self.speed):
@@ -337,6 +356,5 @@ class VLMKTOTrainer(KTOTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
