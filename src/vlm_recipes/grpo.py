@@ -33,7 +33,13 @@ from vlm_recipes.tasks import Task
 from vlm_recipes.tasks.rewards import default_rewards, reward_functions
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.policy import check_policy, form_reference
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    load_training_model,
+    prepare_output_and_data,
+    resolve_model,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults
 from vlm_recipes.training.trainers import VLMGRPOTrainer
 
@@ -130,11 +136,14 @@ def build_trainer(recipe: GRPORecipe) -> VLMGRPOTrainer:
     prompts checked, policy formed, trainer built."""
     policy, training_args = recipe.policy, recipe.training
     task = apply_defaults(recipe)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, task, setup.plan)
     rewards = reward_functions(task, recipe.rewards.reward_functions)
     processor = setup.load_processor()
-    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="prompt")
+    train_dataset, eval_dataset = prepare_output_and_data(
+        recipe, processor, task="prompt", reads={"the SFT adapter's folder": policy.sft_adapter_path}
+    )
 
     model = load_training_model(
         recipe, setup, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"

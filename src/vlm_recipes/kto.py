@@ -27,7 +27,13 @@ from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.policy import check_policy, form_reference
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    load_training_model,
+    prepare_output_and_data,
+    resolve_model,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults
 from vlm_recipes.training.trainers import VLMKTOTrainer
 
@@ -90,10 +96,13 @@ def build_trainer(recipe: KTORecipe) -> VLMKTOTrainer:
     policy formed, trainer built."""
     policy, training_args = recipe.policy, recipe.training
     apply_defaults(recipe)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
     processor = setup.load_processor()
-    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="unpaired")
+    train_dataset, eval_dataset = prepare_output_and_data(
+        recipe, processor, task="unpaired", reads={"the SFT adapter's folder": policy.sft_adapter_path}
+    )
     train_dataset, eval_dataset = unpair(train_dataset, training_args.seed), unpair(eval_dataset, training_args.seed)
     desirable, undesirable = label_counts(train_dataset)
     print_main(
