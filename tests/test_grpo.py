@@ -16,6 +16,8 @@ from test_task_metrics import (
 )
 
 from vlm_recipes.grpo import main
+from vlm_recipes.hub.card import model_card
+from vlm_recipes.run_folder import SavedRun
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.rewards import FORMAT_REWARD, MetricReward, has_answer_form, reward_functions
 
@@ -187,3 +189,69 @@ def test_recipes_that_cannot_work_are_explained(capsys, tiny_qwen, chartqa_dir, 
     assert info.value.code == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end, through the real entry point: a few steps on the tiny model with the KL term (the reference pass)
+
+
+def test_grpo_run_logs_each_reward_and_saves_an_adapter(tiny_qwen, chartqa_dir, tmp_path):
+    output_dir = tmp_path / "grpo"
+    result = run_module(
+        "vlm_recipes.grpo",
+        *grpo_args(tiny_qwen, chartqa_dir, output_dir),
+        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+    )  # fmt: skip
+    assert_ok(result)
+    console = result.stdout + result.stderr
+    assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
+    assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
+    log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
+    assert len(log) == 2
+    for entry in log:
+        accuracy, answer_form = entry["rewards/relaxed_accuracy/mean"], entry["rewards/answer_format/mean"]
+        assert 0 <= accuracy <= 1 and 0 <= answer_form <= 1
+        assert entry["reward"] == pytest.approx(accuracy + answer_form)  # weighted 1 and 1
+        assert 1 <= entry["completions/mean_length"] <= 3
+        assert math.isfinite(entry["kl"]) and entry["kl"] >= 0 and math.isfinite(entry["loss"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "training_plot.png", "recipe.yaml", "README.md"):
+        assert (output_dir / name).is_file(), name
+    card = model_card(SavedRun.read(output_dir), "me/grpo", None)  # what a push writes
+    assert "group relative policy optimization" in card
+    for key in ("reward", "rewards/relaxed_accuracy/mean", "rewards/answer_format/mean", "reward_std", "kl"):
+        assert f"- {key}: " in card and " at step 1 -> " in card, key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images once: a GRPO batch repeats each prompt's image per generation; the cache encodes each distinct image once
+
+
+def test_image_feature_cache_encodes_each_image_once_with_the_same_logits(tiny_qwen):
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_recipes.training.image_features import ImageFeatureCache
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    charts = [Image.new("RGB", (56, 84), "white"), Image.new("RGB", (56, 84), "navy")]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Value?"}]}]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    # Two prompts, three generations each, as TRL lays out a generation batch
+    batch = processor(text=[text] * 6, images=[[charts[0]]] * 3 + [[charts[1]]] * 3, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        cache = ImageFeatureCache()
+        with cache.serving(model):
+            first = model(**batch).logits  # the generation's pass: two encodings
+            again = model(**batch).logits  # the reference's and the policy's: none
+    assert (cache.encoded, cache.served) == (2, 12)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(again, expected)
+    assert "get_image_features" not in vars(model.model)  # the model's own method is back
+    cache.clear()
+    with torch.no_grad(), cache.serving(model):
+        model(**batch)
+    assert cache.encoded == 4  # a new generation batch encodes again

@@ -11,7 +11,9 @@ from PIL import Image
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.data.unpaired import label_counts, unpair
+from vlm_recipes.hub.card import model_card
 from vlm_recipes.kto import main
+from vlm_recipes.run_folder import SavedRun
 
 
 DEMO_RECIPE = REPO_ROOT / "recipes" / "demo" / "kto_lora.yaml"
@@ -102,3 +104,27 @@ def test_rows_of_one_label_only_are_refused(capsys, tiny_qwen, tmp_path):
         main(kto_args(tiny_qwen, path, tmp_path / "o", "--formatter", "unpaired", "--dataset_test_split", "none"))
     assert info.value.code == 2
     assert "needs desirable and undesirable answers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end, through the real entry point
+
+
+def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(tiny_qwen, preference_dir, tmp_path):
+    output_dir = tmp_path / "kto"
+    result = run_module(
+        "vlm_recipes.kto",
+        *kto_args(tiny_qwen, preference_dir, output_dir),
+        "--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "4", "--dataset_test_split", "none",
+    )  # fmt: skip
+    assert_ok(result)
+    console = result.stdout + result.stderr
+    assert "KTO rows: 4 desirable, 4 undesirable" in console
+    log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
+    assert len(log) == 2
+    for entry in log:
+        assert all(math.isfinite(entry[key]) for key in ("loss", "kl", "rewards/margins"))
+    for name in ("adapter_model.safetensors", "adapter_config.json", "training_plot.png", "README.md"):
+        assert (output_dir / name).is_file(), name
+    card = model_card(SavedRun.read(output_dir), "me/kto", None)  # what a push writes
+    assert "Kahneman-Tversky optimization" in card and "- rewards/margins: " in card and "- kl: " in card
