@@ -60,7 +60,9 @@ def test_the_accuracy_reward_is_the_published_metric_verdict_for_verdict(chartqa
     assert rewards == expected
     assert 0.2 < sum(rewards) / len(rewards) < 0.8  # both verdicts, often
     # The same numbers `evaluate` computes for these answers
-    evaluated = [CHARTQA.score(p, {"answers": ["not this one", label]}).values["relaxed_accuracy"] for label, p in chartqa_pairs]
+    evaluated = [
+        CHARTQA.score(p, {"answers": ["not this one", label]}).values["relaxed_accuracy"] for label, p in chartqa_pairs
+    ]
     assert rewards == evaluated
 
 
@@ -68,7 +70,9 @@ def test_the_accuracy_reward_is_the_published_metric_verdict_for_verdict(chartqa
 def test_every_chartqa_metric_can_be_a_reward(chartqa_pairs, metric):
     completions = [prediction for _, prediction in chartqa_pairs]  # plain-text completions too
     rewards = MetricReward(CHARTQA, metric)(
-        prompts=["Value?"] * len(chartqa_pairs), completions=completions, answers=[[l] for l, _ in chartqa_pairs]
+        prompts=["Value?"] * len(chartqa_pairs),
+        completions=completions,
+        answers=[[label] for label, _ in chartqa_pairs],
     )
     assert rewards == [CHARTQA.score(p, {"answers": [label]}).values[metric] for label, p in chartqa_pairs]
     assert 0 < sum(rewards) < len(rewards)
@@ -139,7 +143,12 @@ def test_prompt_lengths_are_counted_as_the_trainer_renders_them(tiny_qwen, chart
     # What TRL's GRPOTrainer tokenizes before generating (`_tokenize_prompts`): the prompt and the generation prompt
     for row, length in zip(train, lengths, strict=True):
         prompt = [
-            {**m, "content": [{"type": "image", "image": row["images"][0]} if b["type"] == "image" else b for b in m["content"]]}
+            {
+                **m,
+                "content": [
+                    {"type": "image", "image": row["images"][0]} if b["type"] == "image" else b for b in m["content"]
+                ],
+            }
             for m in row["prompt"]
         ]
         rendered = processor.apply_chat_template([prompt], add_generation_prompt=True, tokenize=True, return_dict=True)

@@ -44,7 +44,12 @@ DEFAULTS_OVER_TRL = {
 }
 
 # The training methods, each with its TRL config in the `training` table's columns (evaluate reuses SFT's).
-TRAINING_METHODS = {"vlm_recipes.sft": "SFT", "vlm_recipes.dpo": "DPO", "vlm_recipes.grpo": "GRPO", "vlm_recipes.kto": "KTO"}
+TRAINING_METHODS = {
+    "vlm_recipes.sft": "SFT",
+    "vlm_recipes.dpo": "DPO",
+    "vlm_recipes.grpo": "GRPO",
+    "vlm_recipes.kto": "KTO",
+}
 
 TRAINING_PART = "training"  # SFTConfig for SFT, DPOConfig for DPO, ...: one table with a default column for each
 
@@ -141,7 +146,9 @@ def _field_table(cls: type, anchored: set[str]) -> list[str]:
     declared = _declared_types(cls)
     for name, f in _init_fields(cls).items():
         default = _default_cell(f, list(DEFAULTS_OVER_TRL))
-        lines.append(f"| {_name_cell(name, anchored)} | {type_name(declared.get(name, f.type))} | {default} | {help_text(f)} |")
+        lines.append(
+            f"| {_name_cell(name, anchored)} | {type_name(declared.get(name, f.type))} | {default} | {help_text(f)} |"
+        )
     return lines
 
 

@@ -55,6 +55,7 @@ PREFERENCE_DATA_DEFAULTS = {"formatter": "rlaif_v"}
 # What DPO learning looks like: the reward margin (chosen minus rejected, in units of beta) and how often chosen wins.
 DPO_METRICS = ("rewards/margins", "rewards/accuracies")
 
+
 def apply_defaults(recipe: DPORecipe) -> None:
     """Our defaults over TRL's, where the recipe is silent (the preflight applies the same)."""
     recipe.set_defaults(recipe.training, VISION_DPO_DEFAULTS)

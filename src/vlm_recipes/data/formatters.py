@@ -568,7 +568,9 @@ def unpaired(
             reason="non-assistant turn in a completion",
         )
     if count_image_blocks(completion):
-        raise FormatError("holds an image; images belong in 'prompt'", column="completion", reason="image in a completion")
+        raise FormatError(
+            "holds an image; images belong in 'prompt'", column="completion", reason="image in a completion"
+        )
     return {
         "images": _row_images(row, prompt, "prompt", image_root),
         "prompt": with_system(prompt, system_prompt),

@@ -88,7 +88,10 @@ def _training_section(run: SavedRun) -> list[str]:
         lines.append(f"- training loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
     _, metric_patterns = TRAINING_METHODS.get(run.entry_point, TRAINING_METHODS["vlm_recipes.sft"])
     for key in logged_metric_keys(run.log_history, metric_patterns):
-        (first_step, first), (last_step, last) = metric_points(run.log_history, key)[0], metric_points(run.log_history, key)[-1]
+        (first_step, first), (last_step, last) = (
+            metric_points(run.log_history, key)[0],
+            metric_points(run.log_history, key)[-1],
+        )
         lines.append(f"- {key}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
     last = last_training_evaluation(run.log_history, _eval_sets(run))
     if last:

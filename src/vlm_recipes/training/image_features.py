@@ -249,7 +249,9 @@ class ImageFeatureCache:
         for i, features in enumerate(found):
             if features is not None:
                 continue
-            same = next((j for j in distinct if torch.equal(grid[j], grid[i]) and torch.equal(images[j], images[i])), None)
+            same = next(
+                (j for j in distinct if torch.equal(grid[j], grid[i]) and torch.equal(images[j], images[i])), None
+            )
             if same is None:
                 distinct.append(i)
                 same = i

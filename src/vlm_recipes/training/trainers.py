@@ -293,7 +293,11 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: Any) -> Any:
         # private: trl 1.16 GRPOTrainer._generate_and_score_completions(inputs), see compat.OVERRIDDEN_TRL_METHODS
         self.image_features.clear()  # a new generation batch
-        serving = self.image_features.serving(self.model_wrapped) if self._reuses_image_features(self.model_wrapped) else nullcontext()
+        serving = (
+            self.image_features.serving(self.model_wrapped)
+            if self._reuses_image_features(self.model_wrapped)
+            else nullcontext()
+        )
         with serving, lm_head_positions(self.speed):
             return super()._generate_and_score_completions(inputs)
 
