@@ -10,13 +10,15 @@ DEMO_DATA := $(CACHE)/data/chartqa_synthetic
 DEMO_PREFERENCES := $(CACHE)/data/rlaif_v_synthetic
 RECIPE ?= recipes/chartqa.yaml
 DPO_RECIPE ?= recipes/rlaif_v.yaml
+GRPO_RECIPE ?= recipes/chartqa_grpo.yaml
+KTO_RECIPE ?= recipes/rlaif_v_kto.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
 # This checkout's sources win over any installed copy (also in a git worktree that shares another checkout's .venv).
 export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench docs sft dpo preflight style quality clean-demo
+.PHONY: install demo demo-grpo demo-kto test bench docs sft dpo grpo kto preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -47,6 +49,16 @@ demo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_qlora.yaml
 	$(OFFLINE) $(PY) -m vlm_recipes.dpo recipes/demo/dpo_from_sft.yaml
 
+# GRPO, offline on CPU: full SFT of the tiny model on generated charts, then GRPO from it with ChartQA's relaxed
+# accuracy and the answer-format reward (the mean reward printed at the first and last step).
+demo-grpo: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_DATA)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/sft_full.yaml
+	$(OFFLINE) $(PY) -m vlm_recipes.grpo recipes/demo/grpo_from_sft.yaml
+
+# KTO, offline on CPU: generated chart preferences split into desirable and undesirable answers, a new LoRA adapter.
+demo-kto: $(INSTALLED) $(TINY_MODEL)/config.json $(DEMO_PREFERENCES)/data/train-00000-of-00001.parquet
+	$(OFFLINE) $(PY) -m vlm_recipes.kto recipes/demo/kto_lora.yaml
+
 # Any family's tiny model: make demo-gemma3, make demo-qwen3_5, ... (recipes/demo/<family>.yaml)
 demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 	$(OFFLINE) $(PY) -m vlm_recipes.testing.tiny_models --family $* --output_dir $(CACHE)/tiny/$*
@@ -74,6 +86,16 @@ sft: $(INSTALLED)
 dpo: $(INSTALLED)
 	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.dpo \
 		$(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(DPO_RECIPE))
+
+# make grpo [RECIPE=recipes/chartqa_grpo.yaml] [ACCELERATE_CONFIG=...]
+grpo: $(INSTALLED)
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.grpo \
+		$(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(GRPO_RECIPE))
+
+# make kto [RECIPE=recipes/rlaif_v_kto.yaml] [ACCELERATE_CONFIG=...]
+kto: $(INSTALLED)
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -m vlm_recipes.kto \
+		$(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(KTO_RECIPE))
 
 # make preflight RECIPE=recipes/chartqa.yaml: the data checks, token lengths, padding and a memory estimate, no weights
 preflight: $(INSTALLED)

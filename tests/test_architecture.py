@@ -30,6 +30,8 @@ LAYERS = {
     "entry points": (
         "vlm_recipes.sft",
         "vlm_recipes.dpo",
+        "vlm_recipes.grpo",
+        "vlm_recipes.kto",
         "vlm_recipes.evaluate",
         "vlm_recipes.preflight",
         "vlm_recipes.merge",

@@ -52,6 +52,7 @@ def test_the_private_pieces_are_where_compat_expects_them():
     assert tuple(inspect.signature(method).parameters) == compat.ASSISTANT_MASK_PARAMETERS
     assert callable(Qwen2_5_VLProcessor._get_num_multimodal_tokens)
     assert compat.missing_trainer_hooks() == []
+    assert compat.missing_trl_methods() == []
     # TRL's vision preference collator processes each prompt with its images for chosen and for rejected
     source = inspect.getsource(DataCollatorForVisionPreference.torch_call)
     assert re.search(r"\]\s*\*\s*2\s*#\s*repeat for chosen and rejected", source)

@@ -94,7 +94,7 @@ def test_reference_shows_the_defaults_the_entry_points_apply_over_trl():
     # SFT and DPO: no max_length (TRL's 1024 cuts image tokens); SFT only: loss on the answers; DPO reads RLAIF-V rows.
     assert "| `null` (TRL: `1024`) | `null` (TRL: `1024`) |" in rows["max_length"]
     assert "| `true` (TRL: `false`) | (no such field) |" in rows["assistant_only_loss"]
-    assert "| `chartqa`; dpo: `rlaif_v` |" in rows["formatter"]
+    assert "| `chartqa`; dpo: `rlaif_v`; kto: `rlaif_v` |" in rows["formatter"]
     assert "| `2e-05` | `1e-06` |" in rows["learning_rate"]  # TRL's own per-method defaults, each in its column
 
 

@@ -9,6 +9,8 @@ from conftest import REPO_ROOT
 from vlm_recipes.dpo import DPORecipe
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.evaluate import EvaluateRecipe
+from vlm_recipes.grpo import GRPORecipe
+from vlm_recipes.kto import KTORecipe
 from vlm_recipes.preflight import DPOPreflightRecipe, SFTPreflightRecipe
 from vlm_recipes.recipe import entry_point_of, parse_recipe, save_recipe
 from vlm_recipes.sft import SFTRecipe
@@ -18,7 +20,12 @@ RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
 
 
-RECIPE_CLASSES = {"vlm_recipes.sft": SFTRecipe, "vlm_recipes.dpo": DPORecipe}
+RECIPE_CLASSES = {
+    "vlm_recipes.sft": SFTRecipe,
+    "vlm_recipes.dpo": DPORecipe,
+    "vlm_recipes.grpo": GRPORecipe,
+    "vlm_recipes.kto": KTORecipe,
+}
 
 
 def recipe_class(path: Path) -> type:

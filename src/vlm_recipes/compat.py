@@ -17,6 +17,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `count_tokens_of_global_batch`     | transformers | `Trainer.model_accepts_loss_kwargs` decides `num_items_in_batch` |
 | `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
 | `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
+| `OVERRIDDEN_TRL_METHODS`           | trl          | `GRPOTrainer._generate_and_score_completions(inputs)`: one generation batch, generated and scored |
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
@@ -217,6 +218,23 @@ def missing_trainer_hooks() -> list[str]:
         for name, parameters in OVERRIDDEN_TRAINER_HOOKS.items()
         if tuple(inspect.signature(getattr(Trainer, name, lambda: None)).parameters) != parameters
     ]
+
+
+# Private TRL methods the package's trainers override (`training.trainers.VLMGRPOTrainer`: the image features of one
+# generation batch are served around it): class, method -> parameters.
+OVERRIDDEN_TRL_METHODS = {("GRPOTrainer", "_generate_and_score_completions"): ("self", "inputs")}
+
+
+def missing_trl_methods() -> list[str]:
+    """The overridden TRL methods the installed TRL no longer has with the parameters the overrides take."""
+    import trl
+
+    missing = []
+    for (class_name, method), parameters in OVERRIDDEN_TRL_METHODS.items():
+        function = getattr(getattr(trl, class_name, None), method, None)
+        if function is None or tuple(inspect.signature(function).parameters) != parameters:
+            missing.append(f"{class_name}.{method}")
+    return missing
 
 
 def add_trained_tokens(trainer: Any, tokens: int) -> None:

@@ -254,13 +254,14 @@ class EvaluationArguments:
 
 @dataclass
 class PolicyArguments:
-    """DPO: where the trained policy starts (the base model, or an SFT run's adapter) and what the reference is."""
+    """DPO, GRPO and KTO: where the trained policy starts (the base model, or an SFT run's adapter) and what the
+    reference is."""
 
     sft_adapter_path: str | None = field(
         default=None,
         metadata={
-            "help": "Start DPO from this SFT adapter (the output folder of `vlm_recipes.sft` with LoRA). Without it, "
-            "DPO trains a new LoRA adapter on the base model and the reference is the base model (adapter disabled)."
+            "help": "Start from this SFT adapter (the output folder of `vlm_recipes.sft` with LoRA). Without it, "
+            "a new LoRA adapter trains on the base model and the reference is the base model (adapter disabled)."
         },
     )
     reference: str | None = field(
@@ -273,6 +274,41 @@ class PolicyArguments:
             "model with that adapter disabled; the saved DPO adapter then applies on top of base + SFT adapter. "
             "Not with `load_in_4bit` (merging into 4-bit weights rounds them). Neither keeps a second model copy.",
             "choices": ["sft_adapter", "sft_merged"],
+        },
+    )
+
+
+@dataclass
+class RewardArguments:
+    """GRPO: what a completion is rewarded for, and the token budget of prompt plus completion.
+
+    Each reward is a name: a metric of the recipe's task (ChartQA: `relaxed_accuracy`, `relaxed_accuracy_normalized`,
+    `exact_match`; DocVQA: `anls`; ...), scored against the row's reference answers exactly as `evaluate` scores, or
+    `answer_format` (1 when the completion has the form the task's answers take: a short answer on one line, one
+    option letter for multiple choice). TRL's `reward_weights` weighs them, in the same order."""
+
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the data is and how completions are scored: chartqa, docvqa, infovqa, textvqa, vqav2, "
+            "multiple_choice or conversation (`vlm_recipes.tasks`). Sets the default `formatter`, the metrics the "
+            "rewards can use and `max_completion_length`. Default: the task of the recipe's `formatter`."
+        },
+    )
+    reward_functions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The rewards, by name: the task's metrics and `answer_format`. Default: the task's headline metric "
+            "(ChartQA: relaxed_accuracy) and answer_format, weighted 1.0 and 0.25 unless `reward_weights` says "
+            "otherwise."
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt plus completion, in tokens (text plus image tokens). A row whose prompt plus "
+            "`max_completion_length` does not fit is dropped (or its images downscaled, `too_long`) and counted in "
+            "data_report.json, never cut inside its image tokens. Default: no limit."
         },
     )
 
@@ -364,8 +400,9 @@ class SpeedArguments:
     reuse_image_features: bool = field(
         default=True,
         metadata={
-            "help": "DPO: when the vision tower and projector are frozen and carry no adapter, encode each pair's "
-            "images once and reuse the features for chosen, rejected, policy and reference passes (TRL encodes them "
-            "four times). Same loss."
+            "help": "When the vision tower and projector are frozen and carry no adapter: DPO encodes each pair's "
+            "images once and reuses the features for chosen, rejected, policy and reference passes (TRL encodes them "
+            "four times); GRPO (Qwen-VL families) encodes each prompt's images once for its generations, the "
+            "reference and the policy passes (TRL encodes them for every completion in each). Same loss."
         },
     )

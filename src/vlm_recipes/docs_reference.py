@@ -19,7 +19,7 @@ from typing import Any
 
 import trl
 
-from vlm_recipes import dpo, evaluate, preflight, sft
+from vlm_recipes import dpo, evaluate, grpo, kto, preflight, sft
 from vlm_recipes.training.speed import MAX_DEFAULT_WORKERS, SPEED_DEFAULTS
 
 
@@ -30,6 +30,8 @@ REFERENCE_PAGE = Path("docs/reference.md")  # relative to the repository root, w
 COMMAND_PARTS = {
     "vlm_recipes.sft": sft.SFTRecipe.parts(),
     "vlm_recipes.dpo": dpo.DPORecipe.parts(),
+    "vlm_recipes.grpo": grpo.GRPORecipe.parts(),
+    "vlm_recipes.kto": kto.KTORecipe.parts(),
     "vlm_recipes.evaluate": evaluate.EvaluateRecipe.parts(),
     "vlm_recipes.preflight": {"preflight": preflight.PreflightArguments},
 }
@@ -38,9 +40,18 @@ COMMAND_PARTS = {
 DEFAULTS_OVER_TRL = {
     "vlm_recipes.sft": {**sft.VISION_SFT_DEFAULTS, **SPEED_DEFAULTS},
     "vlm_recipes.dpo": {**dpo.VISION_DPO_DEFAULTS, **dpo.PREFERENCE_DATA_DEFAULTS, **SPEED_DEFAULTS},
+    "vlm_recipes.kto": {**kto.VISION_KTO_DEFAULTS, **kto.UNPAIRED_DATA_DEFAULTS},
 }
 
-TRAINING_PART = "training"  # SFTConfig for SFT, DPOConfig for DPO: one table with a default column for each
+# The training methods, each with its TRL config in the `training` table's columns (evaluate reuses SFT's).
+TRAINING_METHODS = {
+    "vlm_recipes.sft": "SFT",
+    "vlm_recipes.dpo": "DPO",
+    "vlm_recipes.grpo": "GRPO",
+    "vlm_recipes.kto": "KTO",
+}
+
+TRAINING_PART = "training"  # SFTConfig for SFT, DPOConfig for DPO, ...: one table with a default column for each
 
 
 def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -130,37 +141,57 @@ def _declared_types(cls: type) -> dict[str, Any]:
         return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
-def _field_table(cls: type) -> list[str]:
+def _field_table(cls: type, anchored: set[str]) -> list[str]:
     lines = ["| field | type | default | help |", "| --- | --- | --- | --- |"]
     declared = _declared_types(cls)
     for name, f in _init_fields(cls).items():
         default = _default_cell(f, list(DEFAULTS_OVER_TRL))
-        lines.append(f"| {_anchor(name)} | {type_name(declared.get(name, f.type))} | {default} | {help_text(f)} |")
+        lines.append(
+            f"| {_name_cell(name, anchored)} | {type_name(declared.get(name, f.type))} | {default} | {help_text(f)} |"
+        )
     return lines
 
 
-def _per_method(sft_text: str, dpo_text: str) -> str:
-    return sft_text if sft_text == dpo_text else f"SFT: {sft_text}<br>DPO: {dpo_text}"
+def _name_cell(name: str, anchored: set[str]) -> str:
+    """The field's name, with its anchor where the page first lists it (GRPO's `max_length` is a reward setting, the
+    other methods' a TRL one: one anchor)."""
+    if name in anchored:
+        return f"`{name}`"
+    anchored.add(name)
+    return _anchor(name)
 
 
-def _training_table(sft_config: type, dpo_config: type) -> list[str]:
-    sft_fields, dpo_fields = _init_fields(sft_config), _init_fields(dpo_config)
-    sft_types, dpo_types = _declared_types(sft_config), _declared_types(dpo_config)
-    names = list(sft_fields) + [name for name in dpo_fields if name not in sft_fields]
-    lines = ["| field | type | SFT default | DPO default | help |", "| --- | --- | --- | --- | --- |"]
+def _per_method(texts: dict[str, str]) -> str:
+    """One text when every method has the same, else each distinct text after the methods that have it."""
+    by_text: dict[str, list[str]] = {}
+    for method, text in texts.items():
+        by_text.setdefault(text, []).append(method)
+    if len(by_text) == 1:
+        return next(iter(by_text))
+    return "<br>".join(f"{', '.join(methods)}: {text}" for text, methods in by_text.items())
+
+
+def _training_table(configs: dict[str, type], anchored: set[str]) -> list[str]:
+    """`configs`: command -> its TRL config class, in column order."""
+    fields_of = {command: _init_fields(config) for command, config in configs.items()}
+    types_of = {command: _declared_types(config) for command, config in configs.items()}
+    names = list(dict.fromkeys(name for fields in fields_of.values() for name in fields))
+    methods = [TRAINING_METHODS[command] for command in configs]
+    lines = [
+        "| field | type | " + " | ".join(f"{method} default" for method in methods) + " | help |",
+        "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- |",
+    ]
     for name in names:
-        in_sft, in_dpo = sft_fields.get(name), dpo_fields.get(name)
-        sft_default = _default_cell(in_sft, ["vlm_recipes.sft"]) if in_sft else "(no such field)"
-        dpo_default = _default_cell(in_dpo, ["vlm_recipes.dpo"]) if in_dpo else "(no such field)"
-        if in_sft and in_dpo:
-            types = _per_method(
-                type_name(sft_types.get(name, in_sft.type)), type_name(dpo_types.get(name, in_dpo.type))
-            )
-            text = _per_method(help_text(in_sft), help_text(in_dpo))
-        else:
-            types = type_name(sft_types.get(name, in_sft.type) if in_sft else dpo_types.get(name, in_dpo.type))
-            text = help_text(in_sft or in_dpo)
-        lines.append(f"| {_anchor(name)} | {types} | {sft_default} | {dpo_default} | {text} |")
+        present = {command: fields[name] for command, fields in fields_of.items() if name in fields}
+        defaults = [
+            _default_cell(present[command], [command]) if command in present else "(no such field)"
+            for command in configs
+        ]
+        types = _per_method(
+            {TRAINING_METHODS[c]: type_name(types_of[c].get(name, f.type)) for c, f in present.items()}
+        )
+        text = _per_method({TRAINING_METHODS[c]: help_text(f) for c, f in present.items()})
+        lines.append(f"| {_name_cell(name, anchored)} | {types} | {' | '.join(defaults)} | {text} |")
     return lines
 
 
@@ -202,7 +233,7 @@ def render() -> str:
     for command, command_parts in COMMAND_PARTS.items():
         links = ", ".join(f"[{part}](#{part})" for part in command_parts)
         if command == "vlm_recipes.preflight":
-            links = f"the parts of the recipe's entry point (sft or dpo, with [reliability](#reliability)), {links}"
+            links = f"the parts of the recipe's entry point (sft, dpo, grpo or kto, with [reliability](#reliability)), {links}"
         lines.append(f"| `python -m {command}` | {links} |")
     lines += [
         "",
@@ -223,19 +254,21 @@ def render() -> str:
         "machine, `dataloader_num_workers` defaults to one less than the CPU cores per GPU, at most "
         f"{MAX_DEFAULT_WORKERS}.",
     ]
+    anchored: set[str] = set()
     for part, classes in parts.items():
         lines += ["", _part_title(part, classes), ""]
         if part == TRAINING_PART:
-            sft_config, dpo_config = classes
+            configs = {command: COMMAND_PARTS[command][TRAINING_PART] for command in TRAINING_METHODS}
             lines += [
                 "TRL's training arguments: `SFTConfig` for `vlm_recipes.sft` and `vlm_recipes.evaluate`, `DPOConfig` "
-                "for `vlm_recipes.dpo`; both extend transformers' `TrainingArguments`.",
+                "for `vlm_recipes.dpo`, `GRPOConfig` for `vlm_recipes.grpo`, `KTOConfig` for `vlm_recipes.kto`; all "
+                "extend transformers' `TrainingArguments`.",
                 "",
-                *_training_table(sft_config, dpo_config),
+                *_training_table(configs, anchored),
             ]
             continue
         for cls in classes:
-            lines += [_doc(cls), "", *_field_table(cls)]
+            lines += [_doc(cls), "", *_field_table(cls, anchored)]
     return "\n".join(lines) + "\n"
 
 

@@ -14,23 +14,18 @@ disabled; from an SFT adapter it is a frozen copy of that adapter, or the base w
 TRL's default, a second, frozen copy of the model.
 """
 
-import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from trl import DPOConfig
 
-from vlm_recipes.compat import TRL_REFERENCE_ADAPTER
 from vlm_recipes.configs import PolicyArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
-from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.policy import check_policy, form_reference
 from vlm_recipes.training.run import (
     check_run_settings,
     load_training_model,
@@ -40,9 +35,6 @@ from vlm_recipes.training.run import (
 )
 from vlm_recipes.training.speed import apply_speed_defaults
 from vlm_recipes.training.trainers import VLMDPOTrainer
-
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,12 +55,6 @@ PREFERENCE_DATA_DEFAULTS = {"formatter": "rlaif_v"}
 # What DPO learning looks like: the reward margin (chosen minus rejected, in units of beta) and how often chosen wins.
 DPO_METRICS = ("rewards/margins", "rewards/accuracies")
 
-# Recipe fields that shape a new adapter; an SFT adapter trained further keeps the shape it was saved with.
-NEW_ADAPTER_FIELDS = (
-    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "vision_lora_r",
-    "train_projector",
-)  # fmt: skip
-
 
 def apply_defaults(recipe: DPORecipe) -> None:
     """Our defaults over TRL's, where the recipe is silent (the preflight applies the same)."""
@@ -80,52 +66,12 @@ def apply_defaults(recipe: DPORecipe) -> None:
 def check_recipe(recipe: DPORecipe, plan: TuningPlan) -> None:
     """Settings that cannot work together (with the run's tuning `plan`) fail here, before any data or weights load;
     `reference` gets its default."""
-    policy, training_args = recipe.policy, recipe.training
-    if training_args.precompute_ref_log_probs:
+    if recipe.training.precompute_ref_log_probs:
         raise RecipeError(
             "`precompute_ref_log_probs` is not available for vision data (TRL processes images on the fly); the "
             "reference pass runs with each batch. Remove it from the recipe."
         )
-    if policy.reference is not None and policy.sft_adapter_path is None:
-        raise RecipeError(
-            f"`reference: {policy.reference}` forms the reference from an SFT adapter: set `sft_adapter_path` too "
-            "(without one, the reference is the base model)."
-        )
-    if training_args.sync_ref_model and plan.strategy.uses_lora:
-        raise RecipeError(
-            "`sync_ref_model` needs a separate reference model; with a LoRA adapter the reference is the model "
-            "itself with the adapter disabled (or a frozen adapter copy), so there is none to sync."
-        )
-    if policy.sft_adapter_path is None:
-        return
-    read_adapter_config(policy.sft_adapter_path)  # a missing or non-adapter folder fails here, not after loading
-    policy.reference = policy.reference or "sft_adapter"
-    if not plan.strategy.uses_lora:
-        raise RecipeError(
-            f"DPO from `sft_adapter_path` trains a LoRA adapter: use tuning_strategy lora or qlora, not "
-            f"'{plan.strategy.name}'. For full fine-tuning, merge the SFT adapter into the model first and point "
-            "`model_name_or_path` at the merged model."
-        )
-    if policy.reference == "sft_merged" and plan.strategy.four_bit:
-        raise RecipeError(
-            "`reference: sft_merged` with 4-bit loading would merge the SFT adapter into 4-bit weights, which rounds "
-            "them: neither the policy nor the reference would be the SFT model. Use `reference: sft_adapter` (exact "
-            "with 4 bit: the SFT adapter stays on the 4-bit base it was trained on) or tuning_strategy lora (16 bit)."
-        )
-    ignored = [name for name in NEW_ADAPTER_FIELDS if name in recipe.settings]
-    if policy.reference == "sft_adapter" and ignored:
-        logger.warning(
-            "%s: not used with `reference: sft_adapter`, which trains the SFT adapter further as it was saved.",
-            ", ".join(ignored),
-        )
-
-
-def use_disabled_adapter_as_reference(model: Any) -> None:
-    """A new adapter starts as the identity, so the reference is the model with the adapter disabled. TRL takes any
-    adapter it is handed as pretrained and adds a frozen copy named "ref" as the reference: for a new adapter that copy
-    equals the disabled adapter, at the cost of its memory and a LoRA pass per batch, so it goes."""
-    if TRL_REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
-        model.delete_adapter(TRL_REFERENCE_ADAPTER)
+    check_policy(recipe, plan, "DPO")
 
 
 def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
@@ -154,22 +100,9 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
         speed=recipe.speed,
         reliability=recipe.reliability,
     )
-    if policy.reference != "sft_adapter":
-        use_disabled_adapter_as_reference(trainer.model)
+    form_reference(trainer, recipe)  # the new adapter's "ref" copy dropped; sft_merged: the SFT adapter kept beside
     trainer.add_callback(TrainingPlotCallback())  # training_plot.png: loss and reward metrics by step
-    if trainer.is_world_process_zero():
-        save_sft_adapter_copy(recipe)
     return trainer
-
-
-def save_sft_adapter_copy(recipe: DPORecipe) -> None:
-    """With `reference: sft_merged` the DPO adapter applies on top of base + SFT adapter: keep both in one folder."""
-    if recipe.policy.reference != "sft_merged":
-        return
-    target = Path(recipe.training.output_dir) / SFT_ADAPTER_COPY
-    target.mkdir(exist_ok=True)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        shutil.copy2(Path(recipe.policy.sft_adapter_path).expanduser() / name, target / name)
 
 
 def train(recipe: DPORecipe) -> VLMDPOTrainer:

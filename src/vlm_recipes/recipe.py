@@ -76,6 +76,11 @@ class TrainingRecipe(Recipe):
     reliability: ReliabilityArguments
     speed: SpeedArguments
 
+    def length_limit(self) -> tuple[int | None, int]:
+        """(the `max_length` the data checks hold each row to, the tokens each row must leave free within it): TRL's
+        `max_length` and nothing by default; GRPO's prompts leave room for `max_completion_length`."""
+        return getattr(self.training, "max_length", None), 0
+
 
 def _split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
     if "--config" in argv:

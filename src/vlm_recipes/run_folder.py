@@ -21,6 +21,7 @@
 Every module that writes or reads one of these takes its name from here.
 """
 
+import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,21 @@ def sft_adapter_under(adapter: str | Path | None) -> Path | None:
 
 def loss_points(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, training loss) of every logged training loss, in order."""
-    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    return metric_points(log_history, "loss")
+
+
+def metric_points(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of `key`, in order."""
+    return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
+
+def logged_metric_keys(log_history: list[dict[str, Any]], patterns: tuple[str, ...]) -> list[str]:
+    """The logged keys matching `patterns` (fnmatch: `rewards/*/mean` names each GRPO reward), in pattern order."""
+    keys: list[str] = []
+    for pattern in patterns:
+        found = {key for entry in log_history for key in entry if fnmatch.fnmatchcase(key, pattern)}
+        keys += sorted(found - set(keys))
+    return keys
 
 
 def _read_json(path: Path) -> Any:

@@ -62,6 +62,8 @@ class CheckPolicy:
     size_rule: SizeRule = SizeRule()
     max_length: int | None = None
     too_long: str = "drop"  # drop | downscale
+    # Tokens each row needs beyond its own within `max_length`: GRPO's prompts leave room for `max_completion_length`.
+    reserved_tokens: int = 0
     special_tokens: tuple[str, ...] = ()  # the tokenizer's and chat template's (`data.special_tokens`)
     escape_special_tokens: bool = False  # escape them in the text (else: reject the row)
 
@@ -240,8 +242,8 @@ def check_row(row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy, i
                 _conversation_column(row),
             )
         longest = max(counts, key=lambda count: count.total)
-        if policy.max_length is not None and longest.total > policy.max_length:
-            budget = policy.max_length - max(count.text for count in counts)
+        if policy.max_length is not None and longest.total + policy.reserved_tokens > policy.max_length:
+            budget = policy.max_length - policy.reserved_tokens - max(count.text for count in counts)
             fitted = (
                 _downscale_to_fit(plans, budget, policy.size_rule, counter)
                 if policy.too_long == "downscale" and plans and budget > 0
@@ -251,9 +253,10 @@ def check_row(row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy, i
                 how = ""
                 if policy.too_long == "downscale":
                     how = " even with its images at the smallest size" if plans and budget > 0 else ", text alone"
+                reserved = f" + {policy.reserved_tokens} for the completion" if policy.reserved_tokens else ""
                 raise RowProblem(
-                    f"is {longest.total} tokens ({longest.text} text + {longest.image} image), longer than "
-                    f"max_length {policy.max_length}{how}; it is skipped rather than cut inside its image tokens",
+                    f"is {longest.total} tokens ({longest.text} text + {longest.image} image){reserved}, longer "
+                    f"than max_length {policy.max_length}{how}; it is skipped rather than cut inside its image tokens",
                     "longer than max_length",
                     _conversation_column(row),
                 )
@@ -464,13 +467,21 @@ def check_datasets(
     }
 
 
-def check_policy(processor: Any, args: Any, max_length: int | None, chat_template: str | None = None) -> CheckPolicy:
+def check_policy(
+    processor: Any,
+    args: Any,
+    max_length: int | None,
+    chat_template: str | None = None,
+    reserved_tokens: int = 0,
+) -> CheckPolicy:
     """The policy a recipe asks for: `args` is its `ReliabilityArguments`; `chat_template`, a training template the
-    trainer uses instead of the processor's (its tokens count as the template's too)."""
+    trainer uses instead of the processor's (its tokens count as the template's too); `reserved_tokens`, what each row
+    must leave free within `max_length` (GRPO's completions)."""
     return CheckPolicy(
         size_rule=SizeRule.for_processor(processor, args.min_image_side),
         max_length=max_length,
         too_long=args.too_long,
+        reserved_tokens=reserved_tokens,
         special_tokens=special_token_texts(processor, getattr(processor, "chat_template", None), chat_template),
         escape_special_tokens=args.special_tokens_in_text == "escape",
     )
@@ -484,17 +495,19 @@ def check_training_data(
     args: Any,
     max_length: int | None,
     num_proc: int | None = None,
+    reserved_tokens: int = 0,
 ) -> tuple[Dataset, Dataset | None]:
     """The one call an entry point makes: check train and eval rows, return them with bad rows out and fixes in.
 
-    `args` is the recipe's `ReliabilityArguments` (nothing is checked when `check_data` is off). Publish `report`
+    `args` is the recipe's `ReliabilityArguments` (nothing is checked when `check_data` is off); `reserved_tokens`
+    the tokens each row must leave free within `max_length` (GRPO's `max_completion_length`). Publish `report`
     afterwards. The results are cached by fingerprint in the datasets cache: under several processes the caller runs
     this on the main process first (`vlm_recipes.processes.main_process_first`), and the others reuse its results.
     """
     if not args.check_data:
         return train, evaluation
     counter = TokenCounter(processor)
-    policy = check_policy(processor, args, max_length)
+    policy = check_policy(processor, args, max_length, reserved_tokens=reserved_tokens)
     checked = check_datasets(
         {"train": train, "eval": evaluation}, report, counter, policy, args.check_num_proc or num_proc
     )

@@ -2,7 +2,10 @@
 
 SFT formatters (`task="sft"`) return `{"images": [...], "messages": [...]}`; preference formatters
 (`task="preference"`, for DPO) return `{"images", "prompt", "chosen", "rejected"}`, where the three are lists of
-messages. Each message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` blocks in
+messages; unpaired formatters (`task="unpaired"`, for KTO) return `{"images", "prompt", "completion", "label"}`. GRPO
+reads SFT formatters' rows as prompts (`task="prompt"`: the answer turn becomes the reference, see `prompt_row`), and
+KTO also takes preference formatters' pairs, split into one desirable and one undesirable row after the checks
+(`vlm_recipes.data.unpaired`). Each message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` blocks in
 reading order, one image block per image. Images pass
 through untouched (a PIL image, an encoded `{"bytes", "path"}` dict, or a file path), so formatting never decodes a
 picture; `vlm_recipes.data.loading` casts the `images` column to an image feature afterwards. A formatter may add
@@ -15,7 +18,7 @@ Adding a dataset means adding one function here, decorated with `@register_forma
 import ast
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ class FormatterSpec:
     function: Callable[..., dict[str, Any]]
     # Each entry is a group of alternatives: at least one column of every group must be present.
     required_columns: tuple[tuple[str, ...], ...]
-    task: str  # "sft" or "preference"
+    task: str  # "sft", "preference" or "unpaired"
     description: str
 
 
@@ -66,9 +69,19 @@ def register_formatter(name: str, *, required_columns: tuple[tuple[str, ...], ..
     return decorate
 
 
+# The formatters each kind of training data takes: GRPO's prompts come from SFT rows (their answer is the reference),
+# KTO's unpaired rows from unpaired formatters or from preference pairs split in two.
+FORMATTER_TASKS = {"prompt": ("sft",), "unpaired": ("unpaired", "preference")}
+
+
+def formatter_tasks(task: str) -> tuple[str, ...]:
+    return FORMATTER_TASKS.get(task, (task,))
+
+
 def get_formatter(name: str, task: str | None = None) -> FormatterSpec:
-    names = sorted(spec.name for spec in FORMATTERS.values() if task is None or spec.task == task)
-    if name not in FORMATTERS or (task is not None and FORMATTERS[name].task != task):
+    accepted = formatter_tasks(task) if task is not None else None
+    names = sorted(spec.name for spec in FORMATTERS.values() if accepted is None or spec.task in accepted)
+    if name not in FORMATTERS or (accepted is not None and FORMATTERS[name].task not in accepted):
         raise RecipeError(f"Unknown formatter '{name}' for {task or 'this'} data. Choose one of: {', '.join(names)}.")
     return FORMATTERS[name]
 
@@ -517,11 +530,94 @@ def preference(
     }
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Unpaired formatters (KTO) and prompt rows (GRPO)
+
+
+LABEL_TEXT = {"true": True, "false": False, "desirable": True, "undesirable": False, "1": True, "0": False}
+
+
+def _label(value: Any) -> bool:
+    """A KTO label: a boolean (or 0/1, or "true"/"false", "desirable"/"undesirable")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_TEXT:
+        return LABEL_TEXT[value.strip().lower()]
+    raise FormatError(
+        f"should be true (a desirable answer) or false (an undesirable one), got {value!r:.40}",
+        column="label",
+        reason="'label' is not a boolean",
+    )
+
+
+@register_formatter("unpaired", required_columns=(("prompt",), ("completion",), ("label",)), task="unpaired")
+def unpaired(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
+    """A user's unpaired feedback (`prompt`, `completion` as turns or text, `label` true for a desirable answer and
+    false for an undesirable one, with `images` or `image`), as KTO takes it."""
+    if row.get("label") is None:
+        raise FormatError("is missing", column="label")
+    label = _label(row["label"])
+    prompt = _preference_messages(row, "prompt", "user")
+    completion = _preference_messages(row, "completion", "assistant")
+    if any(message["role"] != "assistant" for message in completion):
+        raise FormatError(
+            "should hold assistant turns only (the conversation before the answer belongs in 'prompt')",
+            column="completion",
+            reason="non-assistant turn in a completion",
+        )
+    if count_image_blocks(completion):
+        raise FormatError(
+            "holds an image; images belong in 'prompt'", column="completion", reason="image in a completion"
+        )
+    return {
+        "images": _row_images(row, prompt, "prompt", image_root),
+        "prompt": with_system(prompt, system_prompt),
+        "completion": completion,
+        "label": label,
+    }
+
+
+def prompt_row(formatted: dict[str, Any]) -> dict[str, Any]:
+    """An SFT formatter's row as a GRPO prompt: the conversation without its final answer as `prompt`, and the answer
+    kept as the reference (`answers`, unless the formatter gave them) that the rewards score completions against."""
+    messages = formatted.pop("messages")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise FormatError("has no final answer to use as the reference", column="messages", reason="no answer turn")
+    prompt = messages[:-1]
+    if not any(message["role"] == "user" for message in prompt):
+        raise FormatError("has no user turn before its answer", column="messages", reason="no question")
+    answer = " ".join(block["text"] for block in messages[-1]["content"] if block.get("type") == "text").strip()
+    return {**formatted, "prompt": prompt, "answers": formatted.get("answers") or [answer]}
+
+
+@dataclass(frozen=True)
+class AsPrompt:
+    """A formatter whose rows become GRPO prompts (`prompt_row`); a class, so that worker processes can pickle it."""
+
+    formatter: Callable[..., dict[str, Any]]
+
+    def __call__(self, row: dict[str, Any], **options: Any) -> dict[str, Any]:
+        return prompt_row(self.formatter(row, **options))
+
+
+def formatter_for_task(name: str | FormatterSpec, task: str) -> FormatterSpec:
+    """The formatter `name` (or a registry entry's spec) as `task`'s data takes it (GRPO's prompt rows from an SFT
+    formatter)."""
+    spec = name if isinstance(name, FormatterSpec) else get_formatter(name, task)
+    if task == "prompt" and not isinstance(spec.function, AsPrompt):
+        return replace(spec, function=AsPrompt(spec.function))
+    return spec
+
+
 def find_matching_formatters(columns: list[str], task: str | None = None) -> list[str]:
     """Names of formatters whose required columns are all present in `columns`."""
     return sorted(
         spec.name
         for spec in FORMATTERS.values()
-        if (task is None or spec.task == task)
+        if (task is None or spec.task in formatter_tasks(task))
         and all(any(column in columns for column in group) for group in spec.required_columns)
     )

@@ -103,8 +103,12 @@ class TokenCounter:
     # -- text ------------------------------------------------------------------------------------------------------
 
     def render(self, messages: list[dict[str, Any]]) -> str:
-        """The conversation as the chat template writes it (one placeholder token per image)."""
-        return self.processor.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
+        """The conversation as the chat template writes it (one placeholder token per image). A prompt without its
+        answer (GRPO's rows) ends with the generation prompt, as the trainer renders it before generating."""
+        awaits_answer = bool(messages) and messages[-1]["role"] != "assistant"
+        return self.processor.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=awaits_answer
+        )
 
     def text_tokens(self, messages: list[dict[str, Any]]) -> tuple[int, int]:
         """(text tokens without image placeholders, image placeholders written by the template)."""

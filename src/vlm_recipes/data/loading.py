@@ -25,7 +25,13 @@ from datasets import (
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
-from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
+from vlm_recipes.data.formatters import (
+    FormatError,
+    FormatterSpec,
+    find_matching_formatters,
+    formatter_for_task,
+    get_formatter,
+)
 from vlm_recipes.data.mixture import MixtureSource, draw_mixture, held_out_indices, held_out_record, resolve_mixture
 from vlm_recipes.data.registry import load_registry
 from vlm_recipes.data.report import DataReport, SplitReport
@@ -299,7 +305,7 @@ def format_split(
 ) -> Dataset:
     """Check a split's columns against the formatter (the recipe's, or `spec`: a registry entry's), then format every
     row; rows it rejects are counted under `split` in the report and skipped."""
-    spec = spec or get_formatter(data_args.formatter, task)
+    spec = formatter_for_task(spec or data_args.formatter, task)
     columns = (
         rows.column_names if isinstance(rows, Dataset) else sorted({key for row in rows for key in row} - {"_line"})
     )

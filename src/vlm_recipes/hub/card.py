@@ -10,7 +10,16 @@ import yaml
 from vlm_recipes.evaluation.card import evaluation_lines, is_local_path, last_training_evaluation, model_index
 from vlm_recipes.evaluation.sets import EvalSet, saved_eval_sets
 from vlm_recipes.modeling.strategies import loads_in_4bit
-from vlm_recipes.run_folder import CARD_FILE, PLOT_FILE, RECIPE_FILE, SFT_ADAPTER_COPY, SavedRun, loss_points
+from vlm_recipes.run_folder import (
+    CARD_FILE,
+    PLOT_FILE,
+    RECIPE_FILE,
+    SFT_ADAPTER_COPY,
+    SavedRun,
+    logged_metric_keys,
+    loss_points,
+    metric_points,
+)
 
 
 CARD_MARKER = "<!-- model card written by vlm-recipes -->"
@@ -20,6 +29,25 @@ GENERATED_CARD_MARKERS = (
     "<!-- Provide a quick summary of what the model is/does. -->",
     "It has been trained using [TRL](https://github.com/huggingface/trl).",
 )
+
+
+# Each entry point's method as the card names it, and the logged metrics (fnmatch patterns) that show its learning,
+# first and last value, beside the training loss.
+TRAINING_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vlm_recipes.sft": ("supervised fine-tuning with TRL's `SFTTrainer`", ()),
+    "vlm_recipes.dpo": (
+        "direct preference optimization with TRL's `DPOTrainer`",
+        ("rewards/margins", "rewards/accuracies"),
+    ),
+    "vlm_recipes.grpo": (
+        "group relative policy optimization with TRL's `GRPOTrainer`, rewarded by the task's metrics",
+        ("reward", "rewards/*/mean", "reward_std", "completions/mean_length", "kl"),
+    ),
+    "vlm_recipes.kto": (
+        "Kahneman-Tversky optimization with TRL's `KTOTrainer` on answers marked desirable or undesirable",
+        ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
+    ),
+}
 
 
 def _eval_sets(run: SavedRun) -> list[EvalSet]:
@@ -37,11 +65,7 @@ def _training_section(run: SavedRun) -> list[str]:
     if recipe.get("tuning_strategy"):
         method += f", tuning strategy `{recipe['tuning_strategy']}`"
     lines = ["## Training", ""]
-    training = (
-        "direct preference optimization with TRL's `DPOTrainer`"
-        if run.entry_point == "vlm_recipes.dpo"
-        else "supervised fine-tuning with TRL's `SFTTrainer`"
-    )
+    training, _ = TRAINING_METHODS.get(run.entry_point, TRAINING_METHODS["vlm_recipes.sft"])
     lines.append(f"- method: {training}, {method}")
     if recipe.get("dataset_name"):
         split = recipe.get("dataset_train_split", "train")
@@ -62,6 +86,13 @@ def _training_section(run: SavedRun) -> list[str]:
     if points:
         (first_step, first), (last_step, last) = points[0], points[-1]
         lines.append(f"- training loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+    _, metric_patterns = TRAINING_METHODS.get(run.entry_point, TRAINING_METHODS["vlm_recipes.sft"])
+    for key in logged_metric_keys(run.log_history, metric_patterns):
+        (first_step, first), (last_step, last) = (
+            metric_points(run.log_history, key)[0],
+            metric_points(run.log_history, key)[-1],
+        )
+        lines.append(f"- {key}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
     last = last_training_evaluation(run.log_history, _eval_sets(run))
     if last:
         shown = [(key if key == "eval_loss" else key.removeprefix("eval_"), value) for key, (value, _) in last.items()]

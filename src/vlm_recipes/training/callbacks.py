@@ -51,16 +51,22 @@ class GenerationEvaluationCallback(TrainerCallback):
 
 class TrainingPlotCallback(TrainerCallback):
     """At the end of training, `training_plot.png` in the output folder: losses and, by step, the answer-level
-    metrics named in `metric_keys` (those `GenerationEvaluationCallback` logs)."""
+    metrics named in `metric_keys` (those `GenerationEvaluationCallback` logs), and a panel for each group of
+    `panels` (a method's own logged values: GRPO's rewards, KTO's rewards and KL)."""
 
-    def __init__(self, metric_keys: tuple[str, ...] = ()):
+    def __init__(self, metric_keys: tuple[str, ...] = (), panels: tuple[tuple[str, tuple[str, ...]], ...] = ()):
         self.metric_keys = metric_keys
+        self.panels = panels
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             output_dir = Path(args.output_dir)
             plot_training_log(
-                state.log_history, output_dir / PLOT_FILE, metric_keys=self.metric_keys, title=output_dir.name
+                state.log_history,
+                output_dir / PLOT_FILE,
+                metric_keys=self.metric_keys,
+                title=output_dir.name,
+                panels=self.panels,
             )
 
 

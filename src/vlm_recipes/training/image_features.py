@@ -1,4 +1,5 @@
-"""Image features computed once per DPO batch, for the policy and the reference forward alike.
+"""Image features computed once per DPO batch, for the policy and the reference forward alike; and once per GRPO
+generation batch (`ImageFeatureCache`, at the end of this module).
 
 TRL's vision DPO batch holds 2B rows, [chosen rows; rejected rows], whose images are the B rows' images repeated
 (`DataCollatorForVisionPreference`), and TRL runs it through the model twice: the policy, then the reference (the
@@ -17,7 +18,10 @@ repeats it exactly, and repeat the features: one encoding per image. Other famil
 (policy and reference share them: two encodings per image instead of four).
 """
 
+import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -185,3 +189,111 @@ def _doubled(features: Any) -> Any:
     if features.get("deepstack_features") is not None:
         doubled["deepstack_features"] = [tuple(layer) * 2 for layer in features.deepstack_features]
     return type(features)(**doubled)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO: each distinct image encoded once per generation batch
+
+
+class ImageFeatureCache:
+    """GRPO's image features, each distinct image encoded once per generation batch.
+
+    TRL's GRPO batch repeats every prompt, images included, once per generation, and encodes all of them in the
+    generation's prefill, in the reference pass and in each policy pass (and the old-policy pass where one runs). While
+    `serving(model)` is active, the model's `get_image_features` (which its forward and `generate` call) looks each
+    image up here by its pixels (exactly: equal patches, checked with `torch.equal`) and encodes only those it has not
+    seen, once, without gradient. `clear()` starts a new generation batch. Only valid while
+    `image_feature_reuse_blocker` finds nothing (frozen vision tower and projector, no adapter on them, no dropout),
+    and for the flat-patch families (`FLAT_PATCH_FAMILIES`), whose images are rows of patches with a grid each.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        self.encoded = 0  # images encoded, for the benchmark and the tests
+        self.served = 0  # images asked for
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @contextmanager
+    def serving(self, model: Any) -> Iterator[None]:
+        vision_model = unwrap_model(model).model
+        if "get_image_features" in vars(vision_model):  # already serving (nested): keep the outer one
+            yield
+            return
+        original = vision_model.get_image_features
+        signature = inspect.signature(original)
+
+        # The original's signature shows through (`generate` reads it to pick the encoder's inputs).
+        @functools.wraps(original)
+        def cached_image_features(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            pixel_values, grid = bound.arguments.get("pixel_values"), bound.arguments.get("image_grid_thw")
+            if pixel_values is None or grid is None:
+                return original(*args, **kwargs)
+            return self._features(original, pixel_values, grid)
+
+        vision_model.get_image_features = cached_image_features
+        try:
+            yield
+        finally:
+            del vision_model.get_image_features
+
+    def _features(self, encode: Any, pixel_values: torch.Tensor, grid: torch.Tensor) -> Any:
+        rows = grid.prod(dim=-1).tolist()
+        images = list(torch.split(pixel_values, rows))
+        found: list[dict[str, Any] | None] = [self._lookup(patches, grid[i]) for i, patches in enumerate(images)]
+        # The images not seen yet, each distinct one once (a batch repeats each prompt's images per generation).
+        first_of: dict[int, int] = {}
+        distinct: list[int] = []
+        for i, features in enumerate(found):
+            if features is not None:
+                continue
+            same = next(
+                (j for j in distinct if torch.equal(grid[j], grid[i]) and torch.equal(images[j], images[i])), None
+            )
+            if same is None:
+                distinct.append(i)
+                same = i
+            first_of[i] = same
+        if distinct:
+            with torch.no_grad():
+                output = encode(torch.cat([images[i] for i in distinct]), grid[distinct], return_dict=True)
+            self.encoded += len(distinct)
+            for position, i in enumerate(distinct):
+                features = {"class": type(output), "pooler_output": output.pooler_output[position]}
+                if output.get("deepstack_features") is not None:
+                    features["deepstack_features"] = [layer[position] for layer in output.deepstack_features]
+                self._store(images[i], grid[i], features)
+                found[i] = features
+            for i, same in first_of.items():
+                found[i] = found[same]
+        self.served += len(images)
+        result = {"pooler_output": tuple(features["pooler_output"] for features in found)}
+        if "deepstack_features" in found[0]:
+            layers = len(found[0]["deepstack_features"])
+            result["deepstack_features"] = [
+                tuple(features["deepstack_features"][layer] for features in found) for layer in range(layers)
+            ]
+        return found[0]["class"](**result)
+
+    @staticmethod
+    def _key(patches: torch.Tensor, grid: torch.Tensor) -> tuple:
+        # A cheap summary narrows the candidates; `torch.equal` decides.
+        return (tuple(grid.tolist()), float(patches.float().sum()), float(patches[::2].float().abs().sum()))
+
+    def _lookup(self, patches: torch.Tensor, grid: torch.Tensor) -> dict[str, Any] | None:
+        for stored, features in self.entries.get(self._key(patches, grid), []):
+            if torch.equal(stored, patches):
+                return features
+        return None
+
+    def _store(self, patches: torch.Tensor, grid: torch.Tensor, features: dict[str, Any]) -> None:
+        self.entries.setdefault(self._key(patches, grid), []).append((patches, features))
+
+
+def generation_reuse_blocker(model: Any, family: ModelFamily) -> str | None:
+    """GRPO: None when `ImageFeatureCache` serves exactly what the forwards compute; else why not."""
+    if family.name not in FLAT_PATCH_FAMILIES:
+        return f"reuse across generations is implemented for the Qwen-VL families, not {family.name}"
+    return image_feature_reuse_blocker(model, family)

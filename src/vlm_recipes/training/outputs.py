@@ -13,6 +13,7 @@ from vlm_recipes.run_folder import (
     TRAINING_ARGS_PICKLE,
     TRAINING_LOG,
     loss_points,
+    metric_points,
 )
 from vlm_recipes.training.distributed import save_frozen_adapters_under_zero3
 
@@ -85,7 +86,7 @@ def summary_lines(log_history: list[dict[str, Any]], output_dir: str | Path, key
         (first_step, first), (last_step, last) = points[0], points[-1]
         lines.append(f"loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
     for key in keys:
-        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        points = metric_points(log_history, key)
         if points:
             lines.append(
                 f"{key}: {points[0][1]:.4f} at step {points[0][0]} -> {points[-1][1]:.4f} at step {points[-1][0]}"

@@ -18,9 +18,12 @@ def plot_training_log(
     loss_keys: tuple[str, ...] = LOSS_KEYS,
     metric_keys: tuple[str, ...] = (),
     title: str | None = None,
+    panels: tuple[tuple[str, tuple[str, ...]], ...] = (),
 ) -> Path | None:
     """Write the plot to `path`; None (and no file) when the log holds none of the keys. `metric_keys`: the
-    answer-level metrics evaluation during training logs (`eval_<set>/<metric>`, each between 0 and 1)."""
+    answer-level metrics evaluation during training logs (`eval_<set>/<metric>`, each between 0 and 1). `panels`: more
+    groups of logged values, each (panel name, keys) in a panel of its own (GRPO's rewards, their spread, completion
+    length and KL)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: training machines usually have none
@@ -28,13 +31,17 @@ def plot_training_log(
 
     panels = [
         (name, keys)
-        for name, keys in (("loss", loss_keys), ("evaluation", metric_keys))
+        for name, keys in (("loss", loss_keys), ("evaluation", metric_keys), *panels)
         if any(series(log_history, key)[0] for key in keys)
     ]
     if not panels:
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for axis, (name, keys) in zip(axes[0], panels):
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (name, keys) in zip(axes.flat, panels):
         for key in keys:
             steps, values = series(log_history, key)
             if steps:

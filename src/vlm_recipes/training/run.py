@@ -105,6 +105,11 @@ def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
     )
 
 
+def data_processes(training_args: Any) -> int | None:
+    """TRL's `dataset_num_proc` (GRPO's config has none: one process)."""
+    return getattr(training_args, "dataset_num_proc", None)
+
+
 def prepare_output_and_data(
     recipe: TrainingRecipe, processor: Any, task: str, reads: dict[str, Any] | None = None
 ) -> tuple[Any, Any]:
@@ -129,13 +134,15 @@ def prepare_output_and_data(
     wait_for_everyone()
     # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
+    max_length, reserved_tokens = recipe.length_limit()
+    num_proc = data_processes(training_args)
     with main_process_first():
         train_dataset, eval_dataset, data_report = load_datasets(
             data_args,
             seed=training_args.seed,
             need_eval=training_args.eval_strategy != "no",
             task=task,
-            num_proc=training_args.dataset_num_proc,
+            num_proc=num_proc,
         )
         # With the processor alone (no weights): images decoded and made RGB at a size it takes, true token lengths.
         train_dataset, eval_dataset = check_training_data(
@@ -144,8 +151,9 @@ def prepare_output_and_data(
             data_report,
             processor,
             recipe.reliability,
-            training_args.max_length,
-            training_args.dataset_num_proc,
+            max_length,
+            num_proc,
+            reserved_tokens=reserved_tokens,
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
@@ -203,7 +211,7 @@ def prepare_eval_sets(
             rows, report = load_eval_set(
                 eval_set,
                 seed=training_args.seed,
-                num_proc=training_args.dataset_num_proc,
+                num_proc=data_processes(training_args),
                 limit=eval_set.max_samples or evaluation.eval_generation_rows,
             )
             _, rows = check_training_data(
@@ -212,8 +220,8 @@ def prepare_eval_sets(
                 report,
                 processor,
                 recipe.reliability,
-                training_args.max_length,
-                training_args.dataset_num_proc,
+                recipe.length_limit()[0],
+                data_processes(training_args),
             )
         if report.rejected:
             print_main(

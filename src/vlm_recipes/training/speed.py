@@ -34,10 +34,11 @@ SPEED_DEFAULTS = {"train_sampling_strategy": GROUP_BY_LENGTH}
 MAX_DEFAULT_WORKERS = 4
 
 
-def apply_speed_defaults(recipe: TrainingRecipe) -> None:
-    """Our defaults for the training arguments, where the recipe is silent: length-grouped batching; on GPUs, image
-    decoding and resizing in dataloader workers (on CPUs they would take cores from the training itself)."""
-    defaults = dict(SPEED_DEFAULTS)
+def apply_speed_defaults(recipe: TrainingRecipe, length_grouping: bool = True) -> None:
+    """Our defaults for the training arguments, where the recipe is silent: length-grouped batching (unless the
+    method samples rows its own way: GRPO repeats each prompt, KTO takes rows in order); on GPUs, image decoding and
+    resizing in dataloader workers (on CPUs they would take cores from the training itself)."""
+    defaults = dict(SPEED_DEFAULTS) if length_grouping else {}
     if torch.cuda.is_available():
         per_process = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         defaults["dataloader_num_workers"] = max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))

@@ -22,15 +22,19 @@ What each trainer adds to TRL's, and where the feature lives:
   NaN or infinite loss or gradient before the optimizer step (the loss of every micro-batch is recorded by
   `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
   `train` loads) and no step past `max_steps`, a warning for a run that does not learn;
-- DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`).
+- DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`);
+- GRPO: the rewards (`tasks.rewards`) handed to TRL; each prompt's images encoded once per generation batch for all its
+  generations, the reference and the policy passes (`training.image_features.ImageFeatureCache`);
+- KTO: TRL's own vision collator and sequential sampling (its KL estimate pairs neighbouring rows), the same optimizer
+  groups and guards.
 
-A new method (GRPO, KTO) gets a class of the same shape: `_before_trl`, TRL's `__init__`, `_after_trl`, and the same
-overrides.
+A new method gets a class of the same shape: `_before_trl`, TRL's `__init__`, `_after_trl`, and the same overrides.
 """
 
+from contextlib import nullcontext
 from typing import Any
 
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from vlm_recipes.compat import count_tokens_of_global_batch, warn_if_untested
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
@@ -40,7 +44,12 @@ from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
 from vlm_recipes.training.guards import FaultGuards, install_fault_guards
-from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
+from vlm_recipes.training.image_features import (
+    ImageFeatureCache,
+    generation_reuse_blocker,
+    image_feature_reuse_blocker,
+    with_image_features,
+)
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
 from vlm_recipes.training.padding_free import pack_for_forward
 from vlm_recipes.training.speed import (
@@ -210,6 +219,142 @@ class VLMDPOTrainer(DPOTrainer):
                 )
             if self.image_reuse_blocker is None:
                 inputs = with_image_features(model, self.family, inputs)
+        with lm_head_positions(self.speed):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        self.fault_guards.loss_computed(loss)
+        return loss
+
+
+class VLMGRPOTrainer(GRPOTrainer):
+    """TRL's `GRPOTrainer` for a vision-language model (see the module docstring for what it adds). TRL samples its own
+    batches (each prompt repeated once per generation), so no length grouping; it collates nothing (the processor runs
+    at generation), so no collator swap."""
+
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any,
+        *,
+        reward_funcs: list[Any],
+        setup: ModelSetup,
+        speed: SpeedArguments,
+        reliability: ReliabilityArguments,
+    ):
+        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.image_features = ImageFeatureCache()
+        self.image_reuse_blocker: str | None = None  # why image features cannot be reused; decided at first use
+        self._image_reuse_decided = False
+        _before_trl(args, model, setup, speed)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+        )
+        self.fault_guards = _after_trl(self, speed, reliability)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
+        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _reuses_image_features(self, model: Any) -> bool:
+        if not self.speed.reuse_image_features:
+            return False
+        if not self._image_reuse_decided:  # on the model as the trainer holds it by now (DDP, FSDP visible)
+            self.image_reuse_blocker = generation_reuse_blocker(model, self.family)
+            self._image_reuse_decided = True
+            print_main(
+                "GRPO image features: each prompt's images encoded once per generation batch, for every generation, "
+                "the reference and the policy"
+                if self.image_reuse_blocker is None
+                else f"GRPO image features: encoded for every pass, as TRL does ({self.image_reuse_blocker})"
+            )
+        return self.image_reuse_blocker is None
+
+    def _generate_and_score_completions(self, inputs: Any) -> Any:
+        # private: trl 1.16 GRPOTrainer._generate_and_score_completions(inputs), see compat.OVERRIDDEN_TRL_METHODS
+        self.image_features.clear()  # a new generation batch
+        serving = (
+            self.image_features.serving(self.model_wrapped)
+            if self._reuses_image_features(self.model_wrapped)
+            else nullcontext()
+        )
+        with serving, lm_head_positions(self.speed):
+            return super()._generate_and_score_completions(inputs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        serving = self.image_features.serving(model) if self._reuses_image_features(model) else nullcontext()
+        with serving, lm_head_positions(self.speed):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        self.fault_guards.loss_computed(loss)
+        return loss
+
+
+class VLMKTOTrainer(KTOTrainer):
+    """TRL's `KTOTrainer` for a vision-language model (see the module docstring for what it adds). TRL takes the rows
+    in order (its KL estimate pairs each row with its neighbour's completion), so no length grouping."""
+
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any,
+        *,
+        setup: ModelSetup,
+        speed: SpeedArguments,
+        reliability: ReliabilityArguments,
+    ):
+        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        _before_trl(args, model, setup, speed)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+        )
+        self.fault_guards = _after_trl(self, speed, reliability)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
+        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         with lm_head_positions(self.speed):
             return super().compute_loss(model, inputs, *args, **kwargs)
 

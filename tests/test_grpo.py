@@ -1,0 +1,265 @@
+"""GRPO: the rewards are the task's own metrics verdict for verdict, the answer-format reward, the prompt length check
+(prompt + completion within max_length, counted as the trainer renders the prompt), recipes that cannot work, and one
+short run through the real entry point."""
+
+import json
+import math
+
+import pytest
+from conftest import REPO_ROOT
+from test_task_metrics import (
+    DERIVED_LABELS,
+    _is_float,
+    number_variants,
+    published_relaxed_correctness,
+    text_variants,
+)
+
+from vlm_recipes.grpo import main
+from vlm_recipes.hub.card import model_card
+from vlm_recipes.run_folder import SavedRun
+from vlm_recipes.tasks import get_task
+from vlm_recipes.tasks.rewards import FORMAT_REWARD, MetricReward, has_answer_form, reward_functions
+
+
+CHARTQA = get_task("chartqa")
+DEMO_RECIPE = REPO_ROOT / "recipes" / "demo" / "grpo_lora.yaml"
+
+
+def assistant(text):
+    """One completion as TRL hands conversational completions to a reward."""
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def chartqa_pairs(chartqa_human_rows):
+    """(label, prediction) pairs from the real ChartQA test labels and the answer shapes models produce."""
+    pairs = []
+    for label in [row["label"] for row in chartqa_human_rows] + DERIVED_LABELS:
+        numeric = published_relaxed_correctness(label, label) and _is_float(label.rstrip("%"))
+        variants = number_variants(label.rstrip("%").replace(",", "")) if numeric else text_variants(label)
+        pairs += [(label, prediction) for prediction in dict.fromkeys(variants + text_variants(label))]
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards
+
+
+def test_the_accuracy_reward_is_the_published_metric_verdict_for_verdict(chartqa_pairs):
+    prompts = [[{"role": "user", "content": [{"type": "text", "text": "Value?"}]}]] * len(chartqa_pairs)
+    rewards = MetricReward(CHARTQA, "relaxed_accuracy")(
+        prompts=prompts,
+        completions=[assistant(prediction) for _, prediction in chartqa_pairs],
+        answers=[["not this one", label] for label, _ in chartqa_pairs],
+        question=["Value?"] * len(chartqa_pairs),
+        trainer_state=object(),  # what TRL adds to the call is not a row column
+        completion_ids=[[0]] * len(chartqa_pairs),
+    )
+    expected = [float(published_relaxed_correctness(label, p.strip())) for label, p in chartqa_pairs]
+    assert rewards == expected
+    assert 0.2 < sum(rewards) / len(rewards) < 0.8  # both verdicts, often
+    # The same numbers `evaluate` computes for these answers
+    evaluated = [
+        CHARTQA.score(p, {"answers": ["not this one", label]}).values["relaxed_accuracy"] for label, p in chartqa_pairs
+    ]
+    assert rewards == evaluated
+
+
+@pytest.mark.parametrize("metric", ["relaxed_accuracy_normalized", "exact_match"])
+def test_every_chartqa_metric_can_be_a_reward(chartqa_pairs, metric):
+    completions = [prediction for _, prediction in chartqa_pairs]  # plain-text completions too
+    rewards = MetricReward(CHARTQA, metric)(
+        prompts=["Value?"] * len(chartqa_pairs),
+        completions=completions,
+        answers=[[label] for label, _ in chartqa_pairs],
+    )
+    assert rewards == [CHARTQA.score(p, {"answers": [label]}).values[metric] for label, p in chartqa_pairs]
+    assert 0 < sum(rewards) < len(rewards)
+
+
+@pytest.mark.parametrize(
+    "task, answer, options, form",
+    [
+        ("chartqa", "42", None, True),
+        ("chartqa", " 12.5% ", None, True),
+        ("chartqa", "the green line in 2019", None, True),  # five words
+        ("chartqa", "the value of the green line", None, False),  # six
+        ("chartqa", "42\n43", None, False),
+        ("chartqa", "", None, False),
+        ("chartqa", "4\x002", None, False),
+        ("chartqa", "4\ufffd", None, False),  # an incomplete UTF-8 sequence, decoded
+        ("multiple_choice", "B", ["x", "y"], True),
+        ("multiple_choice", "(B)", ["x", "y"], True),
+        ("multiple_choice", "C", ["x", "y"], False),  # not one of the row's options
+        ("multiple_choice", "B because", ["x", "y"], False),
+        ("conversation", "A long answer\nover two lines.", None, True),
+    ],
+)  # fmt: skip
+def test_answer_format(task, answer, options, form):
+    assert has_answer_form(task, answer, {"options": options}) is form
+
+
+def test_the_format_reward_scores_each_completion():
+    (accuracy, answer_format) = reward_functions(CHARTQA, ["relaxed_accuracy", FORMAT_REWARD])
+    assert (accuracy.__name__, answer_format.__name__) == ("relaxed_accuracy", "answer_format")  # TRL's log names
+    completions = [assistant("7"), assistant("seven is the number I see here"), assistant("")]
+    assert answer_format(prompts=["q"] * 3, completions=completions, answers=[["7"]] * 3) == [1.0, 0.0, 0.0]
+    assert accuracy(prompts=["q"] * 3, completions=completions, answers=[["7"]] * 3) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "task, names, fragment",
+    [
+        ("chartqa", ["anls"], "'anls' is not a reward of task 'chartqa'"),
+        ("multiple_choice", ["unparsed"], "lower is better"),
+        ("chartqa", ["relaxed_accuracy", "relaxed_accuracy"], "names a reward twice"),
+    ],
+)
+def test_rewards_that_are_not_the_tasks_are_refused(task, names, fragment):
+    from vlm_recipes.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
+        reward_functions(get_task(task), names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length check: each prompt, as the trainer renders it, plus max_completion_length within max_length
+
+
+def test_prompt_lengths_are_counted_as_the_trainer_renders_them(tiny_qwen, chartqa_dir):
+    from transformers import AutoProcessor
+
+    from vlm_recipes.configs import DataArguments, ReliabilityArguments
+    from vlm_recipes.data.checks import check_training_data
+    from vlm_recipes.data.lengths import TokenCounter
+    from vlm_recipes.data.loading import load_datasets
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    train, _, report = load_datasets(DataArguments(dataset_name=str(chartqa_dir), formatter="chartqa"), task="prompt")
+    train = train.select(range(8))
+    counter = TokenCounter(processor)
+    lengths = [counter.count_row(row).total for row in train]
+    # What TRL's GRPOTrainer tokenizes before generating (`_tokenize_prompts`): the prompt and the generation prompt
+    for row, length in zip(train, lengths, strict=True):
+        prompt = [
+            {
+                **m,
+                "content": [
+                    {"type": "image", "image": row["images"][0]} if b["type"] == "image" else b for b in m["content"]
+                ],
+            }
+            for m in row["prompt"]
+        ]
+        rendered = processor.apply_chat_template([prompt], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert len(rendered["input_ids"][0]) == length
+
+    completion, longest = 16, max(lengths)
+    kept, _ = check_training_data(
+        train, None, report, processor, ReliabilityArguments(), longest + completion, reserved_tokens=completion
+    )
+    assert len(kept) == len(train)
+    one_less, _ = check_training_data(
+        train, None, report, processor, ReliabilityArguments(), longest + completion - 1, reserved_tokens=completion
+    )
+    assert len(one_less) == len(train) - lengths.count(longest)
+    reasons = report.to_dict()["train"]["rejected_by_reason"]
+    assert reasons["longer than max_length"]["count"] == lengths.count(longest)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes that cannot work fail before any weights load, with one message
+
+
+def grpo_args(model, data, output_dir, *extra):
+    return [
+        str(value)
+        for value in (
+            DEMO_RECIPE, "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir,
+            "--overwrite_output_dir", "false", *extra,
+        )
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--reward_weights", "1.0"], "`reward_weights` has 1 weight(s) for 2 reward(s)"),
+        (["--reward_functions", "anls"], "'anls' is not a reward of task 'chartqa'"),
+        (["--max_length", "64", "--max_completion_length", "64"], "leaves no room for a prompt within `max_length`"),
+        (["--use_vllm", "true"], "`use_vllm: true` needs"),
+        (["--reference", "sft_merged"], "set `sft_adapter_path` too"),
+        (["--max_length", "40"], "longer than max_length"),  # every prompt is: the run stops before the weights load
+    ],
+)  # fmt: skip
+def test_recipes_that_cannot_work_are_explained(capsys, tiny_qwen, chartqa_dir, tmp_path, extra, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(grpo_args(tiny_qwen, chartqa_dir, tmp_path / "o", *extra))
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end, through the real entry point: a few steps on the tiny model with the KL term (the reference pass)
+
+
+def test_grpo_run_logs_each_reward_and_saves_an_adapter(capsys, tiny_qwen, chartqa_dir, tmp_path):
+    # In process: `main` as `python -m vlm_recipes.grpo` calls it, without a second import of torch and TRL (~35 s CPU)
+    output_dir = tmp_path / "grpo"
+    main([
+        *grpo_args(tiny_qwen, chartqa_dir, output_dir),
+        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+    ])  # fmt: skip
+    console = "".join(capsys.readouterr())
+    assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
+    assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
+    log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
+    assert len(log) == 2
+    for entry in log:
+        accuracy, answer_form = entry["rewards/relaxed_accuracy/mean"], entry["rewards/answer_format/mean"]
+        assert 0 <= accuracy <= 1 and 0 <= answer_form <= 1
+        assert entry["reward"] == pytest.approx(accuracy + answer_form)  # weighted 1 and 1
+        assert 1 <= entry["completions/mean_length"] <= 3
+        assert math.isfinite(entry["kl"]) and entry["kl"] >= 0 and math.isfinite(entry["loss"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "training_plot.png", "recipe.yaml", "README.md"):
+        assert (output_dir / name).is_file(), name
+    card = model_card(SavedRun.read(output_dir), "me/grpo", None)  # what a push writes
+    assert "group relative policy optimization" in card
+    for key in ("reward", "rewards/relaxed_accuracy/mean", "rewards/answer_format/mean", "reward_std", "kl"):
+        assert f"- {key}: " in card and " at step 1 -> " in card, key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images once: a GRPO batch repeats each prompt's image per generation; the cache encodes each distinct image once
+
+
+def test_image_feature_cache_encodes_each_image_once_with_the_same_logits(tiny_qwen):
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_recipes.training.image_features import ImageFeatureCache
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    charts = [Image.new("RGB", (56, 84), "white"), Image.new("RGB", (56, 84), "navy")]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Value?"}]}]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    # Two prompts, three generations each, as TRL lays out a generation batch
+    batch = processor(text=[text] * 6, images=[[charts[0]]] * 3 + [[charts[1]]] * 3, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        cache = ImageFeatureCache()
+        with cache.serving(model):
+            first = model(**batch).logits  # the generation's pass: two encodings
+            again = model(**batch).logits  # the reference's and the policy's: none
+    assert (cache.encoded, cache.served) == (2, 12)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(again, expected)
+    assert "get_image_features" not in vars(model.model)  # the model's own method is back
+    cache.clear()
+    with torch.no_grad(), cache.serving(model):
+        model(**batch)
+    assert cache.encoded == 4  # a new generation batch encodes again
