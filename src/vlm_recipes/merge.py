@@ -10,10 +10,10 @@ A DPO adapter that applies on top of an SFT adapter (`sft_adapter/` in its folde
 base + SFT + DPO: the SFT adapter is merged first (`modeling.loading.load_for_inference`).
 """
 
-import argparse
 import shutil
 from pathlib import Path
 
+from vlm_recipes.cli import add_bool_option, command_parser
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.modeling.adapters import adapter_model_arguments
@@ -69,17 +69,21 @@ def merge(
     return output
 
 
-@exit_on_recipe_error
-def main(argv: list[str] | None = None) -> Path:
-    setup_console()
-    parser = argparse.ArgumentParser(prog="python -m vlm_recipes.merge", description=__doc__.splitlines()[0])
+def build_parser():
+    parser = command_parser("vlm-recipes merge", __doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="The adapter folder (a LoRA/QLoRA run's output_dir).")
     parser.add_argument("--output_dir", required=True, help="A new (or empty) folder for the merged model.")
     parser.add_argument("--base", default=None, help="The base model, when not the one adapter_config.json names.")
     parser.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="Default: the recipe's, else bfloat16.")
-    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the base model's own code.")
-    args = parser.parse_args(argv)
+    add_bool_option(parser, "--overwrite_output_dir", "Replace a non-empty --output_dir (an earlier merge only).")
+    add_bool_option(parser, "--trust_remote_code", "Allow the base model's own code from its repository.")
+    return parser
+
+
+@exit_on_recipe_error
+def main(argv: list[str] | None = None) -> Path:
+    setup_console()
+    args = build_parser().parse_args(argv)
     return merge(
         args.adapter,
         args.output_dir,

@@ -7,8 +7,7 @@ results; never checkpoints, optimizer states or pickles (see `vlm_recipes.hub.up
 else HF_TOKEN, else the login cached by `hf auth login`; it is never printed or written anywhere.
 """
 
-import argparse
-
+from vlm_recipes.cli import add_bool_option, command_parser
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.hub.push import push_output_dir
@@ -16,30 +15,26 @@ from vlm_recipes.hub.token import hub_target
 from vlm_recipes.run_folder import read_saved_recipe
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in {"true", "yes", "1"}:
-        return True
-    if text.lower() in {"false", "no", "0"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def build_parser():
+    parser = command_parser("vlm-recipes push", __doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="The output folder of a finished training run.")
+    parser.add_argument("--hub_model_id", default=None, help="owner/name of the repository (default: the recipe's).")
+    add_bool_option(
+        parser,
+        "--hub_private_repo",
+        "Create the repository private (true) or public (false). Default: the recipe's, else the Hub's default. "
+        "An existing repository keeps its visibility.",
+        default=None,
+    )
+    parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the cached login).")
+    parser.add_argument("--commit_message", default=None, help='Default: "Upload <folder name> (vlm-recipes)".')
+    return parser
 
 
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> str:
     setup_console()
-    parser = argparse.ArgumentParser(prog="python -m vlm_recipes.push", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", help="The output folder of a finished training run.")
-    parser.add_argument("--hub_model_id", default=None, help="owner/name of the repository (default: the recipe's).")
-    parser.add_argument(
-        "--hub_private_repo",
-        type=_bool,
-        default=None,
-        help="Create the repository private (true) or public (false). Default: the recipe's, else the Hub's default. "
-        "An existing repository keeps its visibility.",
-    )
-    parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the cached login).")
-    parser.add_argument("--commit_message", default=None)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     saved = read_saved_recipe(args.output_dir)
     private = args.hub_private_repo if args.hub_private_repo is not None else saved.get("hub_private_repo")
     target = hub_target(args.hub_model_id or saved.get("hub_model_id"), private, args.hub_token)
