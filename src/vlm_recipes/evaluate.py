@@ -22,11 +22,12 @@ from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
 from vlm_recipes.evaluation.sets import EvalSet, apply_task_defaults, load_eval_set, resolve_eval_sets
+from vlm_recipes.hub.card import write_card_at_save
 from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.processes import is_main_process, main_process_first
 from vlm_recipes.recipe import parse_recipe
-from vlm_recipes.run_folder import EVAL_RESULTS_FILE, predictions_file, sft_adapter_under
+from vlm_recipes.run_folder import EVAL_RESULTS_FILE, RECIPE_FILE, predictions_file, sft_adapter_under
 from vlm_recipes.sft import SFTRecipe
 
 
@@ -191,6 +192,8 @@ def evaluate(recipe: EvaluateRecipe) -> dict[str, Any]:
         for (set_name, name), outcome in outcomes.items():
             write_predictions(output_dir / predictions_file(set_name, name), outcome)
         (output_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        if (output_dir / RECIPE_FILE).is_file() and any(output_dir.glob("*.safetensors")):
+            write_card_at_save(output_dir)  # the results sit beside the model they describe: its card shows them
     print_main(
         f"\nEvaluation of {model_args.model_name_or_path}"
         + (f" + adapter {command.adapter}" if command.adapter else ""),

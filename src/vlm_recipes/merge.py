@@ -16,9 +16,10 @@ from pathlib import Path
 from vlm_recipes.cli import add_bool_option, command_parser
 from vlm_recipes.console import print_main, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
+from vlm_recipes.hub.card import write_card_at_save
 from vlm_recipes.modeling.adapters import adapter_model_arguments
 from vlm_recipes.modeling.loading import load_for_inference
-from vlm_recipes.run_folder import RECIPE_FILE, sft_adapter_under
+from vlm_recipes.run_folder import RECIPE_FILE, RUN_INFO_FILE, TRAINING_LOG, sft_adapter_under
 from vlm_recipes.training.output_folder import prepare_output_dir
 
 
@@ -63,8 +64,10 @@ def merge(
     merged = model.merge_and_unload()
     merged.save_pretrained(output, safe_serialization=True)
     processor.save_pretrained(output)
-    if (Path(adapter) / RECIPE_FILE).is_file():  # what the merged weights were trained with
-        shutil.copyfile(Path(adapter) / RECIPE_FILE, output / RECIPE_FILE)
+    for name in (RECIPE_FILE, TRAINING_LOG, RUN_INFO_FILE):  # how the merged weights were trained, for the card
+        if (Path(adapter) / name).is_file():
+            shutil.copyfile(Path(adapter) / name, output / name)
+    write_card_at_save(output)
     print_main(f"Merged model in {output.resolve()}")
     return output
 
