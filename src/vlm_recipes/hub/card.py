@@ -266,8 +266,10 @@ def model_card(run: SavedRun, repo_id: str, license_name: str | None) -> str:
         lines += ["", *versions]
     if run.recipe_text:
         lines += ["", "## Recipe", "", f"The recipe as run (`{RECIPE_FILE}` in this repository):", "", "```yaml"]
-        lines += [without_local_paths(run.recipe_text)[0].rstrip(), "```"]  # as the push uploads recipe.yaml
-    return "\n".join(lines) + "\n"
+        lines += [run.recipe_text.rstrip(), "```"]
+    # Local folders (a local base model or dataset, the output folder) by their last part only, as a push uploads the
+    # run's files: the card is the same in the folder and on the Hub.
+    return without_local_paths("\n".join(lines) + "\n")[0]
 
 
 def card_repo_id(output_dir: str | Path, hub_model_id: str | None) -> str:
