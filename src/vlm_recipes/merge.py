@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from vlm_recipes.cli import add_bool_option, command_parser
-from vlm_recipes.console import print_main, setup_console
+from vlm_recipes.console import print_main, print_summary, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub.card import write_card_at_save
 from vlm_recipes.modeling.adapters import adapter_model_arguments
@@ -68,7 +68,14 @@ def merge(
         if (Path(adapter) / name).is_file():
             shutil.copyfile(Path(adapter) / name, output / name)
     write_card_at_save(output)
-    print_main(f"Merged model in {output.resolve()}")
+    print_summary(
+        "merge",
+        [f"Merged model in {output.resolve()} (safetensors, processor, card: README.md)"],
+        [
+            f"vlm-recipes chat --model {output} --image IMAGE --question QUESTION",
+            f"vlm-recipes push {output} --dry_run",
+        ],
+    )
     return output
 
 

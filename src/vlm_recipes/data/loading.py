@@ -13,6 +13,7 @@ from datasets import Dataset, DatasetDict, Image, List, Sequence, Value, load_da
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
+from vlm_recipes.console import quiet_progress
 from vlm_recipes.data.formatters import FormatError, FormatterSpec, find_matching_formatters, get_formatter
 from vlm_recipes.data.report import DataReport, SplitReport
 from vlm_recipes.errors import DataError, RecipeError
@@ -245,6 +246,7 @@ def format_split(
     return _cast_images(formatted)
 
 
+@quiet_progress()  # datasets' bars for split generation, formatting and casts off: the logged line says what it did
 def load_datasets(
     data_args: DataArguments,
     *,

@@ -13,6 +13,7 @@ from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.recipe import TrainingRecipe, save_recipe
 from vlm_recipes.run_folder import (
     ADAPTER_WEIGHTS,
+    CARD_FILE,
     RECIPE_FILE,
     RUN_INFO_FILE,
     TRAINING_ARGS_PICKLE,
@@ -138,9 +139,24 @@ def check_saved_adapters(model: Any, output_dir: str | Path) -> None:
         )
 
 
+def next_commands(recipe: TrainingRecipe, output_dir: str | Path, pushed: bool = False) -> list[str]:
+    """What a user runs after a training run: evaluate it (SFT: with its own recipe; the evaluate command takes a task
+    recipe, which a DPO recipe is not), ask it a question, see what a push would upload."""
+    folder = str(output_dir)
+    commands = []
+    if recipe.entry_point == "vlm_recipes.sft" and recipe.source:
+        commands.append(f"vlm-recipes evaluate {recipe.source} --adapter {folder}")
+    elif recipe.entry_point == "vlm_recipes.dpo":
+        commands.append(f"vlm-recipes evaluate TASK_RECIPE.yaml --adapter {folder}   # e.g. recipes/chartqa.yaml")
+    commands.append(f"vlm-recipes chat --adapter {folder} --image IMAGE --question QUESTION")
+    if not pushed:
+        commands.append(f"vlm-recipes push {folder} --dry_run   # then without --dry_run, with --hub_model_id")
+    return commands
+
+
 def summary_lines(log_history: list[dict[str, Any]], output_dir: str | Path, keys: tuple[str, ...] = ()) -> list[str]:
     """What a user wants at the end: where the outputs are and how the metrics moved from first to last log."""
-    lines = [f"Outputs in {Path(output_dir).resolve()}"]
+    lines = [f"Outputs in {Path(output_dir).resolve()} (card: {CARD_FILE})"]
     points = loss_points(log_history)
     if points:
         (first_step, first), (last_step, last) = points[0], points[-1]
