@@ -31,6 +31,7 @@ from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.plots import plot_title
 from vlm_recipes.training.run import (
     check_run_settings,
     load_training_model,
@@ -156,7 +157,8 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
     )
     if policy.reference != "sft_adapter":
         use_disabled_adapter_as_reference(trainer.model)
-    trainer.add_callback(TrainingPlotCallback())  # training_plot.png: loss and reward metrics by step
+    title = plot_title(recipe.model.model_name_or_path, "preference", recipe.source)
+    trainer.add_callback(TrainingPlotCallback(title=title))  # training_plot.png: loss, reward margins and accuracies
     if trainer.is_world_process_zero():
         save_sft_adapter_copy(recipe)
     return trainer

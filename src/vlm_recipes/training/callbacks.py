@@ -53,19 +53,26 @@ class TrainingPlotCallback(TrainerCallback):
     """At the end of training, `training_plot.png` in the output folder: losses and, by step, the answer-level
     metrics named in `metric_keys` (those `GenerationEvaluationCallback` logs)."""
 
-    def __init__(self, metric_keys: tuple[str, ...] = ()):
+    def __init__(self, metric_keys: tuple[str, ...] = (), title: str | None = None):
         self.metric_keys = metric_keys
+        self.title = title
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             output_dir = Path(args.output_dir)
             plot_training_log(
-                state.log_history, output_dir / PLOT_FILE, metric_keys=self.metric_keys, title=output_dir.name
+                state.log_history,
+                output_dir / PLOT_FILE,
+                metric_keys=self.metric_keys,
+                title=self.title or output_dir.name,
             )
 
 
 def add_evaluation_callbacks(
-    trainer: Any, evaluation: EvaluationArguments, sets: list[tuple[EvalSet, Any]] | None
+    trainer: Any,
+    evaluation: EvaluationArguments,
+    sets: list[tuple[EvalSet, Any]] | None,
+    plot_title: str | None = None,
 ) -> None:
     """Generation-based evaluation of each evaluation set (when the run evaluates) and the end-of-training plot."""
     args = trainer.args
@@ -80,4 +87,4 @@ def add_evaluation_callbacks(
             )
         )
     keys = tuple(metric_key(eval_set.name, metric) for eval_set, _ in sets for metric in eval_set.task.metric_names)
-    trainer.add_callback(TrainingPlotCallback(keys))
+    trainer.add_callback(TrainingPlotCallback(keys, title=plot_title))
