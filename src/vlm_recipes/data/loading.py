@@ -307,10 +307,7 @@ def load_datasets(
             "eval",
             num_proc,
         )
-    logger.info(
-        "Data: %d training rows, %s evaluation rows from %s",
-        len(train) if train is not None else 0,
-        len(evaluation) if evaluation else 0,
-        source,
-    )
+    counts = [f"{len(train)} training rows"] if format_train and train is not None else []
+    counts += [f"{len(evaluation) if evaluation else 0} evaluation rows"]  # evaluation alone: no "0 training rows"
+    logger.info("Data: %s from %s", ", ".join(counts), source)
     return train, evaluation, report
