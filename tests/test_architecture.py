@@ -16,6 +16,7 @@ LAYERS = {
     # recipe fields, parsing, errors, console, processes, the run folder's names, the libraries' private parts
     "foundation": (
         "vlm_recipes",
+        "vlm_recipes.cli",  # the `vlm-recipes` command: the table of subcommands, stored help, option style
         "vlm_recipes.compat",
         "vlm_recipes.configs",
         "vlm_recipes.console",

@@ -70,12 +70,21 @@ def test_reference_page_is_generated_from_the_current_code():
 def test_reference_command_writes_the_page_and_check_reports_a_stale_one(tmp_path, capsys):
     page = tmp_path / "reference.md"
     page.write_text("# an old page\n", encoding="utf-8")
-    assert docs_reference.main(["--output", str(page), "--check"]) == 1
+    assert docs_reference.main(["--output", str(page), "--help_dir", str(tmp_path / "help"), "--check"]) == 1
     assert page.read_text(encoding="utf-8") == "# an old page\n"  # --check writes nothing
     assert "out of date" in capsys.readouterr().err
-    assert docs_reference.main(["--output", str(page)]) == 0
+    assert docs_reference.main(["--output", str(page), "--help_dir", str(tmp_path / "help")]) == 0
     assert page.read_text(encoding="utf-8") == docs_reference.render()
-    assert docs_reference.main(["--output", str(page), "--check"]) == 0
+    assert docs_reference.main(["--output", str(page), "--help_dir", str(tmp_path / "help"), "--check"]) == 0
+    assert (tmp_path / "help" / "sft.txt").read_text(encoding="utf-8") == docs_reference.render_help()["sft.txt"]
+
+
+def test_stored_command_help_is_generated_from_the_current_code():
+    for name, text in docs_reference.render_help().items():
+        stored = docs_reference.HELP_DIR / name
+        assert stored.is_file() and stored.read_text(encoding="utf-8") == text, (
+            f"{stored} is out of date: run `python -m vlm_recipes.docs_reference` and commit it."
+        )
 
 
 def test_reference_lists_every_recipe_field_of_every_command_once():

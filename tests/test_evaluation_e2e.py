@@ -139,8 +139,58 @@ def test_the_adapter_is_pushed_once_at_the_end_with_its_card(trained):
     assert [result["dataset"]["type"] for result in results] == list(SET_TASKS)  # local data: named, no paths
     assert all(m["args"]["during_training_at_step"] == 6 for result in results for m in result["metrics"])
     assert (output_dir / "README.md").read_text() == card  # the local folder holds the same card
+    info = json.loads(commit["files"]["run_info.json"])  # the trainer's resolved settings, for the card
+    assert info["global_batch"] == info["per_device_train_batch_size"] * info["gradient_accumulation_steps"]
+    assert info["steps"] == 6 and info["train_runtime_seconds"] > 0 and info["hardware"].startswith("CPU")
+    assert f"- global batch: {info['global_batch']} = " in card and "- steps: 6 (" in card
+    assert "## Framework versions" in card and f"- trl: {info['framework_versions']['trl']}" in card
+    assert "## Intended use and limitations" in card
+    assert all(str(output_dir.parent) not in content.decode(errors="ignore") for content in commit["files"].values())
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "push_to_hub: true" in recipe and TOKEN not in recipe and TOKEN not in card
+
+
+def test_the_card_usage_snippet_runs(trained, tiny_qwen, tmp_path, monkeypatch, capsys):
+    """The card's Python snippet, with this machine's folders as the repository and the base (the card names a local
+    base by its folder's name only), loads the adapter and answers."""
+    from PIL import Image
+
+    from vlm_recipes.hub.card import model_card
+    from vlm_recipes.run_folder import SavedRun
+
+    output_dir = trained[0]
+    card = model_card(SavedRun.read(output_dir), str(output_dir), None)
+    snippet = card.split("## Usage\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert "PeftModel.from_pretrained(base," in snippet and f'"{tiny_qwen.name}"' in snippet
+    snippet = snippet.replace(f'"{tiny_qwen.name}"', f'"{tiny_qwen}"').replace(
+        f'"{output_dir.name}"', f'"{output_dir}"'
+    )
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (112, 84), "white").save(tmp_path / "chart.png")
+    scope = {}
+    exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "card-snippet", "exec"), scope)
+    assert scope["output"].shape[1] > scope["inputs"]["input_ids"].shape[1]  # it generated, and printed the answer
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_evaluate_results_beside_a_run_go_into_its_card(trained, evaluated, tmp_path):
+    """`evaluate --output_dir` the run's own folder: eval_results.json lands beside the adapter and the card shows it
+    (what the command does after writing it: `write_card_at_save`)."""
+    from vlm_recipes.hub.card import write_card_at_save
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.copyfile(evaluated[0] / "eval_results.json", run / "eval_results.json")
+    assert write_card_at_save(run)
+    card = (run / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    results = metadata["model-index"][0]["results"]
+    assert "base_model" not in metadata  # a local base model is never named by its path
+    adapter = json.loads((run / "eval_results.json").read_text())["eval_sets"]["chartqa"]["results"]["adapter"]
+    chartqa = next(result for result in results if result["dataset"]["type"] == "chartqa")
+    assert chartqa["metrics"][0]["value"] == round(adapter["relaxed_accuracy"], 4)
+    assert "during_training_at_step" not in str(results)  # the command's results, not the training log's
+    assert "### chartqa" in card and "| relaxed_accuracy |" in card
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +317,10 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, 
     assert "quantization_config" not in config and config["dtype"] == "float32"
     files = {path.name for path in merged_dir.iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files and "adapter_config.json" not in files
+    card = (merged_dir / "README.md").read_text()  # the package's card, not a library's boilerplate
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
+    assert "A fine-tune of" in card and "- global batch:" in card and "## Intended use and limitations" in card
 
     processor = AutoProcessor.from_pretrained(merged_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]}]

@@ -108,6 +108,37 @@ def test_plot_of_losses_and_evaluation_metrics(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_plot_panels_come_from_the_logged_metric_groups(tmp_path):
+    """DPO's reward margins and accuracies (training and evaluation), learning rate and gradient norm each get a panel;
+    keys no group names are not drawn."""
+    from vlm_recipes.training.plots import EVALUATION_PANEL, panels_for, plot_title
+
+    history = [
+        {"loss": 0.69, "grad_norm": 2.0, "learning_rate": 1e-6, "rewards/margins": 0.1, "rewards/accuracies": 0.5,
+         "rewards/chosen": 0.1, "logps/chosen": -40.0, "step": 1},
+        {"loss": 0.5, "grad_norm": 1.0, "learning_rate": 2e-6, "rewards/margins": 0.4, "rewards/accuracies": 0.75,
+         "step": 2},
+        {"eval_loss": 0.55, "eval_rewards/margins": 0.3, "eval_rewards/accuracies": 0.7, "step": 2},
+        {"eval_chartqa/relaxed_accuracy": 0.5, "step": 2},
+    ]  # fmt: skip
+    panels = {
+        panel.title: keys
+        for panel, keys in panels_for(history, ("loss", "eval_loss"), ("eval_chartqa/relaxed_accuracy",))
+    }
+    assert panels == {
+        "loss": ["loss", "eval_loss"],
+        "reward margin (chosen - rejected)": ["rewards/margins", "eval_rewards/margins"],
+        "reward accuracy (chosen > rejected)": ["rewards/accuracies", "eval_rewards/accuracies"],
+        "learning rate": ["learning_rate"],
+        "gradient norm": ["grad_norm"],
+        EVALUATION_PANEL: ["eval_chartqa/relaxed_accuracy"],
+    }
+    title = plot_title("/home/me/models/Qwen2.5-VL-7B-Instruct", "preference", "recipes/rlaif_v.yaml")
+    assert title == "Qwen2.5-VL-7B-Instruct | task preference | rlaif_v.yaml"
+    image = Image.open(plot_training_log(history, tmp_path / "dpo.png", title=title))
+    assert image.size[1] > 0.4 * image.size[0]  # six panels: two rows of three
+
+
 def test_greedy_generation_ignores_the_checkpoints_sampling_settings(tiny_model_and_processor):
     from vlm_recipes.evaluation.generate import greedy_generation_config
 

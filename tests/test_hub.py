@@ -41,7 +41,12 @@ class HubStandIn:
             return SimpleNamespace(repo_id=repo_id)
 
         def create_commit(api, repo_id, operations, *, commit_message, **kwargs):
-            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+            files = {
+                op.path_in_repo: op.path_or_fileobj
+                if isinstance(op.path_or_fileobj, bytes)
+                else Path(op.path_or_fileobj).read_bytes()
+                for op in operations
+            }
             stand_in.commits.append(
                 {"repo_id": repo_id, "files": files, "message": commit_message, "token": api.token}
             )
@@ -157,7 +162,12 @@ def test_push_sends_the_adapter_processor_card_and_results_only(monkeypatch, out
     assert commit["repo_id"] == "me/qwen-chartqa" and commit["token"] == TOKEN
     assert set(commit["files"]) == EXPECTED_FILES  # no checkpoint, optimizer, scheduler, pickle, predictions
     for name, content in commit["files"].items():
-        assert content == (output_dir / name).read_bytes(), name
+        if name == "recipe.yaml":  # `output_dir: <the local folder>`: uploaded as the folder's name alone
+            local = (output_dir / name).read_text()
+            assert str(output_dir) in local and content.decode() == local.replace(str(output_dir), "run")
+        else:
+            assert content == (output_dir / name).read_bytes(), name
+        assert str(output_dir.parent) not in content.decode(errors="ignore"), name
     assert hub.model_infos == ["Qwen/Qwen2.5-VL-7B-Instruct"]  # the base model's license, and nothing else
 
     card = commit["files"]["README.md"].decode()
@@ -193,6 +203,7 @@ def test_push_sends_the_adapter_processor_card_and_results_only(monkeypatch, out
     assert "dataset_name: HuggingFaceM4/ChartQA" in card and "learning_rate: 0.0002" in card  # the recipe
 
     out = capsys.readouterr()
+    assert "Local paths replaced by their last part in the upload: recipe.yaml (1)" in out.out
     assert "Kept local (not pushed): checkpoint-100/, optimizer.pt, predictions_adapter.jsonl" in out.out
     for text in [out.out, out.err, card] + [content.decode(errors="ignore") for content in commit["files"].values()]:
         assert TOKEN not in text
@@ -397,3 +408,59 @@ def test_a_dpo_run_on_a_merged_sft_adapter_pushes_it_and_its_card_says_how_to_lo
     )
     card = model_card(SavedRun.read(output_dir), "me/dpo", None)
     assert "--tuning_strategy qlora --adapter DIR" in card and "subfolder" not in card
+
+
+RUN_INFO = {
+    "processes": 2,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 8,
+    "global_batch": 64,
+    "learning_rate": 0.0002,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "precision": "bf16 mixed precision, 4-bit NF4 base",
+    "steps": 200,
+    "epochs": 1.5,
+    "train_runtime_seconds": 5400.0,
+    "hardware": "2 x NVIDIA H100 80GB HBM3",
+    "framework_versions": {"python": "3.11.7", "trl": "1.16.0", "transformers": "5.24.0"},
+}
+
+
+def test_card_has_training_details_versions_and_intended_use(output_dir):
+    (output_dir / "run_info.json").write_text(json.dumps(RUN_INFO))
+    card = model_card(SavedRun.read(output_dir), "me/qwen-chartqa", "apache-2.0")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["pipeline_tag"] == "image-text-to-text" and metadata["library_name"] == "peft"
+    assert "- global batch: 64 = 4 per device x 8 accumulation steps x 2 process(es)" in card
+    assert "- schedule: `cosine` from learning rate 0.0002, warmup 0.03 (a fraction of the steps)" in card
+    assert "- precision: bf16 mixed precision, 4-bit NF4 base" in card and "- steps: 200 (1.5 epochs)" in card
+    assert "- wall time: 90.0 min (5400 s) on 2 x NVIDIA H100 80GB HBM3" in card
+    assert "## Framework versions" in card and "- trl: 1.16.0" in card
+    assert "## Intended use and limitations" in card and "`HuggingFaceM4/ChartQA`" in card
+    # Without run_info.json (a run of an older version), the card leaves the details out instead of guessing.
+    (output_dir / "run_info.json").unlink()
+    older = model_card(SavedRun.read(output_dir), "me/qwen-chartqa", None)
+    assert "global batch" not in older and "## Framework versions" not in older
+
+
+def test_push_dry_run_shows_offline_exactly_what_a_push_uploads(monkeypatch, output_dir, no_token, tmp_path, capsys):
+    hub = HubStandIn(license_name="apache-2.0").install(monkeypatch)
+    (output_dir / "eval_results.json").write_text(
+        (output_dir / "eval_results.json").read_text().replace('"x"', json.dumps(str(tmp_path / "models" / "base")))
+    )
+    preview = tmp_path / "preview"
+    push_main([str(output_dir), "--hub_model_id", "me/qwen-chartqa", "--dry_run", "--dry_run_dir", str(preview)])
+    assert hub.repos == [] and hub.commits == []  # no token needed, nothing sent
+    out = capsys.readouterr().out
+    assert "a push to me/qwen-chartqa would upload 11 files" in out and "adapter_model.safetensors (" in out
+    assert "eval_results.json (1), recipe.yaml (1)" in out  # the scrubbed files, with how many paths each lost
+    previewed = {str(path.relative_to(preview)): path.read_bytes() for path in preview.rglob("*") if path.is_file()}
+    assert set(previewed) == EXPECTED_FILES
+    assert all(str(tmp_path) not in content.decode(errors="ignore") for content in previewed.values())
+    assert json.loads(previewed["eval_results.json"])["base_model"] == "base"
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_main([str(output_dir), "--hub_model_id", "me/qwen-chartqa"])
+    (commit,) = hub.commits
+    assert commit["files"] == previewed  # the dry run showed exactly what the push uploaded

@@ -106,7 +106,10 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
     assert_learned(logged_losses(output_dir))
     log = json.loads((output_dir / "training_log.json").read_text())
     assert [entry["step"] for entry in log if "eval_loss" in entry] == [15, 30]
-    assert [entry["step"] for entry in log if "eval_relaxed_accuracy" in entry] == [15, 30]
+    assert [entry["step"] for entry in log if "eval_chartqa/relaxed_accuracy" in entry] == [
+        15,
+        30,
+    ]  # eval_<set>/<metric>
     assert (output_dir / "adapter_model.safetensors").exists()
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "tuning_strategy: qlora" in recipe

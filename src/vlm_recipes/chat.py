@@ -10,11 +10,11 @@ with it).
 Generation is greedy, with the same code evaluation uses.
 """
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
+from vlm_recipes.cli import add_bool_option, command_parser
 from vlm_recipes.configs import ModelArguments
 from vlm_recipes.console import setup_console
 from vlm_recipes.data.images import ImageProblem, decode_image, to_rgb
@@ -68,19 +68,28 @@ def answer(
     return generate_answers(loaded, processor, [row], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[0]
 
 
-@exit_on_recipe_error
-def main(argv: list[str] | None = None) -> str:
-    setup_console()
-    parser = argparse.ArgumentParser(prog="python -m vlm_recipes.chat", description=__doc__.splitlines()[0])
+def build_parser():
+    parser = command_parser("vlm-recipes chat", __doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Base or merged model: a Hub id or a folder.")
     parser.add_argument("--adapter", default=None, help="A trained adapter folder; alone, it loads the base it names.")
     parser.add_argument("--image", action="append", required=True, help="An image file (repeat for several).")
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--question", required=True, help="The question about the image(s), as the user turn.")
     parser.add_argument("--system_prompt", default=None, help="Default: the trained model's, from its recipe.yaml.")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
-    parser.add_argument("--trust_remote_code", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="Longest answer, in tokens (greedy).")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="Weights' dtype (default: the trained recipe's, else the model's).",
+    )
+    add_bool_option(parser, "--trust_remote_code", "Allow the model's own code from its repository.")
+    return parser
+
+
+@exit_on_recipe_error
+def main(argv: list[str] | None = None) -> str:
+    setup_console()
+    args = build_parser().parse_args(argv)
     reply = answer(
         args.question,
         args.image,

@@ -1,11 +1,13 @@
-"""Write docs/reference.md, the recipe field reference, from the dataclasses the entry points parse.
+"""Write docs/reference.md, the recipe field reference, and every command's `--help` text (`help/<command>.txt` in the
+package, which `vlm-recipes COMMAND --help` prints without importing the trainers), from the dataclasses and parsers
+the entry points use.
 
     python -m vlm_recipes.docs_reference [--output docs/reference.md] [--check]
 
 Every field a recipe (or the command line) can set is listed once, by recipe part, with its type, default and help
 text: the package's own dataclasses (`vlm_recipes.configs`, the evaluate and preflight options) and TRL's
 `ModelConfig`, `SFTConfig` and `DPOConfig`. `--check` writes nothing and exits with 1 when the file is out of date
-(tests/test_docs.py does the same), so the page cannot drift from the code.
+(tests/test_docs.py does the same), so neither the page nor the help can drift from the code.
 """
 
 import argparse
@@ -13,13 +15,15 @@ import dataclasses
 import enum
 import re
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any
 
 import trl
 
-from vlm_recipes import dpo, evaluate, grpo, kto, preflight, sft
+from vlm_recipes import chat, dpo, evaluate, grpo, kto, launch_check, merge, preflight, push, sft
+from vlm_recipes.cli import COMMANDS, help_file
 from vlm_recipes.training.speed import MAX_DEFAULT_WORKERS, SPEED_DEFAULTS
 
 
@@ -272,22 +276,116 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+HELP_DIR = Path(__file__).parent / "help"  # the package's stored `--help` texts
+
+# Commands that take options rather than a recipe: their argparse parser prints their help. (`tiny` lives in
+# `testing`, which nothing imports; it imports no trainer, so its own parser answers `--help` at once.)
+OPTION_PARSERS = {
+    "chat": chat.build_parser,
+    "merge": merge.build_parser,
+    "push": push.build_parser,
+    "launch-check": launch_check.build_parser,
+}
+
+HELP_WIDTH = 100
+
+
+def _plain(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _help_option(name: str, f: dataclasses.Field, declared: Any, default: str) -> list[str]:
+    """One field as `--name TYPE` and its wrapped help with choices and default."""
+    choices = f.metadata.get("choices")
+    kind = "{true,false}" if declared is bool or str(declared) == "bool | None" else type_name(declared)
+    kind = "{" + ",".join(map(str, choices)) + "}" if choices else kind.replace("`", "")
+    text = _plain(f.metadata.get("help", "")) or "(no description)"
+    text = f"{text} (default: {default})"
+    body = textwrap.fill(text, HELP_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return [f"  --{name} {kind}", body]
+
+
+def _help_default(f: dataclasses.Field, command: str) -> str:
+    return _default_cell(f, [command]).replace("`", "")
+
+
+def _recipe_help(name: str, module: str, parts: dict[str, type]) -> str:
+    """A recipe command's `--help`: usage, the three ways to run it, then every field by recipe part, the package's
+    own parts first and TRL's training arguments last."""
+    doc = sys.modules[module].__doc__ or ""
+    lines = [
+        f"usage: vlm-recipes {name} RECIPE.yaml [--FIELD VALUE ...]",
+        f"       python -m {module} RECIPE.yaml [--FIELD VALUE ...]",
+        f"       accelerate launch [--config_file CONFIG] -m {module} RECIPE.yaml [--FIELD VALUE ...]",
+        "",
+        _plain(doc.splitlines()[0]),
+        "",
+        *textwrap.wrap(
+            "A recipe file sets fields as `field: value`; any field can also be given on the command line, which wins "
+            "over the file. Booleans: `--field` alone is true, `--field false` false. docs/reference.md has the same "
+            "fields as tables.",
+            HELP_WIDTH,
+        ),
+    ]
+    if module == "vlm_recipes.preflight":
+        lines += textwrap.wrap(
+            "Preflight also takes every field of the recipe's entry point (its `# entry point:` line, else SFT): "
+            "see `vlm-recipes sft --help` and `vlm-recipes dpo --help`.",
+            HELP_WIDTH,
+        )
+    ordered = sorted(parts.items(), key=lambda item: (item[0] == TRAINING_PART, item[0] != "command"))
+    for part, cls in ordered:
+        declared = _declared_types(cls)
+        source = f"TRL's {cls.__name__}" if part == TRAINING_PART else cls.__name__
+        summary = _plain((cls.__doc__ or "").strip().split("\n\n")[0])  # TRL's class docs go on for pages
+        lines += [
+            "",
+            f"{part} ({source}):",
+            *textwrap.wrap(summary, HELP_WIDTH, initial_indent="  ", subsequent_indent="  "),
+        ]
+        for field_name, f in _init_fields(cls).items():
+            if field_name.startswith("_"):
+                continue
+            lines += _help_option(field_name, f, declared.get(field_name, f.type), _help_default(f, module))
+    return "\n".join(lines) + "\n"
+
+
+def render_help() -> dict[str, str]:
+    """Help file name -> its text, for every command with stored help."""
+    texts = {}
+    for name, command in COMMANDS.items():
+        if command.module in COMMAND_PARTS:
+            parts = COMMAND_PARTS[command.module]
+            if command.module == "vlm_recipes.preflight":
+                parts = {"command": preflight.PreflightArguments}
+            texts[help_file(name)] = _recipe_help(name, command.module, parts)
+        elif name in OPTION_PARSERS:
+            texts[help_file(name)] = OPTION_PARSERS[name]().format_help()
+    return texts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_recipes.docs_reference", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(REFERENCE_PAGE), help="Where to write the page.")
+    parser.add_argument("--help_dir", default=str(HELP_DIR), help="Where to write the commands' help files.")
     parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 when the page is out of date.")
     args = parser.parse_args(argv)
     page, output = render(), Path(args.output)
+    files = {output: page, **{Path(args.help_dir) / name: text for name, text in render_help().items()}}
     if args.check:
-        current = output.read_text(encoding="utf-8") if output.is_file() else ""
-        if current != page:
-            print(f"{output} is out of date: run `python -m vlm_recipes.docs_reference`.", file=sys.stderr)
+        stale = [
+            path for path, text in files.items() if not path.is_file() or path.read_text(encoding="utf-8") != text
+        ]
+        for path in stale:
+            print(f"{path} is out of date: run `python -m vlm_recipes.docs_reference`.", file=sys.stderr)
+        if stale:
             return 1
-        print(f"{output} is up to date.")
+        print(f"{output} and the commands' help are up to date.")
         return 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(page, encoding="utf-8")
-    print(f"Wrote {output} ({page.count(chr(10))} lines).")
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    print(f"Wrote {output} ({page.count(chr(10))} lines) and {len(files) - 1} help files in {args.help_dir}.")
     return 0
 
 

@@ -25,6 +25,7 @@ from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.plots import plot_title
 from vlm_recipes.training.policy import check_policy, form_reference
 from vlm_recipes.training.run import (
     check_run_settings,
@@ -101,7 +102,8 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
         reliability=recipe.reliability,
     )
     form_reference(trainer, recipe)  # the new adapter's "ref" copy dropped; sft_merged: the SFT adapter kept beside
-    trainer.add_callback(TrainingPlotCallback())  # training_plot.png: loss and reward metrics by step
+    title = plot_title(recipe.model.model_name_or_path, "preference", recipe.source)
+    trainer.add_callback(TrainingPlotCallback(title=title))  # training_plot.png: loss, reward margins and accuracies
     return trainer
 
 

@@ -18,16 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_recipes.console import print_main, setup_console
+from vlm_recipes.console import print_main, print_summary, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
 from vlm_recipes.evaluation.sets import EvalSet, apply_task_defaults, load_eval_set, resolve_eval_sets
+from vlm_recipes.hub.card import write_card_at_save
 from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.processes import is_main_process, main_process_first
 from vlm_recipes.recipe import parse_recipe
-from vlm_recipes.run_folder import EVAL_RESULTS_FILE, predictions_file, sft_adapter_under
+from vlm_recipes.run_folder import EVAL_RESULTS_FILE, RECIPE_FILE, predictions_file, sft_adapter_under
 from vlm_recipes.sft import SFTRecipe
+from vlm_recipes.tasks import get_task
 
 
 @dataclass
@@ -191,11 +193,23 @@ def evaluate(recipe: EvaluateRecipe) -> dict[str, Any]:
         for (set_name, name), outcome in outcomes.items():
             write_predictions(output_dir / predictions_file(set_name, name), outcome)
         (output_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print_main(
-        f"\nEvaluation of {model_args.model_name_or_path}"
-        + (f" + adapter {command.adapter}" if command.adapter else ""),
-        f"Results in {(output_dir / EVAL_RESULTS_FILE).resolve()}; predictions in "
-        + ", ".join(predictions_file(set_name, name) for set_name, name in outcomes),
+        if (output_dir / RECIPE_FILE).is_file() and any(output_dir.glob("*.safetensors")):
+            write_card_at_save(output_dir)  # the results sit beside the model they describe: its card shows them
+    headlines = [
+        f"{set_name} {(metric := get_task(entry['task']).metric_names[0])}: "
+        + ", ".join(f"{name} {entry['results'][name][metric]:.4f}" for name in names)
+        for set_name, entry in results["eval_sets"].items()
+    ]
+    print_summary(
+        "evaluate",
+        [
+            f"Evaluated {model_args.model_name_or_path}"
+            + (f" + adapter {command.adapter}" if command.adapter else ""),
+            f"Results in {(output_dir / EVAL_RESULTS_FILE).resolve()}; predictions: "
+            + ", ".join(predictions_file(set_name, name) for set_name, name in outcomes),
+            *headlines,
+        ],
+        [f"vlm-recipes push {command.adapter} --dry_run"] if command.adapter else [],
     )
     return results
 

@@ -14,10 +14,16 @@ import sys
 
 from accelerate import PartialState
 
+from vlm_recipes.cli import command_parser
 from vlm_recipes.training.distributed import machine_count
 
 
-def main() -> None:
+def build_parser():
+    return command_parser("vlm-recipes launch-check", __doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[2])
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_parser().parse_args(argv)  # no options: `--help` prints help instead of running the check
     import torch
 
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPUs, as training uses them there

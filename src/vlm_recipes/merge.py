@@ -10,15 +10,16 @@ A DPO adapter that applies on top of an SFT adapter (`sft_adapter/` in its folde
 base + SFT + DPO: the SFT adapter is merged first (`modeling.loading.load_for_inference`).
 """
 
-import argparse
 import shutil
 from pathlib import Path
 
-from vlm_recipes.console import print_main, setup_console
+from vlm_recipes.cli import add_bool_option, command_parser
+from vlm_recipes.console import print_main, print_summary, setup_console
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
+from vlm_recipes.hub.card import write_card_at_save
 from vlm_recipes.modeling.adapters import adapter_model_arguments
 from vlm_recipes.modeling.loading import load_for_inference
-from vlm_recipes.run_folder import RECIPE_FILE, sft_adapter_under
+from vlm_recipes.run_folder import RECIPE_FILE, RUN_INFO_FILE, TRAINING_LOG, sft_adapter_under
 from vlm_recipes.training.output_folder import prepare_output_dir
 
 
@@ -63,23 +64,36 @@ def merge(
     merged = model.merge_and_unload()
     merged.save_pretrained(output, safe_serialization=True)
     processor.save_pretrained(output)
-    if (Path(adapter) / RECIPE_FILE).is_file():  # what the merged weights were trained with
-        shutil.copyfile(Path(adapter) / RECIPE_FILE, output / RECIPE_FILE)
-    print_main(f"Merged model in {output.resolve()}")
+    for name in (RECIPE_FILE, TRAINING_LOG, RUN_INFO_FILE):  # how the merged weights were trained, for the card
+        if (Path(adapter) / name).is_file():
+            shutil.copyfile(Path(adapter) / name, output / name)
+    write_card_at_save(output)
+    print_summary(
+        "merge",
+        [f"Merged model in {output.resolve()} (safetensors, processor, card: README.md)"],
+        [
+            f"vlm-recipes chat --model {output} --image IMAGE --question QUESTION",
+            f"vlm-recipes push {output} --dry_run",
+        ],
+    )
     return output
+
+
+def build_parser():
+    parser = command_parser("vlm-recipes merge", __doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="The adapter folder (a LoRA/QLoRA run's output_dir).")
+    parser.add_argument("--output_dir", required=True, help="A new (or empty) folder for the merged model.")
+    parser.add_argument("--base", default=None, help="The base model, when not the one adapter_config.json names.")
+    parser.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="Default: the recipe's, else bfloat16.")
+    add_bool_option(parser, "--overwrite_output_dir", "Replace a non-empty --output_dir (an earlier merge only).")
+    add_bool_option(parser, "--trust_remote_code", "Allow the base model's own code from its repository.")
+    return parser
 
 
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> Path:
     setup_console()
-    parser = argparse.ArgumentParser(prog="python -m vlm_recipes.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="The adapter folder (a LoRA/QLoRA run's output_dir).")
-    parser.add_argument("--output_dir", required=True, help="A new (or empty) folder for the merged model.")
-    parser.add_argument("--base", default=None, help="The base model, when not the one adapter_config.json names.")
-    parser.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="Default: the recipe's, else bfloat16.")
-    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the base model's own code.")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return merge(
         args.adapter,
         args.output_dir,

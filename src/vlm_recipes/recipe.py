@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from vlm_recipes.cli import HELP_FLAGS, print_stored_help_and_exit
 from vlm_recipes.configs import (
     RENAMED_FIELDS,
     DataArguments,
@@ -190,6 +191,8 @@ def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, 
 
     parts = recipe_class.parts()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if prog and any(flag in argv for flag in HELP_FLAGS):  # the grouped help the package stores, as the CLI prints it
+        print_stored_help_and_exit(prog.removeprefix("python -m ").strip())
     parser = TrlParser(list(parts.values()), prog=prog)
     parser.error = _one_line_error  # a wrong command-line value: one message, not the usage of every field
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}

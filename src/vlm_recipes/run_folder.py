@@ -42,6 +42,9 @@ DATA_REPORT_FILE = "data_report.json"
 PLOT_FILE = "training_plot.png"
 EVAL_RESULTS_FILE = "eval_results.json"
 CARD_FILE = "README.md"
+RUN_INFO_FILE = (
+    "run_info.json"  # how the run trained (global batch, schedule, precision, steps, time, hardware, versions)
+)
 # A DPO run with `reference: sft_merged` trains its adapter on base + the SFT adapter merged in, and keeps a copy of that
 # SFT adapter in this subfolder: loading the DPO adapter means merging the SFT one first.
 SFT_ADAPTER_COPY = "sft_adapter"
@@ -161,6 +164,7 @@ class SavedRun:
     eval_results: dict[str, Any] | None
     has_plot: bool
     entry_point: str
+    run_info: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, output_dir: str | Path) -> "SavedRun":
@@ -181,4 +185,5 @@ class SavedRun:
             eval_results=_read_json(output_dir / EVAL_RESULTS_FILE),
             has_plot=(output_dir / PLOT_FILE).is_file(),
             entry_point=entry_point_of(recipe_text),
+            run_info=_read_json(output_dir / RUN_INFO_FILE),
         )

@@ -21,6 +21,7 @@ from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.chat_templates import choose_training_template
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
+from vlm_recipes.training.plots import plot_title
 from vlm_recipes.training.run import (
     check_run_settings,
     load_training_model,
@@ -85,7 +86,8 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
         training_template=choose_training_template(processor, setup.family, training_args),
         padding_free=padding_free,
     )
-    add_evaluation_callbacks(trainer, recipe.evaluation, generation_sets)  # eval/<set>/<metric>, training_plot.png
+    title = plot_title(recipe.model.model_name_or_path, recipe.evaluation.task or recipe.data.formatter, recipe.source)
+    add_evaluation_callbacks(trainer, recipe.evaluation, generation_sets, title)  # eval/<set>/<metric>, the plot
     return trainer
 
 

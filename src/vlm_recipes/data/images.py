@@ -21,6 +21,8 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlm_recipes.console import quiet_progress
+
 
 # Qwen-VL's smart_resize (and GLM-4V, Qwen3-VL, ...) raise for an aspect ratio above this.
 SMART_RESIZE_MAX_ASPECT_RATIO = 200
@@ -275,6 +277,7 @@ def with_image_decoding(dataset: datasets.Dataset, column: str | None, decode: b
     inner = feature.feature if many else feature
     if not isinstance(inner, datasets.Image) or inner.decode == decode:
         return dataset
-    return dataset.cast_column(
-        column, type(feature)(datasets.Image(decode=decode)) if many else datasets.Image(decode=decode)
-    )
+    with quiet_progress():  # a cast is a blink: no bar of its own
+        return dataset.cast_column(
+            column, type(feature)(datasets.Image(decode=decode)) if many else datasets.Image(decode=decode)
+        )

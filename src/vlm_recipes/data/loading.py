@@ -25,6 +25,7 @@ from datasets import (
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from vlm_recipes.configs import DataArguments
+from vlm_recipes.console import quiet_progress
 from vlm_recipes.data.formatters import (
     FormatError,
     FormatterSpec,
@@ -343,6 +344,7 @@ def _hold_out(rows: Any, size: float, seed: int, name: str, data_report: DataRep
     return [rows[i] for i in train_ids], [rows[i] for i in eval_ids]
 
 
+@quiet_progress()  # datasets' bars for split generation, formatting and casts off: the logged line says what it did
 def load_datasets(
     data_args: DataArguments,
     *,
@@ -399,12 +401,9 @@ def load_datasets(
             "eval",
             num_proc,
         )
-    logger.info(
-        "Data: %d training rows, %s evaluation rows from %s",
-        len(train) if train is not None else 0,
-        len(evaluation) if evaluation else 0,
-        source,
-    )
+    counts = [f"{len(train)} training rows"] if format_train and train is not None else []
+    counts += [f"{len(evaluation) if evaluation else 0} evaluation rows"]  # evaluation alone: no "0 training rows"
+    logger.info("Data: %s from %s", ", ".join(counts), source)
     return train, evaluation, report
 
 

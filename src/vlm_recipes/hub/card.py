@@ -1,5 +1,7 @@
-"""The model card (README.md) of a pushed run, written from what its output folder says (`run_folder.SavedRun`):
-metadata, training, evaluation, usage and the recipe as run. A card someone wrote by hand is kept as it is."""
+"""The model card (README.md) of a run, written from what its output folder says (`run_folder.SavedRun`): metadata,
+training (with `run_info.json`'s details), evaluation, framework versions, intended use and limitations, usage and the
+recipe as run. Written at every save (end of training, merge, evaluate into a run's folder) and again by a push, with
+the repository's id. A card someone wrote by hand is kept as it is."""
 
 import json
 from pathlib import Path
@@ -7,8 +9,16 @@ from typing import Any
 
 import yaml
 
-from vlm_recipes.evaluation.card import evaluation_lines, is_local_path, last_training_evaluation, model_index
+from vlm_recipes.evaluation.card import (
+    dataset_label,
+    evaluation_lines,
+    is_local_path,
+    last_training_evaluation,
+    model_index,
+)
 from vlm_recipes.evaluation.sets import EvalSet, saved_eval_sets
+from vlm_recipes.hub.license import base_model_license
+from vlm_recipes.hub.upload import without_local_paths
 from vlm_recipes.modeling.strategies import loads_in_4bit
 from vlm_recipes.run_folder import (
     CARD_FILE,
@@ -20,6 +30,9 @@ from vlm_recipes.run_folder import (
     loss_points,
     metric_points,
 )
+
+
+PLACEHOLDER_OWNER = "your-name"  # the card's repository id before a push names the real one
 
 
 CARD_MARKER = "<!-- model card written by vlm-recipes -->"
@@ -82,6 +95,7 @@ def _training_section(run: SavedRun) -> list[str]:
     ):
         if key in recipe:
             lines.append(f"- {key}: {recipe[key]}")
+    lines += _run_details(run.run_info or {})
     points = loss_points(run.log_history)
     if points:
         (first_step, first), (last_step, last) = points[0], points[-1]
@@ -102,6 +116,48 @@ def _training_section(run: SavedRun) -> list[str]:
     if run.has_plot:
         lines += ["", f"![training curves]({PLOT_FILE})"]
     return lines
+
+
+def _run_details(info: dict[str, Any]) -> list[str]:
+    """The training details only the trainer knew (defaults included), from run_info.json."""
+    if not info:
+        return []
+    lines = [
+        f"- global batch: {info['global_batch']} = {info['per_device_train_batch_size']} per device x "
+        f"{info['gradient_accumulation_steps']} accumulation steps x {info['processes']} process(es)",
+        f"- schedule: `{info['lr_scheduler_type']}` from learning rate {info['learning_rate']}, warmup "
+        f"{info['warmup_steps']}" + (" (a fraction of the steps)" if 0 < info["warmup_steps"] < 1 else " steps"),
+        f"- precision: {info['precision']}",
+        f"- steps: {info['steps']} ({info['epochs']} epochs)",
+    ]
+    if info.get("train_runtime_seconds") is not None:
+        seconds = info["train_runtime_seconds"]
+        lines.append(f"- wall time: {seconds / 60:.1f} min ({seconds:.0f} s) on {info['hardware']}")
+    else:
+        lines.append(f"- hardware: {info['hardware']}")
+    return lines
+
+
+def _versions_section(run: SavedRun) -> list[str]:
+    versions = (run.run_info or {}).get("framework_versions")
+    if not versions:
+        return []
+    return ["## Framework versions", "", *(f"- {name}: {version}" for name, version in versions.items())]
+
+
+def _intended_use_section(run: SavedRun) -> list[str]:
+    data = run.recipe.get("dataset_name")
+    data_text = f"`{dataset_label(data)}`" if data else "its training data"
+    method = "preference pairs (DPO)" if run.entry_point == "vlm_recipes.dpo" else "supervised examples (SFT)"
+    return [
+        "## Intended use and limitations",
+        "",
+        f"Answering questions about images of the kind in {data_text}, in the prompt format it was trained with "
+        f"(the system prompt and chat template saved with it). It was fine-tuned on {method} and evaluated only as "
+        "the evaluation section says: check it on your own images before relying on it. It inherits the base model's "
+        "limitations, biases and license, can state wrong values with confidence, and was not trained for safety "
+        "beyond the base model.",
+    ]
 
 
 def _evaluation_command(run: SavedRun) -> list[str]:
@@ -181,13 +237,9 @@ def _usage_section(run: SavedRun, repo_id: str) -> list[str]:
     return (
         ["## Usage", "", "```python", snippet.rstrip(), "```", "", "Or, with vlm-recipes installed:", "", "```bash"]
         + (
-            [
-                f"python -m vlm_recipes.chat --adapter {repo_id} --image chart.png --question 'What is the highest value?'"
-            ]
+            [f"vlm-recipes chat --adapter {repo_id} --image chart.png --question 'What is the highest value?'"]
             if run.is_adapter
-            else [
-                f"python -m vlm_recipes.chat --model {repo_id} --image chart.png --question 'What is the highest value?'"
-            ]
+            else [f"vlm-recipes chat --model {repo_id} --image chart.png --question 'What is the highest value?'"]
         )
         + ["```"]
     )
@@ -238,11 +290,30 @@ def model_card(run: SavedRun, repo_id: str, license_name: str | None) -> str:
         *_evaluation_section(run),
         "",
         *_usage_section(run, repo_id),
+        "",
+        *_intended_use_section(run),
     ]
+    if versions := _versions_section(run):
+        lines += ["", *versions]
     if run.recipe_text:
         lines += ["", "## Recipe", "", f"The recipe as run (`{RECIPE_FILE}` in this repository):", "", "```yaml"]
         lines += [run.recipe_text.rstrip(), "```"]
-    return "\n".join(lines) + "\n"
+    # Local folders (a local base model or dataset, the output folder) by their last part only, as a push uploads the
+    # run's files: the card is the same in the folder and on the Hub.
+    return without_local_paths("\n".join(lines) + "\n")[0]
+
+
+def card_repo_id(output_dir: str | Path, hub_model_id: str | None) -> str:
+    """The repository the card names: the recipe's `hub_model_id`, else a placeholder owner and the folder's name."""
+    return hub_model_id or f"{PLACEHOLDER_OWNER}/{Path(output_dir).resolve().name}"
+
+
+def write_card_at_save(output_dir: str | Path, hub_model_id: str | None = None) -> bool:
+    """Write the package's card into a run's folder after a save (training, merge, evaluate). The license comes from
+    the base model's local card, or its Hub card data when the Hub can be reached (None otherwise: a push fills it)."""
+    run = SavedRun.read(output_dir)
+    repo_id = card_repo_id(output_dir, hub_model_id or run.recipe.get("hub_model_id"))
+    return write_model_card(output_dir, model_card(run, repo_id, base_model_license(run.base_model)))
 
 
 def write_model_card(output_dir: str | Path, text: str) -> bool:

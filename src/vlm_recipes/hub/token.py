@@ -35,7 +35,9 @@ def find_token(explicit: str | None = None) -> str:
     return token
 
 
-def hub_target(repo_id: str | None, private: bool | None = None, token: str | None = None) -> HubTarget:
+def hub_target(
+    repo_id: str | None, private: bool | None = None, token: str | None = None, *, needs_token: bool = True
+) -> HubTarget:
     """A checked target: a valid repo id and a token. Called before any work, so a push never fails at the end."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -48,7 +50,7 @@ def hub_target(repo_id: str | None, private: bool | None = None, token: str | No
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise RecipeError(f"`hub_model_id` '{repo_id}' is not a valid repository id: {error}") from None
-    return HubTarget(repo_id=repo_id, private=private, token=find_token(token))
+    return HubTarget(repo_id=repo_id, private=private, token=find_token(token) if needs_token else (token or ""))
 
 
 def prepare_training_push(training_args: Any) -> HubTarget | None:

@@ -4,8 +4,13 @@ The adapter (or full model) weights as safetensors, its config, the processor, t
 evaluation results, the data report, the training plot and the model card; and from `sft_adapter/` (DPO with
 `reference: sft_merged`: the SFT adapter the DPO adapter applies on top of) its weights and config. Checkpoints,
 optimizer and scheduler states, pickles and predictions stay local.
+
+The run's own text files (recipe, logs, results, card, adapter config) are uploaded with every local absolute path
+replaced by its last part (`/home/me/data/charts` -> `charts`): where the user keeps things is nobody's business, and the
+path means nothing on another machine. The files in the folder are left as they are.
 """
 
+import re
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -16,6 +21,7 @@ from vlm_recipes.run_folder import (
     EVAL_RESULTS_FILE,
     PLOT_FILE,
     RECIPE_FILE,
+    RUN_INFO_FILE,
     SFT_ADAPTER_COPY,
     TRAINING_LOG,
 )
@@ -45,7 +51,29 @@ PUSHED_PATTERNS = (
     DATA_REPORT_FILE,
     PLOT_FILE,
     CARD_FILE,
+    RUN_INFO_FILE,
 )
+# Pushed files that the package or peft write and that may hold local paths (a local base model, dataset or output
+# folder): uploaded with the paths reduced to their last part. Tokenizer and model files are uploaded byte for byte.
+PATH_SCRUBBED_FILES = (
+    RECIPE_FILE,
+    TRAINING_LOG,
+    EVAL_RESULTS_FILE,
+    DATA_REPORT_FILE,
+    RUN_INFO_FILE,
+    CARD_FILE,
+    ADAPTER_CONFIG,
+)
+
+# An absolute POSIX path (or one from the home folder) with at least one folder: not inside a URL or a relative path.
+LOCAL_PATH = re.compile(r"(?<![\w.:/~@+-])~?/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def without_local_paths(text: str) -> tuple[str, int]:
+    """`text` with every local absolute path replaced by its last part, and how many were replaced."""
+    return LOCAL_PATH.subn(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
 # Subfolders pushed with the allow-list of their files: the SFT adapter a `reference: sft_merged` DPO adapter sits on.
 PUSHED_SUBFOLDERS = {SFT_ADAPTER_COPY: ("*.safetensors", ADAPTER_CONFIG)}
 
@@ -68,3 +96,22 @@ def files_to_push(output_dir: str | Path) -> tuple[list[str], list[str]]:
         else:
             left_out.append(path.name + ("/" if path.is_dir() else ""))
     return pushed, left_out
+
+
+def upload_contents(output_dir: str | Path) -> tuple[dict[str, bytes | Path], list[str], dict[str, int]]:
+    """Exactly what a push uploads: path in the repository -> the bytes (scrubbed text files) or the file to send as it
+    is; the folder's other files (left local); and how many local paths each scrubbed file lost."""
+    output_dir = Path(output_dir)
+    pushed, left_out = files_to_push(output_dir)
+    contents: dict[str, bytes | Path] = {}
+    scrubbed: dict[str, int] = {}
+    for name in pushed:
+        path = output_dir / name
+        if Path(name).name in PATH_SCRUBBED_FILES:
+            text, count = without_local_paths(path.read_text(encoding="utf-8"))
+            contents[name] = text.encode("utf-8")
+            if count:
+                scrubbed[name] = count
+        else:
+            contents[name] = path
+    return contents, left_out, scrubbed

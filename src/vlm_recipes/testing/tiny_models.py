@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from vlm_recipes.cli import add_bool_option, command_parser
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.modeling.chat_templates import read_template
 
@@ -718,16 +719,20 @@ def build_tiny_model(
 
 
 @exit_on_recipe_error
-def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random vision-language model folder (offline).")
-    parser.add_argument("--family", default="qwen2_5_vl", choices=sorted(TINY_BUILDERS))
-    parser.add_argument("--output_dir", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vlm-recipes tiny", "Build a tiny random vision-language model folder (offline).")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=sorted(TINY_BUILDERS), help="The model family.")
+    parser.add_argument("--output_dir", required=True, help="The folder to write the model into.")
     parser.add_argument(
         "--vocab_size", type=int, default=None, help="Embedding rows (default: the tiny tokenizer's size)."
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="Rebuild even if a tiny model is already there.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    add_bool_option(parser, "--force", "Rebuild even if a tiny model is already there.")
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
     if args.force and (output_dir / "TINY_MODEL.md").exists():
         import shutil

@@ -54,9 +54,15 @@ class TrainingPlotCallback(TrainerCallback):
     metrics named in `metric_keys` (those `GenerationEvaluationCallback` logs), and a panel for each group of
     `panels` (a method's own logged values: GRPO's rewards, KTO's rewards and KL)."""
 
-    def __init__(self, metric_keys: tuple[str, ...] = (), panels: tuple[tuple[str, tuple[str, ...]], ...] = ()):
+    def __init__(
+        self,
+        metric_keys: tuple[str, ...] = (),
+        panels: tuple[tuple[str, tuple[str, ...]], ...] = (),
+        title: str | None = None,
+    ):
         self.metric_keys = metric_keys
         self.panels = panels
+        self.title = title
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -65,13 +71,16 @@ class TrainingPlotCallback(TrainerCallback):
                 state.log_history,
                 output_dir / PLOT_FILE,
                 metric_keys=self.metric_keys,
-                title=output_dir.name,
+                title=self.title or output_dir.name,
                 panels=self.panels,
             )
 
 
 def add_evaluation_callbacks(
-    trainer: Any, evaluation: EvaluationArguments, sets: list[tuple[EvalSet, Any]] | None
+    trainer: Any,
+    evaluation: EvaluationArguments,
+    sets: list[tuple[EvalSet, Any]] | None,
+    plot_title: str | None = None,
 ) -> None:
     """Generation-based evaluation of each evaluation set (when the run evaluates) and the end-of-training plot."""
     args = trainer.args
@@ -86,4 +95,4 @@ def add_evaluation_callbacks(
             )
         )
     keys = tuple(metric_key(eval_set.name, metric) for eval_set, _ in sets for metric in eval_set.task.metric_names)
-    trainer.add_callback(TrainingPlotCallback(keys))
+    trainer.add_callback(TrainingPlotCallback(keys, title=plot_title))

@@ -6,8 +6,9 @@ from typing import Any
 
 from transformers import set_seed
 
+from vlm_recipes.cli import command_of_module
 from vlm_recipes.configs import EvaluationArguments
-from vlm_recipes.console import print_main
+from vlm_recipes.console import print_main, print_summary
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import data_folder, load_datasets, mixture_sources, source_folder
 from vlm_recipes.errors import RecipeError
@@ -27,7 +28,7 @@ from vlm_recipes.training.distributed import (
 )
 from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, resume_checkpoint
 from vlm_recipes.training.output_folder import plan_output_dir
-from vlm_recipes.training.outputs import resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.outputs import next_commands, resume_requested, save_outputs, summary_lines
 
 
 # `report_to` loggers that need a package the base install lacks: (transformers' availability check, the package, the
@@ -255,7 +256,11 @@ def train_and_save(
         trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
     check_final_weights(trainer.model, trainer.state.global_step, output_dir)
     save_outputs(trainer, recipe, output_dir)
-    print_main(*summary_lines(trainer.state.log_history, output_dir, keys=summary_keys))
     if hub_target is not None and trainer.is_world_process_zero():
         push_output_dir(output_dir, hub_target)
+    print_summary(
+        command_of_module(recipe.entry_point or "") or "training",
+        summary_lines(trainer.state.log_history, output_dir, keys=summary_keys),
+        next_commands(recipe, output_dir, pushed=hub_target is not None),
+    )
     return trainer
