@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench bench-gpu gpu-wheels sft dpo preflight style quality clean-demo
+.PHONY: install demo test bench bench-gpu gpu-wheels docs sft dpo preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -77,6 +77,12 @@ gpu-wheels: $(INSTALLED)
 
 bench-gpu:
 	bash benchmarks/bench_gpu.sh
+
+# The manual as a static site in site/: the field reference regenerated from the dataclasses, then a strict build (a
+# broken link or anchor fails it). `$(VENV)/bin/mkdocs serve` previews the pages while you edit them.
+docs: $(INSTALLED)
+	$(OFFLINE) $(PY) -m vlm_recipes.docs_reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # make sft RECIPE=recipes/chartqa.yaml [ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml]
 sft: $(INSTALLED)

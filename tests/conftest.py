@@ -52,6 +52,31 @@ def chartqa_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def task_datasets(tmp_path_factory) -> dict[str, Path]:
+    """Generated evaluation data of the other tasks, in their Hub schemas (a few rows each): dataset folders for
+    docvqa, textvqa and scienceqa (multiple choice), and `conversations`, a JSONL file of the user's own kind (chart
+    images as PNG files beside it, conversations in the `messages` style)."""
+    from vlm_recipes.data.synthetic import make_chartqa_rows, save_generated_dataset
+
+    root = tmp_path_factory.mktemp("tasks")
+    folders = {
+        schema: save_generated_dataset(root / schema, schema, train_rows=4, test_rows=4, seed=3)
+        for schema in ("docvqa", "textvqa", "scienceqa")
+    }
+    (root / "own" / "charts").mkdir(parents=True)
+    lines = []
+    for index, row in enumerate(make_chartqa_rows(4, seed=5)):
+        row["image"].save(root / "own" / "charts" / f"{index}.png")
+        turns = [
+            {"role": "user", "content": f"<image>{row['query']}"},
+            {"role": "assistant", "content": row["label"][0]},
+        ]
+        lines.append(json.dumps({"messages": turns, "images": [f"charts/{index}.png"]}))
+    (root / "own" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    return {**folders, "conversations": root / "own" / "conversations.jsonl"}
+
+
+@pytest.fixture(scope="session")
 def chartqa_human_rows() -> list[dict]:
     """28 real question/answer rows of the ChartQA test split (images not included)."""
     lines = (TEST_DATA / "chartqa_test_human_sample.jsonl").read_text(encoding="utf-8").splitlines()

@@ -1,6 +1,7 @@
 """Evaluation during training and through `python -m vlm_recipes.evaluate`, merging, chat, and the push at the end of
 training, on the tiny model. One short training run (in this process, so the Hub stand-in can record the push) feeds
-every test here."""
+every test here; it evaluates five sets at once, one of each task kind: ChartQA (its own split), DocVQA (ANLS), TextVQA
+(VQA accuracy), ScienceQA-style multiple choice, and conversations from a JSONL file."""
 
 import json
 import shutil
@@ -13,13 +14,36 @@ from test_hub import TOKEN, HubStandIn
 
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.loading import load_datasets
-from vlm_recipes.evaluation.metrics import score_predictions
+from vlm_recipes.tasks import get_task
 
 
 pytestmark = pytest.mark.e2e
 
 SYSTEM_PROMPT = "Answer the question about the chart with a single word or number."  # the demo recipe's
 EVAL_ROWS = 6
+EXTRA_ROWS = 2  # rows of each other task's set, in training and in `evaluate`
+
+
+def eval_datasets(task_datasets):
+    """The run's evaluation sets (JSON objects, as on the command line): one per task kind."""
+    sets = [
+        {"name": "chartqa"},  # the recipe's own split, asked as it trained
+        {"name": "docs", "dataset": str(task_datasets["docvqa"]), "task": "docvqa", "prompt_preset": "lmms_eval"},
+        {"name": "signs", "dataset": str(task_datasets["textvqa"]), "task": "textvqa", "prompt_preset": "vlmevalkit"},
+        {"name": "shapes", "dataset": str(task_datasets["scienceqa"]), "task": "multiple_choice",
+         "prompt_preset": "lmms_eval"},
+        {"name": "own", "dataset": str(task_datasets["conversations"]), "task": "conversation", "split": "train"},
+    ]  # fmt: skip
+    return [json.dumps({**entry, "max_samples": EXTRA_ROWS} if "dataset" in entry else entry) for entry in sets]
+
+
+SET_TASKS = {
+    "chartqa": "chartqa",
+    "docs": "docvqa",
+    "signs": "textvqa",
+    "shapes": "multiple_choice",
+    "own": "conversation",
+}
 
 
 class LogRecorder:
@@ -38,8 +62,8 @@ class LogRecorder:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_qwen, chartqa_dir, tmp_path_factory):
-    """A 6-step LoRA run that evaluates by generation at steps 3 and 6 and pushes to a (stand-in) Hub at the end."""
+def trained(tiny_qwen, chartqa_dir, task_datasets, tmp_path_factory):
+    """A 6-step LoRA run that evaluates five sets by generation at steps 3 and 6 and pushes to a (stand-in) Hub."""
     from vlm_recipes import sft
 
     output_dir = tmp_path_factory.mktemp("eval") / "run"
@@ -62,29 +86,33 @@ def trained(tiny_qwen, chartqa_dir, tmp_path_factory):
                 "--output_dir", str(output_dir), "--overwrite_output_dir", "false", "--dtype", "float32",
                 "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "6", "--logging_steps", "1",
                 "--eval_strategy", "steps", "--eval_steps", "3", "--eval_max_samples", "4", "--max_new_tokens", "4",
+                "--per_device_eval_batch_size", "4", "--eval_datasets", *eval_datasets(task_datasets),
                 "--push_to_hub", "true", "--hub_model_id", "me/tiny-chartqa", "--hub_private_repo", "true",
             ]
         )  # fmt: skip
     return output_dir, recorder, hub
 
 
-def test_generation_evaluation_is_logged_at_every_evaluation(trained):
+def test_every_set_is_evaluated_and_logged_at_every_evaluation(trained):
     output_dir, recorder, _ = trained
     log = json.loads((output_dir / "training_log.json").read_text())
-    evaluations = [entry for entry in log if "eval_relaxed_accuracy" in entry]
-    assert [entry["step"] for entry in evaluations] == [3, 6]
-    assert all(0.0 <= entry["eval_relaxed_accuracy"] <= 1.0 for entry in evaluations)
-    assert all(entry["eval_exact_match"] <= entry["eval_relaxed_accuracy"] for entry in evaluations)
-    assert [entry["step"] for entry in log if "eval_loss" in entry] == [
-        3,
-        6,
-    ]  # the Trainer's own evaluation still runs
+    for name, task in SET_TASKS.items():
+        for metric in get_task(task).metric_names:
+            values = {
+                entry["step"]: entry[f"eval_{name}/{metric}"] for entry in log if f"eval_{name}/{metric}" in entry
+            }
+            assert set(values) == {3, 6} and all(0.0 <= value <= 1.0 for value in values.values()), (name, metric)
+    chartqa = [entry for entry in log if "eval_chartqa/relaxed_accuracy" in entry]
+    assert all(e["eval_chartqa/relaxed_accuracy"] <= e["eval_chartqa/relaxed_accuracy_normalized"] for e in chartqa)
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [3, 6]  # the Trainer's own evaluation runs
 
     from transformers.integrations.integration_utils import rewrite_logs
 
-    logged = [logs for logs in recorder.logs if "eval_relaxed_accuracy" in logs]
+    logged = [logs for logs in recorder.logs if "eval_docs/anls" in logs]
     assert len(logged) == 2  # what every logger integration receives...
-    assert "eval/relaxed_accuracy" in rewrite_logs(logged[0])  # ...and shows as eval/relaxed_accuracy
+    shown = rewrite_logs(logged[0])  # ...and shows as eval/<set>/<metric>
+    assert {"eval/chartqa/relaxed_accuracy", "eval/docs/anls", "eval/signs/vqa_accuracy", "eval/shapes/accuracy",
+            "eval/shapes/unparsed", "eval/own/token_f1"} <= set(shown)  # fmt: skip
 
 
 def test_a_plot_of_the_training_lands_in_the_output_folder(trained):
@@ -105,7 +133,11 @@ def test_the_adapter_is_pushed_once_at_the_end_with_its_card(trained):
     assert {"tokenizer.json", "processor_config.json", "recipe.yaml", "training_log.json"} <= set(commit["files"])
     assert not any(name.endswith((".bin", ".pt", ".pth")) or "/" in name for name in commit["files"])
     card = commit["files"]["README.md"].decode()
-    assert "eval_relaxed_accuracy" in card and "training loss:" in card and "me/tiny-chartqa" in card
+    assert "chartqa/relaxed_accuracy" in card and "training loss:" in card and "me/tiny-chartqa" in card
+    # Not evaluated by the command yet: model-index holds each set's last evaluation during training.
+    results = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    assert [result["dataset"]["type"] for result in results] == list(SET_TASKS)  # local data: named, no paths
+    assert all(m["args"]["during_training_at_step"] == 6 for result in results for m in result["metrics"])
     assert (output_dir / "README.md").read_text() == card  # the local folder holds the same card
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "push_to_hub: true" in recipe and TOKEN not in recipe and TOKEN not in card
@@ -127,24 +159,50 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_evaluate_command_compares_base_and_adapter(evaluated, tiny_qwen, trained):
+def test_evaluate_scores_every_set_with_its_task_and_records_the_preset(evaluated, tiny_qwen, trained):
     results_dir, result = evaluated
     results = json.loads((results_dir / "eval_results.json").read_text())
-    assert results["rows"] == EVAL_ROWS and results["split"] == "test"
     assert results["adapter"] == str(trained[0]) and results["base_model"] == str(tiny_qwen)
-    predictions = {name: read_jsonl(results_dir / f"predictions_{name}.jsonl") for name in ("base", "adapter")}
-    for name, rows in predictions.items():
-        assert len(rows) == EVAL_ROWS
-        assert set(rows[0]) >= {"question", "labels", "prediction", "correct", "exact_match"}
-        recomputed = score_predictions([r["prediction"] for r in rows], [r["labels"] for r in rows])
-        assert {k: results["results"][name][k] for k in recomputed} == recomputed
-        assert [r["correct"] for r in rows].count(True) == round(recomputed["relaxed_accuracy"] * EVAL_ROWS)
+    assert list(results["eval_sets"]) == list(SET_TASKS)
+    presets = {"chartqa": "recipe", "docs": "lmms_eval", "signs": "vlmevalkit", "shapes": "lmms_eval", "own": "recipe"}
+    for name, task_name in SET_TASKS.items():
+        entry, task = results["eval_sets"][name], get_task(task_name)
+        assert entry["task"] == task_name and entry["prompt_preset"] == presets[name]
+        assert entry["prompt_source"] == task.preset(presets[name]).source
+        assert entry["rows"] == (EVAL_ROWS if name == "chartqa" else EXTRA_ROWS) and entry["max_new_tokens"] == 4
+        for model in ("base", "adapter"):
+            rows = read_jsonl(results_dir / f"predictions_{name}_{model}.jsonl")
+            assert len(rows) == entry["rows"] and entry["results"][model]["rows_per_second"] > 0
+            # Every number in eval_results.json is the task's own mean over the rows in the predictions file.
+            for metric in task.metric_names:
+                mean = sum(row[metric] for row in rows) / len(rows)
+                assert entry["results"][model][metric] == pytest.approx(mean), (name, model, metric)
+        header = f"Evaluation set '{name}': {task.title} on "
+        assert header in result.stdout and f"prompt preset '{presets[name]}'" in result.stdout
+    assert result.stdout.count("rows/s: base ") == len(SET_TASKS)
+    assert results["eval_sets"]["chartqa"]["split"] == "test"
+
+
+def test_evaluate_compares_base_and_adapter_on_the_same_rows(evaluated):
+    results_dir, result = evaluated
+    predictions = {
+        model: read_jsonl(results_dir / f"predictions_chartqa_{model}.jsonl") for model in ("base", "adapter")
+    }
+    for rows in predictions.values():
+        assert set(rows[0]) >= {"question", "labels", "prediction", "relaxed_accuracy", "exact_match"}
+        chartqa = get_task("chartqa")
+        for row in rows:  # the recorded values are the task's scores of the recorded prediction
+            values = chartqa.score(row["prediction"], {"answers": row["labels"], "messages": []}).values
+            assert {metric: row[metric] for metric in values} == values
     # The same questions, and different answers: the adapter was on for one and off for the other.
     assert [r["question"] for r in predictions["base"]] == [r["question"] for r in predictions["adapter"]]
     assert [r["prediction"] for r in predictions["base"]] != [r["prediction"] for r in predictions["adapter"]]
-    header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
+    shapes = read_jsonl(results_dir / "predictions_shapes_adapter.jsonl")
+    assert all("picked" in row and row["unparsed"] == float(row["picked"] is None) for row in shapes)
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("metric"))
     assert header.split() == ["metric", "base", "adapter", "change"]
-    assert any(line.startswith("relaxed_accuracy") for line in result.stdout.splitlines())
+    assert any(line.startswith("relaxed_accuracy_normalized") for line in lines)
 
 
 def test_evaluate_never_overwrites_results(evaluated, trained, capsys):
@@ -183,7 +241,7 @@ def test_chat_answers_like_the_evaluation(evaluated, trained, tiny_qwen, chartqa
 
     base_reply = main(["--model", str(tiny_qwen), "--system_prompt", SYSTEM_PROMPT, *common])
     adapter_reply = main(["--adapter", str(trained[0]), *common])  # the base and system prompt from the adapter
-    expected = {name: read_jsonl(results_dir / f"predictions_{name}.jsonl")[0] for name in ("base", "adapter")}
+    expected = {name: read_jsonl(results_dir / f"predictions_chartqa_{name}.jsonl")[0] for name in ("base", "adapter")}
     assert expected["base"]["question"] == question
     assert base_reply == expected["base"]["prediction"] and adapter_reply == expected["adapter"]["prediction"]
     assert capsys.readouterr().out.splitlines()[0] == base_reply
@@ -265,5 +323,7 @@ def test_help_lists_the_evaluation_fields(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for field in ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_max_samples", "--max_new_tokens"):
+    fields = ("--adapter", "--evaluate_base", "--overwrite_results", "--eval_max_samples", "--max_new_tokens", "--task",
+              "--prompt_preset", "--eval_datasets")  # fmt: skip
+    for field in fields:
         assert field in out

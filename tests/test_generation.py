@@ -3,13 +3,9 @@
 import pytest
 from PIL import Image
 
-from vlm_recipes.evaluation.generate import (
-    encode_prompts,
-    generate_answers,
-    prompt_messages,
-    question_of,
-    reference_answers,
-)
+from vlm_recipes.evaluation.generate import encode_prompts, generate_answers, prompt_lengths
+from vlm_recipes.evaluation.runner import generation_order
+from vlm_recipes.tasks.base import prompt_messages, question_of, reference_answers
 from vlm_recipes.training.plots import plot_training_log
 
 
@@ -27,7 +23,8 @@ def test_the_prompt_is_the_conversation_without_its_final_answer():
     ]
     assert prompt_messages(messages) == messages[:-1]  # earlier answers stay: they are context
     assert prompt_messages(messages[:-1]) == messages[:-1]
-    assert question_of(messages) == "And the peak?"
+    assert question_of({"messages": messages}) == "And the peak?"
+    assert question_of({"messages": messages, "question": "Peak year?"}) == "Peak year?"  # the formatter's own
     assert reference_answers({"messages": messages}) == ["2014"]
     assert reference_answers({"messages": messages, "answers": ["2014", "in 2014"]}) == ["2014", "in 2014"]
 
@@ -69,6 +66,11 @@ def test_batches_are_left_padded_and_answer_like_single_rows(tiny_model_and_proc
     prompt = processor.decode(inputs["input_ids"][0])
     assert prompt.endswith("<|im_start|>assistant\n") and "<|im_end|>\n<|im_start|>assistant\n3" not in prompt
 
+    # The prompt lengths the rows are sorted by (text + image tokens, from image sizes alone) are the attention mask's
+    # but for the generation prompt the template adds to every row alike.
+    counted = prompt_lengths(processor, rows)
+    assert len({length - count for length, count in zip(lengths.tolist(), counted)}) == 1 and len(set(counted)) == 3
+
     batched = generate_answers(model, processor, rows, batch_size=3, max_new_tokens=6, progress=False)
     alone = [
         generate_answers(model, processor, [row], batch_size=1, max_new_tokens=6, progress=False)[0] for row in rows
@@ -78,21 +80,31 @@ def test_batches_are_left_padded_and_answer_like_single_rows(tiny_model_and_proc
     assert not model.training
 
 
+def test_rows_are_generated_longest_first_and_dealt_out_to_processes():
+    lengths = [5, 90, 40, 70, 10, 60, 20]
+    assert generation_order(lengths, 1, 0) == [1, 3, 5, 2, 6, 4, 0]  # one process: every row, longest first
+    shares = [generation_order(lengths, 3, process) for process in range(3)]
+    assert shares == [[1, 2, 0], [3, 6, 6], [5, 4, 4]]  # dealt in turn; short shares end with their last row again
+    assert {index for share in shares for index in share} == set(range(len(lengths)))
+    assert generation_order([7], 2, 1) == [0] and generation_order([], 2, 0) == []
+
+
 def test_plot_of_losses_and_evaluation_metrics(tmp_path):
     history = [
         {"loss": 6.0, "step": 1},
         {"loss": 4.0, "step": 2},
         {"eval_loss": 4.5, "step": 2},
-        {"eval_relaxed_accuracy": 0.25, "eval_exact_match": 0.125, "step": 2},
+        {"eval_chartqa/relaxed_accuracy": 0.25, "eval_docs/anls": 0.125, "step": 2},
         {"loss": 3.0, "step": 4},
-        {"eval_relaxed_accuracy": 0.5, "eval_exact_match": 0.25, "step": 4},
+        {"eval_chartqa/relaxed_accuracy": 0.5, "eval_docs/anls": 0.25, "step": 4},
     ]
-    path = plot_training_log(history, tmp_path / "plot.png", title="run")
+    keys = ("eval_chartqa/relaxed_accuracy", "eval_docs/anls")
+    path = plot_training_log(history, tmp_path / "plot.png", metric_keys=keys, title="run")
     image = Image.open(path)
     assert image.format == "PNG" and image.size[0] > 1.5 * image.size[1]  # two panels side by side
-    only_loss = plot_training_log(history[:2], tmp_path / "loss.png")
+    only_loss = plot_training_log(history, tmp_path / "loss.png")  # no evaluation metrics named: losses only
     assert Image.open(only_loss).size[0] < image.size[0]  # one panel
-    assert plot_training_log([{"train_runtime": 1.0, "step": 4}], tmp_path / "none.png") is None
+    assert plot_training_log([{"train_runtime": 1.0, "step": 4}], tmp_path / "none.png", metric_keys=keys) is None
     assert not (tmp_path / "none.png").exists()
 
 

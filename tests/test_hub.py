@@ -94,22 +94,29 @@ def output_dir(tmp_path):
         {"loss": 2.5, "step": 10},
         {"loss": 0.7, "step": 200},
         {"eval_loss": 0.8, "step": 200},
-        {"eval_relaxed_accuracy": 0.61, "eval_exact_match": 0.55, "step": 200},
+        {"eval_chartqa/relaxed_accuracy": 0.61, "eval_chartqa/exact_match": 0.55, "step": 200},
     ]
     (folder / "training_log.json").write_text(json.dumps(log))
-    (folder / "eval_results.json").write_text(
-        json.dumps(
-            {
-                "dataset": "HuggingFaceM4/ChartQA",
-                "split": "test",
+    chartqa = {
+        "dataset": "HuggingFaceM4/ChartQA",
+        "dataset_config": None,
+        "split": "test",
+        "task": "chartqa",
+        "prompt_preset": "lmms_eval",
+        "prompt_source": "lmms-eval lmms_eval/tasks/chartqa/chartqa.yaml (default post_prompt)",
+        "max_new_tokens": 16,
+        "rows": 500,
+        "results": {
+            "base": {"relaxed_accuracy": 0.42, "relaxed_accuracy_normalized": 0.5, "exact_match": 0.3, "rows": 500},
+            "adapter": {
+                "relaxed_accuracy": 0.64,
+                "relaxed_accuracy_normalized": 0.7,
+                "exact_match": 0.58,
                 "rows": 500,
-                "results": {
-                    "base": {"relaxed_accuracy": 0.42, "exact_match": 0.3, "rows": 500},
-                    "adapter": {"relaxed_accuracy": 0.64, "exact_match": 0.58, "rows": 500},
-                },
-            }
-        )
-    )
+            },
+        },
+    }
+    (folder / "eval_results.json").write_text(json.dumps({"base_model": "x", "eval_sets": {"chartqa": chartqa}}))
     (folder / "training_plot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (folder / "README.md").write_text(PEFT_TEMPLATE)  # PEFT writes this on save: replaced by the real card
     # Left local: checkpoints, optimizer/scheduler states, pickles, predictions.
@@ -156,8 +163,28 @@ def test_push_sends_the_adapter_processor_card_and_results_only(monkeypatch, out
     assert metadata["datasets"] == ["HuggingFaceM4/ChartQA"] and metadata["library_name"] == "peft"
     assert "qlora" in metadata["tags"] and CARD_MARKER in card
     assert "| relaxed_accuracy | 0.4200 | 0.6400 |" in card  # evaluation, base and adapter side by side
+    assert "| relaxed_accuracy_normalized | 0.5000 | 0.7000 |" in card  # the lenient variant beside it
+    assert "prompt preset `lmms_eval` (lmms-eval lmms_eval/tasks/chartqa/chartqa.yaml" in card
+    assert "pix2struct" in card  # the task's own text: how the numbers were computed
     assert "training loss: 2.5000 at step 10 -> 0.7000 at step 200" in card
-    assert "eval_relaxed_accuracy 0.6100" in card
+    assert "chartqa/relaxed_accuracy 0.6100" in card
+    # model-index: every metric of the adapter, with task, dataset, split and prompt preset, for the Hub to show.
+    (index,) = metadata["model-index"]
+    (result,) = index["results"]
+    assert index["name"] == "qwen-chartqa" and result["task"] == {
+        "type": "visual-question-answering",
+        "name": "ChartQA",
+    }
+    assert result["dataset"] == {
+        "type": "HuggingFaceM4/ChartQA",
+        "name": "HuggingFaceM4/ChartQA (chartqa)",
+        "split": "test",
+    }
+    assert [(m["type"], m["value"], m["args"]["prompt_preset"]) for m in result["metrics"]] == [
+        ("relaxed_accuracy", 0.64, "lmms_eval"),
+        ("relaxed_accuracy_normalized", 0.7, "lmms_eval"),
+        ("exact_match", 0.58, "lmms_eval"),
+    ]
     assert 'PeftModel.from_pretrained(base, "me/qwen-chartqa")' in card  # usage snippet
     assert "Answer with a single word or number." in card  # ... with the system prompt it was trained with
     assert "dataset_name: HuggingFaceM4/ChartQA" in card and "learning_rate: 0.0002" in card  # the recipe
@@ -234,6 +261,38 @@ def test_card_for_a_local_base_model_names_its_license_and_no_hub_metadata(tmp_p
     assert "base_model" not in metadata  # a local path is not a Hub id; the Hub would reject it
     assert metadata["license"] == "mit" and "License: `mit`" in card
     assert "Not evaluated yet" in card
+    # Not evaluated by the command: model-index holds the last evaluation during training, and says so.
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["dataset"]["type"] == "HuggingFaceM4/ChartQA" and result["dataset"]["split"] == "test"
+    assert [(m["type"], m["value"]) for m in result["metrics"]] == [("relaxed_accuracy", 0.61), ("exact_match", 0.55)]
+    assert result["metrics"][0]["args"] == {"prompt_preset": "recipe", "during_training_at_step": 200}
+
+
+def test_model_index_names_local_data_without_its_path_and_skips_results_of_another_model(tmp_path, output_dir):
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    local = tmp_path / "my_documents"
+    local.mkdir()
+    docs = {**results["eval_sets"]["chartqa"], "dataset": str(local), "task": "docvqa", "prompt_preset": "recipe"}
+    docs["results"] = {"base": {"anls": 0.5, "rows": 500}, "adapter": {"anls": 0.75, "rows": 500}}
+    results["eval_sets"]["docs"] = docs
+    (output_dir / "eval_results.json").write_text(json.dumps(results))
+    card = model_card(RunFacts.read(output_dir), "me/run", None)
+    metadata = yaml.safe_load(card.split("---")[1])
+    docs_result = metadata["model-index"][0]["results"][1]
+    assert docs_result["task"]["type"] == "document-question-answering"
+    assert docs_result["dataset"] == {"type": "docs", "name": "my_documents (docs)", "split": "test"}
+    assert docs_result["metrics"] == [
+        {"type": "anls", "name": "anls", "value": 0.75, "args": {"prompt_preset": "recipe", "rows": 500}}
+    ]
+    assert str(local) not in card and "| anls | 0.5000 | 0.7500 |" in card
+
+    # Only the base was evaluated: those are not this adapter's numbers, so model-index does not claim them.
+    for result in results["eval_sets"].values():
+        del result["results"]["adapter"]
+    (output_dir / "eval_results.json").write_text(json.dumps(results))
+    metadata = yaml.safe_load(model_card(RunFacts.read(output_dir), "me/run", None).split("---")[1])
+    assert [r["dataset"]["type"] for r in metadata["model-index"][0]["results"]] == ["HuggingFaceM4/ChartQA"]
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["args"]["during_training_at_step"] == 200
 
 
 def test_training_that_would_push_without_a_token_stops_before_it_starts(

@@ -31,6 +31,11 @@ def test_every_recipe_parses(path):
     content = yaml.safe_load(path.read_text())
     for key, value in content.items():
         assert recipe.settings[key] == value, key
+    if "evaluation" in recipe.parts:  # an SFT recipe: its task, evaluation sets and prompt presets resolve
+        from vlm_recipes.evaluation.sets import apply_task_defaults, resolve_eval_sets
+
+        task = apply_task_defaults(recipe)
+        assert resolve_eval_sets(recipe.data, recipe.evaluation) and recipe.data.formatter == task.formatter
 
 
 # What each shipped config launches, and the test in tests/test_distributed.py that launches it for real.

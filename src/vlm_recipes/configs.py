@@ -35,7 +35,8 @@ class DataArguments:
     formatter: str = field(
         default="chartqa",
         metadata={
-            "help": "How a dataset row becomes chat messages: one of the names in `vlm_recipes.data.formatters`."
+            "help": "How a dataset row becomes chat messages: one of the names in `vlm_recipes.data.formatters`. "
+            "Default: the formatter of the recipe's `task` (chartqa when the recipe names no task)."
         },
     )
     system_prompt: str | None = field(
@@ -155,28 +156,57 @@ class TuningArguments:
 
 @dataclass
 class EvaluationArguments:
-    """Answer-level evaluation: greedy generation on the evaluation split, scored with relaxed accuracy and exact match.
+    """The task the data is (its formatter, prompts, metrics) and answer-level evaluation: greedy generation on
+    evaluation sets, scored with the task's metrics.
 
-    `python -m vlm_recipes.evaluate` uses every evaluation row (after `max_eval_samples`); during training the same
-    evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on `eval_max_samples` rows.
+    `python -m vlm_recipes.evaluate` uses every row of each set (after `max_eval_samples` or the set's `max_samples`);
+    during training the same evaluation runs at each of the Trainer's evaluations (`eval_strategy`, `eval_steps`) on
+    `eval_max_samples` rows of each set.
     """
 
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the data is and how answers are scored: chartqa, docvqa, infovqa, textvqa, vqav2, "
+            "multiple_choice or conversation (`vlm_recipes.tasks`). It sets the default `formatter`, the prompt "
+            "presets, the metrics and `max_new_tokens`. Default: the task of the recipe's `formatter`."
+        },
+    )
+    prompt_preset: str = field(
+        default="recipe",
+        metadata={
+            "help": "How evaluation questions are asked: `recipe` (the prompt the model trained on, system prompt "
+            "included), or a harness's prompt for the task (`lmms_eval`, `vlmevalkit`, ...; see the task) to compare "
+            "with published figures. Each evaluation set may name its own."
+        },
+    )
+    eval_datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation sets, each evaluated during training and by `evaluate` and logged as "
+            "eval/<name>/<metric>: a YAML list of mappings with `name` and optionally `dataset`, `dataset_config`, "
+            "`task`, `formatter`, `split`, `max_samples`, `prompt_preset`, `max_new_tokens` (on the command line, "
+            "one JSON object each). Unset fields come from the recipe. Default: one set, named after the task, on "
+            "the recipe's evaluation split."
+        },
+    )
     eval_generation: bool = field(
         default=True,
         metadata={
-            "help": "At every evaluation during training, also generate answers and log eval/relaxed_accuracy and "
-            "eval/exact_match to the trainer's loggers (`report_to`). Needs an evaluation split and `eval_strategy`."
+            "help": "At every evaluation during training, also generate answers for each evaluation set and log its "
+            "metrics (eval/<set>/<metric>) to the trainer's loggers (`report_to`). Needs `eval_strategy`."
         },
     )
     eval_max_samples: int | None = field(
         default=64,
         metadata={
-            "help": "Rows of the evaluation split (the first N, the same every time) that generation runs on during "
+            "help": "Rows of each evaluation set (the first N, the same every time) that generation runs on during "
             "training; `null` for all. Not to be confused with `max_eval_samples`, which trims the split itself."
         },
     )
-    max_new_tokens: int = field(
-        default=32, metadata={"help": "Longest generated answer, in tokens (ChartQA answers are a few tokens)."}
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Longest generated answer, in tokens. Default: the task's (ChartQA 16, DocVQA 128, ...)."},
     )
     eval_generation_batch_size: int | None = field(
         default=None,

@@ -1,15 +1,18 @@
-"""Evaluate a model on its recipe's evaluation split: greedy answers, relaxed accuracy and exact match.
+"""Evaluate a model on its recipe's evaluation sets: greedy answers, scored with each set's task metrics.
 
     python -m vlm_recipes.evaluate recipes/chartqa.yaml                       # the base model
     python -m vlm_recipes.evaluate recipes/chartqa.yaml --adapter outputs/run # base and base + adapter, side by side
+    python -m vlm_recipes.evaluate recipes/chartqa.yaml --adapter outputs/run --prompt_preset lmms_eval
     accelerate launch -m vlm_recipes.evaluate recipes/chartqa.yaml --adapter outputs/run   # rows split over GPUs
 
-Reads top to bottom: parse the recipe, refuse to overwrite earlier results, format the evaluation split, load the model
-(with the adapter, checked against it), generate and score with the adapter off (the base) and on, write
-`eval_results.json` and one predictions JSONL per model in the recipe's `output_dir`, print the comparison.
+Reads top to bottom: parse the recipe, resolve its task and evaluation sets (`eval_datasets`, else its own evaluation
+split), refuse to overwrite earlier results, format each set, load the model (with the adapter, checked against it),
+generate and score each set with the adapter off (the base) and on, write `eval_results.json` (with each set's task,
+split and prompt preset) and one predictions JSONL per set and model in the recipe's `output_dir`, print the comparison.
 """
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,9 @@ from typing import Any
 from accelerate import PartialState
 
 from vlm_recipes.console import print_main, setup_console
-from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
-from vlm_recipes.evaluation.metrics import MATCHERS
 from vlm_recipes.evaluation.runner import EvaluationOutcome, evaluate_rows
+from vlm_recipes.evaluation.sets import EvalSet, apply_task_defaults, load_eval_set, resolve_eval_sets
 from vlm_recipes.hub import EVAL_RESULTS_FILE
 from vlm_recipes.modeling.loading import load_for_inference, sft_adapter_under, trains_in_4bit
 from vlm_recipes.recipe import Recipe, parse_recipe
@@ -53,12 +55,14 @@ class EvaluateCommandArguments:
 RECIPE_PARTS = {**SFT_RECIPE_PARTS, "command": EvaluateCommandArguments}
 
 
-def predictions_file(name: str) -> str:
-    return f"predictions_{name}.jsonl"
+def predictions_file(set_name: str, model: str) -> str:
+    return f"predictions_{set_name}_{model}.jsonl"
 
 
-def result_paths(output_dir: Path, names: list[str]) -> list[Path]:
-    return [output_dir / EVAL_RESULTS_FILE] + [output_dir / predictions_file(name) for name in names]
+def result_paths(output_dir: Path, set_names: list[str], models: list[str]) -> list[Path]:
+    return [output_dir / EVAL_RESULTS_FILE] + [
+        output_dir / predictions_file(set_name, model) for set_name in set_names for model in models
+    ]
 
 
 def refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
@@ -70,16 +74,17 @@ def refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
         )
 
 
-def comparison_table(results: dict[str, dict[str, Any]]) -> str:
+def comparison_table(metrics: list[str], results: dict[str, dict[str, Any]]) -> str:
     """Metrics as rows, models as columns, and the change from the first model to the last."""
     names = list(results)
-    header = f"{'metric':<18}" + "".join(f"{name:>12}" for name in names)
+    width = max(18, *(len(metric) + 2 for metric in metrics))
+    header = f"{'metric':<{width}}" + "".join(f"{name:>12}" for name in names)
     if len(names) > 1:
         header += f"{'change':>12}"
     lines = [header]
-    for metric in MATCHERS:
+    for metric in metrics:
         values = [results[name][metric] for name in names]
-        line = f"{metric:<18}" + "".join(f"{value:>12.4f}" for value in values)
+        line = f"{metric:<{width}}" + "".join(f"{value:>12.4f}" for value in values)
         if len(names) > 1:
             line += f"{values[-1] - values[0]:>+12.4f}"
         lines.append(line)
@@ -92,32 +97,38 @@ def write_predictions(path: Path, outcome: EvaluationOutcome) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def load_sets(recipe: Recipe, eval_sets: list[EvalSet]) -> dict[str, Any]:
+    """Each set's formatted rows (all of them, or the set's `max_samples`). Under several processes each machine's
+    main process formats first and the others reuse the datasets cache. Too many rows the formatter rejects stop here,
+    before any weights load."""
+    training_args, loaded = recipe.training, {}
+    with main_process_first():
+        for eval_set in eval_sets:
+            loaded[eval_set.name] = load_eval_set(
+                eval_set, seed=training_args.seed, num_proc=training_args.dataset_num_proc, limit=eval_set.max_samples
+            )
+    for eval_set in eval_sets:
+        report = loaded[eval_set.name][1]
+        if report.rejected:
+            print_main(
+                f"Data check of '{eval_set.name}': {report.rejected} row(s) rejected and skipped", report.table()
+            )
+        report.stop_if_too_many_rejected(recipe.data.max_bad_fraction)
+    return loaded
+
+
 def evaluate(recipe: Recipe) -> dict[str, Any]:
-    data_args, model_args, training_args = recipe.data, recipe.model, recipe.training
-    evaluation, command = recipe.evaluation, recipe.command
+    model_args, training_args, command = recipe.model, recipe.training, recipe.command
+    apply_task_defaults(recipe)
+    eval_sets = resolve_eval_sets(recipe.data, recipe.evaluation)
     names = (["base"] if command.evaluate_base or not command.adapter else []) + (
         ["adapter"] if command.adapter else []
     )
     if not training_args.output_dir:
         raise RecipeError("The recipe sets no `output_dir` (where the results go).")
     output_dir = Path(training_args.output_dir)
-    refuse_to_overwrite(result_paths(output_dir, names), command.overwrite_results)
-
-    # Data first: a missing evaluation split fails before any weights load. Under several processes each machine's
-    # main process formats it first and the others reuse the datasets cache.
-    with main_process_first():
-        _, rows, data_report = load_datasets(
-            data_args,
-            seed=training_args.seed,
-            need_eval=True,
-            num_proc=training_args.dataset_num_proc,
-            format_train=False,
-        )
-    if rows is None or len(rows) == 0:
-        raise RecipeError(f"The evaluation split of {data_args.dataset_name} has no rows to evaluate.")
-    if data_report.rejected:
-        print_main(f"Data check: {data_report.rejected} evaluation row(s) rejected and skipped", data_report.table())
-    data_report.stop_if_too_many_rejected(data_args.max_bad_fraction)
+    refuse_to_overwrite(result_paths(output_dir, [s.name for s in eval_sets], names), command.overwrite_results)
+    loaded = load_sets(recipe, eval_sets)  # data first: a missing split fails before any weights load
 
     # The precision the recipe trains in (4-bit for qlora), for the base and the adapter alike.
     model_args.load_in_4bit = trains_in_4bit(
@@ -128,48 +139,62 @@ def evaluate(recipe: Recipe) -> dict[str, Any]:
     if sft_adapter is not None and "base" in names:
         print_main(f"'base' is {model_args.model_name_or_path} + the SFT adapter in {sft_adapter}, merged in.")
     options = {
-        "batch_size": evaluation.eval_generation_batch_size or training_args.per_device_eval_batch_size,
-        "max_new_tokens": evaluation.max_new_tokens,
+        "batch_size": recipe.evaluation.eval_generation_batch_size or training_args.per_device_eval_batch_size,
         "progress": not training_args.disable_tqdm,
     }
-    outcomes: dict[str, EvaluationOutcome] = {}
-    for name in names:
-        if name == "base" and command.adapter:
-            with model.disable_adapter():  # the same weights, processor and rows, with the adapter off
-                outcomes[name] = evaluate_rows(model, processor, rows, description="base model", **options)
-        else:
-            outcomes[name] = evaluate_rows(model, processor, rows, description=f"{name} model", **options)
-
-    split = (
-        data_args.dataset_test_split
-        if not data_args.eval_split_size
-        else f"held out of {data_args.dataset_train_split}"
-    )
-    results = {
-        "dataset": data_args.dataset_name,
-        "split": split,
-        "rows": len(rows),
-        "rows_rejected": data_report.rejected,
+    results: dict[str, Any] = {
         "base_model": model_args.model_name_or_path,
         "adapter": command.adapter,
         **({"sft_adapter_merged_into_base": str(sft_adapter)} if sft_adapter is not None else {}),
-        "max_new_tokens": evaluation.max_new_tokens,
-        "results": {
-            name: {**outcome.scores, "predictions": predictions_file(name)} for name, outcome in outcomes.items()
-        },
+        "eval_sets": {},
     }
+    outcomes: dict[tuple[str, str], EvaluationOutcome] = {}
+    for eval_set in eval_sets:
+        rows, report = loaded[eval_set.name]
+        print_main(
+            f"\nEvaluation set '{eval_set.name}': {eval_set.task.title} on {eval_set.data.dataset_name} "
+            f"({eval_set.split}, {len(rows)} rows), prompt preset '{eval_set.preset.name}' ({eval_set.preset.source}), "
+            f"max_new_tokens {eval_set.max_new_tokens}"
+        )
+        for name in names:
+            # The base: the same weights, processor and rows, with the adapter off.
+            with model.disable_adapter() if name == "base" and command.adapter else nullcontext():
+                outcomes[eval_set.name, name] = evaluate_rows(
+                    model,
+                    processor,
+                    rows,
+                    eval_set.task,
+                    eval_set.preset,
+                    max_new_tokens=eval_set.max_new_tokens,
+                    description=f"{eval_set.name}, {name} model",
+                    **options,
+                )
+        scores = {name: outcomes[eval_set.name, name].scores for name in names}
+        speeds = ", ".join(f"{name} {outcomes[eval_set.name, name].rows_per_second:.2f}" for name in names)
+        print_main(comparison_table(eval_set.task.metric_names, scores), f"rows/s: {speeds}")
+        results["eval_sets"][eval_set.name] = {
+            **eval_set.describe(),
+            "rows": len(rows),
+            "rows_rejected": report.rejected,
+            "results": {
+                name: {
+                    **outcomes[eval_set.name, name].scores,
+                    "rows_per_second": round(outcomes[eval_set.name, name].rows_per_second, 3),
+                    "predictions": predictions_file(eval_set.name, name),
+                }
+                for name in names
+            },
+        }
     if PartialState().is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for name, outcome in outcomes.items():
-            write_predictions(output_dir / predictions_file(name), outcome)
+        for (set_name, name), outcome in outcomes.items():
+            write_predictions(output_dir / predictions_file(set_name, name), outcome)
         (output_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     print_main(
         f"\nEvaluation of {model_args.model_name_or_path}"
-        + (f" + adapter {command.adapter}" if command.adapter else "")
-        + f" on {data_args.dataset_name} ({split}, {len(rows)} rows)",
-        comparison_table({name: outcome.scores for name, outcome in outcomes.items()}),
+        + (f" + adapter {command.adapter}" if command.adapter else ""),
         f"Results in {(output_dir / EVAL_RESULTS_FILE).resolve()}; predictions in "
-        + ", ".join(predictions_file(name) for name in outcomes),
+        + ", ".join(predictions_file(set_name, name) for set_name, name in outcomes),
     )
     return results
 

@@ -21,6 +21,8 @@ import yaml
 
 from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.evaluation.card import evaluation_lines, is_local_path, last_training_evaluation, model_index
+from vlm_recipes.evaluation.sets import EvalSet, saved_eval_sets
 from vlm_recipes.modeling.loading import ADAPTER_CONFIG, SFT_ADAPTER_COPY, trains_in_4bit
 from vlm_recipes.recipe import entry_point_of
 from vlm_recipes.training.outputs import RECIPE_FILE, TRAINING_LOG, losses, read_saved_recipe
@@ -151,10 +153,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _is_local(name: str | None) -> bool:
-    return bool(name) and (Path(str(name)).expanduser().exists() or str(name).startswith((".", "/", "~")))
-
-
 def _front_matter(text: str) -> dict[str, Any]:
     if not text.startswith("---"):
         return {}
@@ -173,7 +171,7 @@ def base_model_license(base_model: str | None, token: str | None = None) -> str 
     if local.is_dir():
         card = local / CARD_FILE
         return _front_matter(card.read_text(encoding="utf-8")).get("license") if card.is_file() else None
-    if _is_local(base_model):
+    if is_local_path(base_model):
         return None
     try:
         from huggingface_hub import HfApi
@@ -208,6 +206,7 @@ class RunFacts:
     eval_results: dict[str, Any] | None
     has_plot: bool
     entry_point: str
+    eval_sets: list[EvalSet]  # what the run evaluated on during training (an SFT recipe's sets)
 
     @classmethod
     def read(cls, output_dir: str | Path) -> "RunFacts":
@@ -229,6 +228,7 @@ class RunFacts:
             eval_results=_read_json(output_dir / EVAL_RESULTS_FILE),
             has_plot=(output_dir / PLOT_FILE).is_file(),
             entry_point=entry_point_of(recipe_text),
+            eval_sets=saved_eval_sets(recipe) if entry_point_of(recipe_text) == "vlm_recipes.sft" else [],
         )
 
 
@@ -267,14 +267,11 @@ def _training_section(facts: RunFacts) -> list[str]:
     if points:
         (first_step, first), (last_step, last) = points[0], points[-1]
         lines.append(f"- training loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-    evaluations = [entry for entry in facts.log_history if "eval_relaxed_accuracy" in entry or "eval_loss" in entry]
-    if evaluations:
-        last = {}
-        for entry in evaluations:
-            last.update({key: value for key, value in entry.items() if key.startswith("eval_")})
-        shown = [key for key in ("eval_loss", "eval_relaxed_accuracy", "eval_exact_match") if key in last]
+    last = last_training_evaluation(facts.log_history, facts.eval_sets)
+    if last:
+        shown = [(key if key == "eval_loss" else key.removeprefix("eval_"), value) for key, (value, _) in last.items()]
         lines.append(
-            "- last evaluation during training: " + ", ".join(f"{key} {_format_number(last[key])}" for key in shown)
+            "- last evaluation during training: " + ", ".join(f"{key} {_format_number(value)}" for key, value in shown)
         )
     if facts.has_plot:
         lines += ["", f"![training curves]({PLOT_FILE})"]
@@ -312,23 +309,9 @@ def _evaluation_command(facts: RunFacts) -> list[str]:
 
 def _evaluation_section(facts: RunFacts) -> list[str]:
     eval_results = facts.eval_results
-    if not eval_results or not eval_results.get("results"):
+    if not eval_results or not eval_results.get("eval_sets"):
         return ["## Evaluation", "", *_evaluation_command(facts)]
-    results = eval_results["results"]
-    names = list(results)
-    metrics = [key for key in ("relaxed_accuracy", "exact_match") if any(key in results[name] for name in names)]
-    lines = [
-        "## Evaluation",
-        "",
-        f"Greedy answers on `{eval_results.get('dataset')}` (split `{eval_results.get('split')}`, "
-        f"{eval_results.get('rows')} rows), scored with ChartQA's relaxed accuracy (numbers within 5%) and exact match.",
-        "",
-        "| metric | " + " | ".join(names) + " |",
-        "| --- | " + " | ".join("---" for _ in names) + " |",
-    ]
-    for metric in metrics:
-        lines.append(f"| {metric} | " + " | ".join(_format_number(results[name].get(metric)) for name in names) + " |")
-    return lines
+    return ["## Evaluation", "", *evaluation_lines(eval_results)]
 
 
 def _usage_section(facts: RunFacts, repo_id: str) -> list[str]:
@@ -387,18 +370,23 @@ def _usage_section(facts: RunFacts, repo_id: str) -> list[str]:
 def model_card(facts: RunFacts, repo_id: str, license_name: str | None) -> str:
     """The README.md of the pushed repository: metadata, training, evaluation, usage and the recipe as run."""
     metadata: dict[str, Any] = {}
-    if facts.base_model and not _is_local(facts.base_model):
+    if facts.base_model and not is_local_path(facts.base_model):
         metadata["base_model"] = facts.base_model
     metadata["library_name"] = "peft" if facts.is_adapter else "transformers"
     if license_name:
         metadata["license"] = license_name
     dataset = facts.recipe.get("dataset_name")
-    if dataset and not _is_local(dataset):
+    if dataset and not is_local_path(dataset):
         metadata["datasets"] = [dataset]
     metadata["pipeline_tag"] = "image-text-to-text"
     metadata["tags"] = ["vlm-recipes", "trl", "dpo" if facts.entry_point == "vlm_recipes.dpo" else "sft"] + (
         ["qlora" if facts.quantized else "lora"] if facts.is_adapter else []
     )
+    index = model_index(
+        repo_id.split("/")[-1], facts.eval_results, facts.log_history, facts.eval_sets, facts.is_adapter
+    )
+    if index:
+        metadata["model-index"] = index  # the Hub shows these results on the model page
     base = facts.base_model or "an unknown base model"
     base_link = f"[{base}](https://huggingface.co/{base})" if "base_model" in metadata else f"`{base}`"
     kind = "A LoRA adapter for" if facts.is_adapter else "A fine-tune of"

@@ -24,6 +24,7 @@ from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, 
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
+from vlm_recipes.evaluation.sets import apply_task_defaults
 from vlm_recipes.recipe import Recipe, entry_point_of, parse_recipe
 from vlm_recipes.training.sampling import LengthGroupedSampler
 from vlm_recipes.training.speed import apply_speed_defaults
@@ -129,6 +130,8 @@ def preflight(recipe: Recipe, task: str, defaults: dict[str, dict[str, Any]]) ->
 
     for part, values in defaults.items():
         recipe.apply_defaults(part, values)
+    if "evaluation" in recipe.parts:  # an SFT recipe: its task may set the formatter
+        apply_task_defaults(recipe)
     apply_speed_defaults(recipe)  # length-grouped batching unless the recipe says otherwise, as training does
     data_args, model_args = _part(recipe, DataArguments), _part(recipe, ModelArguments)
     reliability, training_args = _part(recipe, ReliabilityArguments), recipe.training

@@ -21,12 +21,19 @@ from vlm_recipes.configs import (
 )
 from vlm_recipes.console import setup_console
 from vlm_recipes.errors import exit_on_recipe_error
+from vlm_recipes.evaluation.sets import apply_task_defaults, headline_keys, resolve_eval_sets
 from vlm_recipes.hub import prepare_training_push
 from vlm_recipes.modeling.chat_templates import training_chat_template
 from vlm_recipes.recipe import Recipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.optimization import VLMSFTTrainer
-from vlm_recipes.training.run import check_tuning_plan, load_training_model, prepare_output_and_data, train_and_save
+from vlm_recipes.training.run import (
+    check_tuning_plan,
+    load_training_model,
+    prepare_eval_sets,
+    prepare_output_and_data,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 
 
@@ -52,10 +59,13 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
     """Everything up to training: output folder checked, data formatted, model loaded and wrapped, trainer built."""
     training_args = recipe.training
     recipe.apply_defaults("training", VISION_SFT_DEFAULTS)
+    apply_task_defaults(recipe)  # the task's formatter where the recipe names none
+    eval_sets = resolve_eval_sets(recipe.data, recipe.evaluation)  # names, tasks, prompt presets checked now
     check_tuning_plan(recipe)  # the strategy against the model's config, before the output folder, data and weights
     apply_speed_defaults(recipe)
     padding_free = take_padding_free(recipe)  # checked against the model family before any data work
     _, train_dataset, eval_dataset = prepare_output_and_data(recipe, task="sft")
+    generation_sets = prepare_eval_sets(recipe, eval_sets, eval_dataset)
 
     loaded = load_training_model(recipe)
 
@@ -74,15 +84,15 @@ def build_trainer(recipe: Recipe) -> VLMSFTTrainer:
                 padding_free=padding_free,
             )
         )
-    add_evaluation_callbacks(trainer, recipe.evaluation, eval_dataset)  # eval/relaxed_accuracy, training_plot.png
+    add_evaluation_callbacks(trainer, recipe.evaluation, generation_sets)  # eval/<set>/<metric>, training_plot.png
     return trainer
 
 
 def train(recipe: Recipe) -> VLMSFTTrainer:
     hub_target = prepare_training_push(recipe.training)  # no token or repo id: stop now, not after training
-    return train_and_save(
-        build_trainer(recipe), recipe, summary_keys=("eval_relaxed_accuracy",), hub_target=hub_target
-    )
+    trainer = build_trainer(recipe)
+    headlines = headline_keys(resolve_eval_sets(recipe.data, recipe.evaluation))  # each set's first metric
+    return train_and_save(trainer, recipe, summary_keys=headlines, hub_target=hub_target)
 
 
 @exit_on_recipe_error

@@ -402,7 +402,7 @@ def check_policy(processor: Any, args: Any, max_length: int | None) -> CheckPoli
 
 
 def check_training_data(
-    train: Dataset,
+    train: Dataset | None,
     evaluation: Dataset | None,
     report: DataReport,
     processor: Any,
@@ -426,4 +426,4 @@ def check_training_data(
         checked = check_datasets(
             {"train": train, "eval": evaluation}, report, counter, policy, args.check_num_proc or num_proc
         )
-    return checked["train"].dataset, checked["eval"].dataset if "eval" in checked else None
+    return tuple(checked[name].dataset if name in checked else None for name in ("train", "eval"))

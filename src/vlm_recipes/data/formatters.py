@@ -6,11 +6,14 @@ messages. Each message's `content` is a list of `{"type": "image"}` / `{"type": 
 reading order, one image block per image. Images pass
 through untouched (a PIL image, an encoded `{"bytes", "path"}` dict, or a file path), so formatting never decodes a
 picture; `vlm_recipes.data.loading` casts the `images` column to an image feature afterwards. A formatter may add
-`answers` (the reference answers, for evaluation); the trainer ignores it.
+`answers` (the reference answers, for evaluation) and the fields a task's prompt presets rebuild a prompt from
+(`question`, and for multiple choice `options` and `hint`); the trainer ignores them.
 
 Adding a dataset means adding one function here, decorated with `@register_formatter(...)`, and one test.
 """
 
+import ast
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +154,121 @@ def chartqa(
         {"role": "user", "content": [image_block(), text_block(require_text(row, "query"))]},
         {"role": "assistant", "content": [text_block(answers[0])]},
     ]
-    return {"images": [resolve_image(row["image"], image_root)], "messages": messages, "answers": answers}
+    return {
+        "images": [resolve_image(row["image"], image_root)],
+        "messages": messages,
+        "answers": answers,
+        "question": require_text(row, "query"),
+    }
+
+
+def _answer_texts(value: Any, column: str) -> list[str]:
+    """Reference answers given as text, a list of texts, or a list of `{"answer": text}` (VQAv2), stripped; empty ones
+    left out."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise FormatError("should be a non-empty list of answers", column=column)
+    texts = [item.get("answer") if isinstance(item, dict) else item for item in value]
+    answers = [str(text).strip() for text in texts if text is not None and str(text).strip()]
+    if not answers:
+        raise FormatError("holds no non-empty answer", column=column)
+    return answers
+
+
+@register_formatter("vqa", required_columns=(("image",), ("question",), ("answers",)))
+def vqa(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
+    """A question about an image with reference answers: DocVQA and InfographicVQA (`answers`: the accepted variants),
+    TextVQA (the ten human answers), VQAv2 (`answers` as `{"answer": ...}` entries). Trains on the most frequent
+    answer (the first of the most frequent ones)."""
+    answers = _answer_texts(row.get("answers"), "answers")
+    if row.get("image") is None:
+        raise FormatError("is missing", column="image")
+    question = require_text(row, "question")
+    counts = Counter(answers)
+    messages = [
+        *system_messages(system_prompt),
+        {"role": "user", "content": [image_block(), text_block(question)]},
+        {"role": "assistant", "content": [text_block(max(answers, key=counts.__getitem__))]},
+    ]
+    return {
+        "images": [resolve_image(row["image"], image_root)],
+        "messages": messages,
+        "answers": answers,
+        "question": question,
+    }
+
+
+MMMU_IMAGE_COLUMNS = tuple(f"image_{number}" for number in range(1, 8))
+
+
+def _choice_options(row: dict[str, Any]) -> tuple[str, list[str]]:
+    """(column, options): `options` or `choices`, as a list or as a list written out as text (MMMU)."""
+    column = "options" if row.get("options") is not None else "choices"
+    options = row.get(column)
+    if isinstance(options, str):
+        try:
+            options = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+            raise FormatError(
+                f"should be a list of options, got the text {options!r:.60}",
+                column=column,
+                reason=f"'{column}' is not a list",
+            ) from None
+    if not isinstance(options, list | tuple) or len(options) < 2:
+        raise FormatError("should be a list of at least two options", column=column, reason=f"'{column}' malformed")
+    texts = [str(option).strip() if option is not None else "" for option in options]
+    if not all(texts):
+        raise FormatError("holds an empty option", column=column, reason=f"empty option in '{column}'")
+    if len(texts) > 26:
+        raise FormatError("holds more than 26 options", column=column, reason=f"'{column}' malformed")
+    return column, texts
+
+
+def _answer_letter(answer: Any, count: int) -> str:
+    """The answer as an option letter, from an index (ScienceQA: 1; AI2D: "1") or a letter (MMMU: "B")."""
+    text = str(answer).strip() if answer is not None and not isinstance(answer, bool) else ""
+    if text.isdigit() and int(text) < count:
+        return chr(ord("A") + int(text))
+    if len(text) == 1 and "A" <= text.upper() < chr(ord("A") + count):
+        return text.upper()
+    raise FormatError(
+        f"should be an option index (0-{count - 1}) or letter (A-{chr(ord('A') + count - 1)}), got {answer!r:.40}",
+        column="answer",
+        reason="'answer' is not one of the options",
+    )
+
+
+@register_formatter("multiple_choice", required_columns=(("question",), ("options", "choices"), ("answer",)))
+def multiple_choice(
+    row: dict[str, Any], *, system_prompt: str | None = None, image_root: str | Path | None = None, **_: Any
+) -> dict[str, Any]:
+    """Multiple-choice questions: ScienceQA (`choices`, `answer` as an index, `hint`), AI2D (`options`, `answer` as an
+    index written as text), MMMU (`options` written as a list in text, `answer` a letter, images in `image_1` ...
+    `image_7`). The prompt lists the options as `A. ...`; the answer is the option's letter."""
+    question = require_text(row, "question")
+    _, options = _choice_options(row)
+    letter = _answer_letter(row.get("answer"), len(options))
+    image_columns = ("image",) if row.get("image") is not None else MMMU_IMAGE_COLUMNS
+    images = [resolve_image(row[column], image_root) for column in image_columns if row.get(column) is not None]
+    hint = row.get("hint").strip() if isinstance(row.get("hint"), str) else ""
+    lines = ([f"Context: {hint}"] if hint else []) + [question]
+    lines += [f"{chr(ord('A') + index)}. {option}" for index, option in enumerate(options)]
+    messages = [
+        *system_messages(system_prompt),
+        {"role": "user", "content": [*(image_block() for _ in images), text_block("\n".join(lines))]},
+        {"role": "assistant", "content": [text_block(letter)]},
+    ]
+    return {
+        "images": images,
+        "messages": messages,
+        "answers": [letter],
+        "question": question,
+        "options": options,
+        "hint": hint,
+    }
 
 
 def _conversation_turns(row: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -231,7 +231,9 @@ def load_datasets(
     """
     get_formatter(data_args.formatter, task)  # an unknown formatter fails before any data loads
     splits, source, image_root = _load_splits(data_args)
-    train = _pick_split(splits, data_args.dataset_train_split, source)
+    # Evaluation alone needs no train split (DocVQA's Hub dataset has none), unless the evaluation rows are held out of it.
+    needs_train = format_train or bool(data_args.eval_split_size)
+    train = _pick_split(splits, data_args.dataset_train_split, source) if needs_train else None
 
     test_split = data_args.dataset_test_split
     evaluation = None

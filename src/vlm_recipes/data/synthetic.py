@@ -5,10 +5,12 @@ Rows follow the Hub dataset HuggingFaceM4/ChartQA (`image`, `query`, `label` as 
 by `save_chartqa_dataset` holds parquet files per split and loads with `datasets.load_dataset(folder)`.
 
 Preference rows follow openbmb/RLAIF-V-Dataset (`image`, `question`, `chosen`, `rejected`, ...): the correct answer is
-`chosen`, a wrong one drawn from the same chart is `rejected`, so DPO has a real signal to learn.
+`chosen`, a wrong one drawn from the same chart is `rejected`, so DPO has a real signal to learn. The evaluation tasks'
+schemas (DocVQA, TextVQA, ScienceQA) come from `vlm_recipes.data.synthetic_tasks`.
 
     python -m vlm_recipes.data.synthetic --output_dir .cache/data/chartqa_synthetic --train_rows 256 --test_rows 32
     python -m vlm_recipes.data.synthetic --schema rlaif_v --output_dir .cache/data/rlaif_v_synthetic --train_rows 128
+    python -m vlm_recipes.data.synthetic --schema docvqa --output_dir .cache/data/docvqa_synthetic
 """
 
 import argparse
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from vlm_recipes.data import synthetic_tasks
 
 
 CATEGORIES = [
@@ -270,7 +274,13 @@ def rlaif_v_features():
     )
 
 
-SCHEMAS = {"chartqa": (make_chartqa_rows, chartqa_features), "rlaif_v": (make_preference_rows, rlaif_v_features)}
+SCHEMAS = {
+    "chartqa": (make_chartqa_rows, chartqa_features),
+    "rlaif_v": (make_preference_rows, rlaif_v_features),
+    "docvqa": (synthetic_tasks.make_docvqa_rows, synthetic_tasks.docvqa_features),
+    "textvqa": (synthetic_tasks.make_textvqa_rows, synthetic_tasks.textvqa_features),
+    "scienceqa": (synthetic_tasks.make_scienceqa_rows, synthetic_tasks.scienceqa_features),
+}
 
 
 def save_generated_dataset(
@@ -281,8 +291,9 @@ def save_generated_dataset(
     seed: int = 0,
     sizes: ImageSizeRange = ImageSizeRange(),
 ) -> Path:
-    """A dataset folder of generated rows in `schema`'s layout (`chartqa`, or `rlaif_v` preference pairs), with train
-    and test splits; the test split is drawn with another seed."""
+    """A dataset folder of generated rows in `schema`'s layout (`chartqa`, `rlaif_v` preference pairs, or the
+    evaluation tasks' `docvqa`, `textvqa`, `scienceqa`), with train and test splits; the test split is drawn with
+    another seed."""
     make_rows, features = SCHEMAS[schema]
     splits = {
         "train": make_rows(train_rows, seed=seed, sizes=sizes),
@@ -292,14 +303,14 @@ def save_generated_dataset(
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a generated ChartQA- or RLAIF-V-shaped dataset (parquet).")
+    parser = argparse.ArgumentParser(description="Write a generated dataset in a Hub dataset's schema (parquet).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
         "--schema",
         choices=sorted(SCHEMAS),
         default="chartqa",
         help="chartqa: questions with answers (SFT); rlaif_v: questions with a correct `chosen` and a wrong "
-        "`rejected` answer (DPO).",
+        "`rejected` answer (DPO); docvqa, textvqa, scienceqa: the schemas of those tasks' Hub datasets.",
     )
     parser.add_argument("--train_rows", type=int, default=256)
     parser.add_argument("--test_rows", type=int, default=32)

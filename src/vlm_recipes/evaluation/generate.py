@@ -1,45 +1,30 @@
-"""Batched greedy generation for formatted rows: the prompt is a row's conversation without its final answer.
+"""Batched greedy generation for formatted rows: by default the prompt is a row's conversation without its final
+answer; a task's prompt preset can give another (`prompt=preset.messages`).
 
 Rows are in the formatters' shape (`images`, `messages`). The prompt goes through the processor's own chat template with
 the generation prompt added, the way TRL's collator builds training inputs (images put into the message blocks by
 `trl.data_utils.prepare_multimodal_messages`), and a batch is padded on the left so every row's answer starts right
-after its prompt.
+after its prompt. `prompt_lengths` gives each prompt's true token count (text and image tokens, from image headers
+only), so that callers can batch rows of similar length and pad little.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from trl.data_utils import prepare_multimodal_messages
 
-
-def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The conversation up to its final assistant turn (all of it when it ends on another turn)."""
-    if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1]
-    return list(messages)
+from vlm_recipes.data.images import ImageProblem, image_size
+from vlm_recipes.data.lengths import TokenCounter, row_images
+from vlm_recipes.tasks.base import prompt_messages
 
 
-def message_text(message: dict[str, Any]) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(block["text"] for block in content if block.get("type") == "text" and block.get("text"))
+Prompt = Callable[[dict[str, Any]], list[dict[str, Any]]]
 
 
-def question_of(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user turn before the answer (what the predictions file shows as the question)."""
-    users = [message for message in prompt_messages(messages) if message["role"] == "user"]
-    return message_text(users[-1]) if users else ""
-
-
-def reference_answers(row: dict[str, Any]) -> list[str]:
-    """A row's labels: the formatter's `answers` when it gives them (ChartQA: every label), else the final answer."""
-    answers = row.get("answers")
-    if answers:
-        return [str(answer) for answer in answers]
-    messages = row["messages"]
-    return [message_text(messages[-1])] if messages and messages[-1]["role"] == "assistant" else []
+def conversation_prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's own prompt: the row's conversation without its final answer."""
+    return prompt_messages(row["messages"])
 
 
 def _batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -71,12 +56,9 @@ def greedy_generation_config(model: Any, processor: Any, max_new_tokens: int) ->
     )
 
 
-def encode_prompts(processor: Any, rows: Sequence[dict[str, Any]]) -> Any:
+def encode_prompts(processor: Any, rows: Sequence[dict[str, Any]], prompt: Prompt = conversation_prompt) -> Any:
     """Left-padded model inputs for the prompts of `rows`."""
-    conversations = [
-        prepare_multimodal_messages(prompt_messages(row["messages"]), images=list(row.get("images") or []))
-        for row in rows
-    ]
+    conversations = [prepare_multimodal_messages(prompt(row), images=list(row.get("images") or [])) for row in rows]
     return processor.apply_chat_template(
         conversations,
         add_generation_prompt=True,
@@ -98,6 +80,7 @@ def generate_answers(
     max_new_tokens: int = 32,
     progress: bool = True,
     description: str = "Generating",
+    prompt: Prompt = conversation_prompt,
 ) -> list[str]:
     """One greedy answer per row, in order, stripped of special tokens and surrounding whitespace."""
     from tqdm.auto import tqdm
@@ -110,7 +93,7 @@ def generate_answers(
     try:
         with tqdm(total=len(rows), desc=description, unit="row", disable=not progress) as bar:
             for batch in _batches(rows, max(1, batch_size)):
-                inputs = encode_prompts(processor, batch).to(device)
+                inputs = encode_prompts(processor, batch, prompt).to(device)
                 output = model.generate(**inputs, generation_config=generation_config)
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
                 answers.extend(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
@@ -118,3 +101,24 @@ def generate_answers(
     finally:
         model.train(was_training)
     return answers
+
+
+def prompt_lengths(
+    processor: Any, rows: Any, prompt: Prompt = conversation_prompt, chunk_rows: int = 256
+) -> list[int]:
+    """Each row's prompt in tokens (chat template text + image tokens), read without decoding any image: a
+    `datasets.Dataset` is read as Arrow stores it. An image whose size cannot be read counts 0 tokens (generation
+    reports it)."""
+    counter = TokenCounter(processor)
+    stored = rows.with_format("arrow") if hasattr(rows, "with_format") else None
+    lengths: list[int] = []
+    for start in range(0, len(rows), chunk_rows):
+        stop = min(start + chunk_rows, len(rows))
+        chunk = stored[start:stop].to_pylist() if stored is not None else [rows[i] for i in range(start, stop)]
+        for row in chunk:
+            try:
+                sizes = [image_size(image) for image in row_images(row)]
+            except ImageProblem:
+                sizes = []
+            lengths.append(counter.count(prompt(row), sizes).total)
+    return lengths

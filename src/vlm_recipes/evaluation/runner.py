@@ -1,21 +1,31 @@
-"""Generate answers for evaluation rows and score them: the one evaluation the command and the training callback share.
+"""Generate answers for evaluation rows and score them with their task: the one evaluation the command and the training
+callback share.
 
-Under `accelerate launch` the rows are split over the processes and the predictions gathered, so every process gets the
-same scores as one process would on the same rows.
+Rows are put to the model in the set's prompt preset, sorted by prompt length (text and image tokens) so that each
+left-padded batch holds prompts of similar length, longest first (a batch that does not fit in memory fails at once).
+Under `accelerate launch` the sorted rows are dealt out to the processes in turn, so every process gets rows of every
+length, and the predictions are gathered: every process gets the same scores as one process would on the same rows.
 """
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_recipes.evaluation.generate import generate_answers, question_of, reference_answers
-from vlm_recipes.evaluation.metrics import aggregate, score_row
+from vlm_recipes.evaluation.generate import generate_answers, prompt_lengths
+from vlm_recipes.tasks import PromptPreset, Task
+from vlm_recipes.tasks.base import question_of, reference_answers
 
 
 @dataclass
 class EvaluationOutcome:
     scores: dict[str, float]  # metric -> mean over rows, plus "rows"
-    records: list[dict[str, Any]]  # per row: question, labels, prediction, correct, exact_match
+    records: list[dict[str, Any]]  # per row: question, labels, prediction, each metric's value, task details
+    seconds: float  # generation time (all processes, wall clock)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.scores["rows"] / self.seconds if self.seconds > 0 else 0.0
 
 
 def _without_images(rows: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
@@ -25,46 +35,58 @@ def _without_images(rows: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
     return rows
 
 
-def _generate_sharded(model: Any, processor: Any, rows: Sequence[dict[str, Any]], **options: Any) -> list[str]:
+def generation_order(lengths: Sequence[int], processes: int, process: int) -> list[int]:
+    """The row indices one process generates, longest prompt first: the rows sorted by length, dealt out in turn, and
+    the shorter shares padded with their last row so that sharded models step through generation together."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    mine = order[process::processes]
+    share = -(-len(order) // processes)
+    return mine + mine[-1:] * (share - len(mine)) if mine else order[-1:] * share
+
+
+def _generate_sorted(
+    model: Any, processor: Any, rows: Sequence[dict[str, Any]], preset: PromptPreset, **options: Any
+) -> list[str]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState()
-    indices = list(range(len(rows)))
-    if state.num_processes == 1:
-        return generate_answers(model, processor, rows, **options)
-    # Equal shares (the last row repeated where needed) so that sharded models step through generation together.
-    with state.split_between_processes(indices, apply_padding=True) as mine:
-        mine = list(mine)
+    lengths = prompt_lengths(processor, rows, preset.messages)
+    mine = generation_order(lengths, state.num_processes, state.process_index)
     answers = generate_answers(
         model,
         processor,
-        [rows[i] for i in mine],
+        [rows[index] for index in mine],
+        prompt=preset.messages,
         **{**options, "progress": options.get("progress", True) and state.is_main_process},
     )
-    by_index = dict(gather_object(list(zip(mine, answers))))
-    return [by_index[i] for i in indices]
+    pairs = list(zip(mine, answers))
+    by_index = dict(gather_object(pairs) if state.num_processes > 1 else pairs)
+    return [by_index[index] for index in range(len(rows))]
 
 
-def evaluate_rows(model: Any, processor: Any, rows: Sequence[dict[str, Any]], **generation: Any) -> EvaluationOutcome:
-    """Greedy answers for `rows` (formatted rows with `messages`, `images` and optionally `answers`), scored.
-    `generation` takes the options of `generate_answers` (batch_size, max_new_tokens, progress, description)."""
-    predictions = _generate_sharded(model, processor, rows, **generation)
+def evaluate_rows(
+    model: Any, processor: Any, rows: Sequence[dict[str, Any]], task: Task, preset: PromptPreset, **generation: Any
+) -> EvaluationOutcome:
+    """Greedy answers for `rows` (formatted rows) asked in `preset`, scored with `task`'s metrics. `generation` takes
+    the options of `generate_answers` (batch_size, max_new_tokens, progress, description)."""
+    started = time.perf_counter()
+    predictions = _generate_sorted(model, processor, rows, preset, **generation)
+    seconds = time.perf_counter() - started
     texts = _without_images(rows)
-    records, row_scores = [], []
+    records, scores = [], []
     for index, prediction in enumerate(predictions):
         row = texts[index]
-        labels = reference_answers(row)
-        scores = score_row(prediction, labels)
-        row_scores.append(scores)
+        score = task.score(prediction, row)
+        scores.append(score)
         records.append(
             {
                 "index": index,
-                "question": question_of(row["messages"]),
-                "labels": labels,
+                "question": question_of(row),
+                "labels": reference_answers(row),
                 "prediction": prediction,
-                "correct": scores["relaxed_accuracy"],
-                "exact_match": scores["exact_match"],
+                **score.values,
+                **score.details,
             }
         )
-    return EvaluationOutcome(scores=aggregate(row_scores), records=records)
+    return EvaluationOutcome(scores=task.aggregate(scores), records=records, seconds=seconds)

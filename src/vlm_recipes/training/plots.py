@@ -6,7 +6,6 @@ from typing import Any
 
 PLOT_FILE = "training_plot.png"
 LOSS_KEYS = ("loss", "eval_loss")
-METRIC_KEYS = ("eval_relaxed_accuracy", "eval_exact_match")
 
 
 def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -18,10 +17,11 @@ def plot_training_log(
     log_history: list[dict[str, Any]],
     path: str | Path,
     loss_keys: tuple[str, ...] = LOSS_KEYS,
-    metric_keys: tuple[str, ...] = METRIC_KEYS,
+    metric_keys: tuple[str, ...] = (),
     title: str | None = None,
 ) -> Path | None:
-    """Write the plot to `path`; None (and no file) when the log holds none of the keys."""
+    """Write the plot to `path`; None (and no file) when the log holds none of the keys. `metric_keys`: the
+    answer-level metrics evaluation during training logs (`eval_<set>/<metric>`, each between 0 and 1)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: training machines usually have none
@@ -39,7 +39,8 @@ def plot_training_log(
         for key in keys:
             steps, values = series(log_history, key)
             if steps:
-                axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+                label = key.removeprefix("eval_") if name == "evaluation" else key  # loggers show <set>/<metric>
+                axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
         axis.set_xlabel("step")
         axis.set_ylabel(name)
         if name == "evaluation":

@@ -12,6 +12,7 @@ from vlm_recipes.configs import ReliabilityArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
 from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub import HubTarget, push_output_dir
 from vlm_recipes.modeling.families import get_family
 from vlm_recipes.modeling.loading import TrainingModel, load_config, load_for_training, load_processor
@@ -91,6 +92,45 @@ def prepare_output_and_data(recipe: Recipe, task: str) -> tuple[Path, Any, Any]:
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return output_dir, train_dataset, eval_dataset
+
+
+def prepare_eval_sets(recipe: Recipe, eval_sets: list[EvalSet], eval_dataset: Any) -> list[tuple[EvalSet, Any]]:
+    """Each evaluation set with the rows evaluation during training generates on, before any weights load: the
+    recipe's own split as `prepare_output_and_data` checked it; other sets loaded (only the rows generation uses),
+    formatted and checked the same way here. Too many bad rows in a set stop the run, as in the training data.
+    Nothing when the run does not evaluate by generation."""
+    training_args, evaluation = recipe.training, recipe.evaluation
+    if training_args.eval_strategy == "no" or not evaluation.eval_generation:
+        return []
+    prepared = []
+    for eval_set in eval_sets:
+        if eval_set.own_split:
+            prepared.append((eval_set, eval_dataset))
+            continue
+        with main_process_first():
+            rows, report = load_eval_set(
+                eval_set,
+                seed=training_args.seed,
+                num_proc=training_args.dataset_num_proc,
+                limit=eval_set.max_samples or evaluation.eval_max_samples,
+            )
+            _, rows = check_training_data(
+                None,
+                rows,
+                report,
+                load_processor(recipe.model, training_args.trust_remote_code),
+                reliability(recipe),
+                training_args.max_length,
+                training_args.dataset_num_proc,
+                main_process_first=nullcontext,
+            )
+        if report.rejected:
+            print_main(
+                f"Evaluation set '{eval_set.name}': {report.rejected} row(s) rejected and skipped", report.table()
+            )
+        report.stop_if_too_many_rejected(recipe.data.max_bad_fraction)
+        prepared.append((eval_set, rows))
+    return prepared
 
 
 def load_training_model(recipe: Recipe, **start: Any) -> TrainingModel:
