@@ -60,7 +60,7 @@ test: $(INSTALLED)
 # shared with other work: about 25 minutes (see the results files for when and how they were measured).
 bench: $(INSTALLED)
 	$(OFFLINE) $(PY) benchmarks/real_width.py
-	$(OFFLINE) $(PY) benchmarks/speed.py
+	$(OFFLINE) $(PY) benchmarks/speed.py --steps 2
 
 # The GPU check, on a machine that reaches no registry: `make gpu-wheels` here first (about 60 MB into .whl/, which a
 # device run carries), then `make bench-gpu` there (installs from .whl/, then benchmarks/results/gpu.md).

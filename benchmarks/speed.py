@@ -464,6 +464,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": device,
         "flash_attention": flash_attention,
+        "gpu_mode": settings.gpu,
         "model": f"Qwen2.5-VL-{settings.model_size} (published config), random weights" if settings.gpu else "tiny Qwen2.5-VL, vocabulary 151,936",
         "settings": {key: str(value) for key, value in vars(settings).items()},
         "padding": padding_shares(data, model, settings.padding_batch_size, pixel_settings(settings.image_max_pixels)),
@@ -539,7 +540,7 @@ def run_in_child(spec: dict[str, Any]) -> dict[str, Any]:
 def write_results(report: dict[str, Any], folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
-    if report["device"] == "CPU":
+    if not report.get("gpu_mode"):
         lines = [
             f"# PLUMBING CHECK, not a speed figure: {report['model']}, CPU",
             "",

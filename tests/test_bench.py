@@ -16,7 +16,7 @@ def test_gpu_check_command_runs_end_to_end_on_a_cpu(tmp_path):
         "--model_size test --rows 24 --unique_rows 6 --steps 2 --warmup_steps 1 --time_budget_minutes 60 "
         # fp32: this path's bf16 is the GPU's (a CPU without bf16 units runs it many times slower); small images and
         # batches: plain TRL scores every position against the 151,936-entry vocabulary on a CPU
-        "--precisions fp32 --image_max_pixels 200704 --batch_size 4"
+        "--precisions fp32 --image_max_pixels 50176 --batch_size 2"
     ).split()
     result = subprocess.run(
         ["bash", str(REPO_ROOT / "benchmarks" / "bench_gpu.sh"), *options]
