@@ -17,6 +17,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `count_tokens_of_global_batch`     | transformers | `Trainer.model_accepts_loss_kwargs` decides `num_items_in_batch` |
 | `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
 | `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
+| `unsharded_batch_sampler`          | transformers | `Trainer._get_dataloader` passes a `BatchRebalanceSampler` as the batch sampler, unsharded |
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 """
@@ -216,6 +217,37 @@ def missing_trainer_hooks() -> list[str]:
         for name, parameters in OVERRIDDEN_TRAINER_HOOKS.items()
         if tuple(inspect.signature(getattr(Trainer, name, lambda: None)).parameters) != parameters
     ]
+
+
+@functools.cache
+def _unsharded_batch_sampler_class() -> type:
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    class UnshardedBatchSampler(BatchRebalanceSampler):
+        """A batch sampler of this process's own batches, seen by the Trainer as its rank-aware kind."""
+
+        def __init__(self, batch_sampler: Any):  # BatchRebalanceSampler's own state is not used
+            self.batch_sampler = batch_sampler
+
+        def __iter__(self) -> Iterator[list[int]]:
+            return iter(self.batch_sampler)
+
+        def __len__(self) -> int:
+            return len(self.batch_sampler)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.batch_sampler.set_epoch(epoch)
+
+    return UnshardedBatchSampler
+
+
+def unsharded_batch_sampler(batch_sampler: Any) -> Any:
+    """`batch_sampler` (this process's own batches of row indices, of any size) as `_get_train_sampler` can return it.
+
+    transformers 5.24's `Trainer._get_dataloader` hands a `BatchRebalanceSampler` to the DataLoader as its
+    `batch_sampler` (not a row sampler to cut into `per_device_train_batch_size` batches) and keeps accelerate from
+    sharding it over the processes again; the wrapper is one, and forwards `set_epoch`."""
+    return _unsharded_batch_sampler_class()(batch_sampler)
 
 
 def add_trained_tokens(trainer: Any, tokens: int) -> None:

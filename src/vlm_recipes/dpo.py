@@ -32,7 +32,7 @@ from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
 from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
-from vlm_recipes.training.speed import apply_speed_defaults
+from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 from vlm_recipes.training.trainers import VLMDPOTrainer
 
 
@@ -129,6 +129,7 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
     apply_defaults(recipe)
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
+    padding_free = take_padding_free(training_args, setup.family, recipe.speed)  # pairs packed into one sequence
     processor = setup.load_processor()
     train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="preference")
 
@@ -144,6 +145,7 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
         setup=setup,
         speed=recipe.speed,
         reliability=recipe.reliability,
+        padding_free=padding_free,
     )
     if policy.reference != "sft_adapter":
         use_disabled_adapter_as_reference(trainer.model)
