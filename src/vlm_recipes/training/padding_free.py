@@ -123,8 +123,8 @@ def pack_for_forward(trainer: Any, model: Any, batch: dict[str, Any]) -> dict[st
 @contextmanager
 def packed_forward(*models: Any) -> Iterator[None]:
     """Within the block, every forward of these models (PEFT allowed) that gets a padded batch runs it packed into one
-    sequence (`pack_rows`), and the per-token `log_probs` of TRL's fused LM head come back in the padded layout
-    (`unpack_positions`): the caller (TRL's DPO loss) sees the outputs of the padded batch."""
+    sequence (`pack_rows`), and the per-token figures of TRL's fused LM head (`log_probs`, `mean_logits`, ...) come back
+    in the padded layout (`unpack_positions`): the caller (TRL's DPO loss) sees the outputs of the padded batch."""
     handles, masks = [], []
 
     def pack(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
@@ -136,8 +136,12 @@ def packed_forward(*models: Any) -> Iterator[None]:
 
     def unpack(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         mask = masks.pop()
-        if mask is not None and getattr(output, "log_probs", None) is not None:
-            output.log_probs = unpack_positions(output.log_probs, mask)
+        if mask is None:
+            return output
+        predictions = int(mask.sum()) - 1
+        for key, value in output.items():  # log_probs and the fused LM head's other per-token figures
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (1, predictions):
+                output[key] = unpack_positions(value, mask)
         return output
 
     for model in models:
