@@ -9,7 +9,7 @@ Each part of a training step is measured at the real width instead, with random 
 composed from the parts:
 
 - data loading and collation: MEASURED per step, from each trainer's own dataloader (its sampler and collator);
-  padding-free adds the packing of each batch, measured;
+  padding-free and token-budget packing add the packing of each batch, measured;
 - vision tower: MEASURED per patch on a 2-block tower (one window-attention block, one full-attention block, patch
   embedding and merger), forward and backward as the trainers run it; COMPOSED to 32 blocks (28 window, 4 full);
 - decoder layers: one decoder layer (with its LoRA adapters and gradient checkpointing) MEASURED on a 512-position row,
@@ -21,7 +21,10 @@ composed from the parts:
 - optimizer step: MEASURED at full size (gradient clipping and AdamW over every LoRA parameter of the full-depth model).
 
 The per-step counts (positions, score elements, scored positions, patches) are exact, over a whole epoch of each
-trainer's own batching (2,000 generated ChartQA-like rows, batch 4). Units are measured in rounds until one more round
+trainer's own batching (2,000 generated ChartQA-like rows, batch 4; token-budget packing: rows packed
+first-fit-decreasing into sequences of up to `--max_tokens_per_batch`, by default the budget that gives its steps as
+many tokens as a batch of 4 on average). Packing's per-row loss is checked against the padded batch's on the unit
+model (one real-width layer). Units are measured in rounds until one more round
 moves every ratio by less than `--tolerance`; the spread over rounds is printed. A shallow real-width model trained
 through the real trainers (2 and 4 decoder layers) checks the composition: its per-layer slope and its step time
 against the same parts composed for the batches it trained on.
@@ -60,11 +63,13 @@ class Setup:
     head: str = "labelled"
 
 
-# Token-budget packing (issue 18, part 2) becomes one more row here: its own layout and step formation.
+# "{max_tokens_per_batch}" is filled from the run's settings (`_unit_spec`).
+PACKING = "token-budget packing"
 SETUPS = (
     Setup("plain TRL", "trl", {}, "padded", "all"),
     Setup("package defaults", "vlm", {}, "padded", "labelled"),  # length grouping, labels-only head, fast collator
     Setup("all features", "vlm", {"padding_free": "true"}, "packed", "labelled"),
+    Setup(PACKING, "vlm", {"max_tokens_per_batch": "{max_tokens_per_batch}"}, "packed", "labelled"),
 )
 BASELINE = "plain TRL"
 # Recipe fields that change only how a collated batch reaches the model, not the dataloader.
@@ -81,6 +86,7 @@ UNIT_POSITIONS = 512  # the decoder-layer unit's row: ChartQA rows are ~700 toke
 HEAD_POSITIONS = 128
 TARGET_RATIO = 1.5
 TARGET_SPREAD = 0.10
+TARGET_PACKED_LOSS = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,29 +102,32 @@ def sequence_counts(lengths: list[int], layout: str) -> dict[str, int]:
     return {"positions": len(lengths) * longest, "score_elements": len(lengths) * longest * longest}
 
 
-def median_batch(order: list[int], lengths: list[int], batch_size: int, layout: str) -> list[int]:
-    """The row lengths of the batch with the median positions fed, among the batches of `order`."""
-    batches = [
-        [lengths[index] for index in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
-    ]
-    batches.sort(key=lambda rows: sequence_counts(rows, layout)["positions"])
-    return batches[len(batches) // 2]
+def fixed_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """An order of rows cut into batches as a fixed-size dataloader cuts it (the last one may be short)."""
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def median_batch(batches: list[list[int]], lengths: list[int], layout: str) -> list[int]:
+    """The row lengths of the batch with the median positions fed, among `batches`."""
+    rows = sorted(
+        ([lengths[index] for index in batch] for batch in batches),
+        key=lambda batch_lengths: sequence_counts(batch_lengths, layout)["positions"],
+    )
+    return rows[len(rows) // 2]
 
 
 def epoch_steps(
-    order: list[int],
+    batches: list[list[int]],
     lengths: list[int],
     image_tokens: list[int],
-    batch_size: int,
     setup: Setup,
     labelled_per_row: float,
     patches_per_image_token: int = 4,
 ) -> list[dict[str, float]]:
-    """Per step of one epoch in `order`: rows, real tokens, positions fed, score elements, positions the LM head
-    scores, vision patches."""
+    """Per step of one epoch of `batches` (row indices): rows, real tokens, positions fed, score elements, positions
+    the LM head scores, vision patches."""
     steps = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in batches:
         row_lengths = [lengths[index] for index in rows]
         counts = sequence_counts(row_lengths, setup.layout)
         if setup.head == "all":  # TRL on a CPU: every position but the last of each padded row
@@ -135,6 +144,13 @@ def epoch_steps(
             }
         )
     return steps
+
+
+def token_budget(lengths: list[int], batch_size: int, multiple: int = 64) -> int:
+    """The packing budget that gives a step as many real tokens as a batch of `batch_size` rows on average (rounded
+    up to `multiple`), and at least the longest row."""
+    mean = sum(lengths) / len(lengths)
+    return max(max(lengths), -(-int(batch_size * mean) // multiple) * multiple)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,6 +440,42 @@ def time_vision(visual: Any, pixel_values: Any, grid_thw: Any) -> dict[str, Any]
     return {"seconds": total, "forward_seconds": forward, "blocks": blocks, "backward": trains}
 
 
+def answer_log_probs(model: Any, batch: dict[str, Any]) -> Any:
+    """Log-probability of every labelled token of a batch (padded or packed), rows one after the other."""
+    import torch
+
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    log_probs = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return log_probs[labels != -100]
+
+
+def packed_loss_check(model: Any, batch: dict[str, Any]) -> dict[str, float]:
+    """One packed batch against the same rows padded, on the unit model: the largest difference of a labelled token's
+    log-probability and of a row's mean loss."""
+    import torch
+
+    from vlm_recipes.training.padding_free import pack_rows
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = answer_log_probs(model, batch)
+            packed = answer_log_probs(model, pack_rows(model, batch))
+    finally:
+        model.train(was_training)
+    per_row = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
+    row_losses = [(-part.mean(), -other.mean()) for part, other in zip(padded.split(per_row), packed.split(per_row))]
+    return {
+        "rows": len(per_row),
+        "tokens": int(batch["attention_mask"].sum()),
+        "max_token_difference": float((padded - packed).abs().max()),
+        "max_row_loss_difference": max(float((a - b).abs()) for a, b in row_losses),
+    }
+
+
 def model_signature(model: Any) -> dict[str, Any]:
     """What decides a model's cost per step: trainable parameters, checkpointed blocks, attention kernel."""
     return {
@@ -434,7 +486,11 @@ def model_signature(model: Any) -> dict[str, Any]:
 
 
 def _unit_spec(spec: dict[str, Any], setup: Setup, model: Path) -> dict[str, Any]:
-    features = {key: value for key, value in setup.features.items() if key not in LAYOUT_FIELDS}
+    features = {
+        key: value.format(max_tokens_per_batch=spec.get("max_tokens_per_batch"))
+        for key, value in setup.features.items()
+        if key not in LAYOUT_FIELDS
+    }
     return {
         "kind": setup.trainer,
         "features": features,
@@ -483,7 +539,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
     # One trainer per dataloader: each setup's batches come from its own trainer (sampler and collator).
     trainers: dict[tuple, Any] = {}
     loaders: dict[tuple, Any] = {}
-    orders: dict[tuple, list[int]] = {}
+    batches_of: dict[tuple, list[list[int]]] = {}
     model = None
     signatures = {}
     for setup in SETUPS:
@@ -493,7 +549,13 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         trainer = speed.plain_trl_trainer(unit_spec) if setup.trainer == "trl" else speed.package_trainer(unit_spec)
         trainers[key] = trainer
-        orders[key] = [int(index) for index in trainer._get_train_sampler()]
+        sampler = trainer._get_train_sampler()
+        drawn = list(sampler)  # row indices, or (token-budget packing) batches of them
+        batches_of[key] = (
+            [[int(index) for index in batch] for batch in drawn]
+            if drawn and isinstance(drawn[0], list)
+            else fixed_batches([int(index) for index in drawn], spec["batch_size"])
+        )
         loaders[key] = iter(trainer.get_train_dataloader())
         signatures[setup.name] = model_signature(trainer.model)
         if model is None and setup.trainer == "vlm":
@@ -545,9 +607,11 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
 
     # The attention kernel is timed on one fixed batch per setup: its epoch's median batch (by positions fed).
     representative = {
-        setup.name: median_batch(orders[keys[setup.name]], lengths, spec["batch_size"], setup.layout)
-        for setup in SETUPS
+        setup.name: median_batch(batches_of[keys[setup.name]], lengths, setup.layout) for setup in SETUPS
     }
+    packing = next(setup for setup in SETUPS if setup.name == PACKING)
+    loss_check = packed_loss_check(model, next_batch(packing)[0])
+    print(f"[{size}] packed against padded rows on the unit model: {loss_check}", flush=True)
     print(f"[{size}] unit model, trainers and epoch counts ready ({_now() - started:.0f} s)", flush=True)
     rounds: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
@@ -611,9 +675,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
 
         labelled_per_row = statistics.mean(s["labelled"] / s["rows"] for s in sampled["package defaults"])
         epochs = {
-            setup.name: epoch_steps(
-                orders[keys[setup.name]], lengths, image_tokens, spec["batch_size"], setup, labelled_per_row
-            )
+            setup.name: epoch_steps(batches_of[keys[setup.name]], lengths, image_tokens, setup, labelled_per_row)
             for setup in SETUPS
         }
         history.append(watched_ratios(compose_all(median_rates(rounds), epochs, layers)))
@@ -635,6 +697,8 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
         "stable": stable(history, spec["tolerance"], spec["min_rounds"]),
         "epochs": epochs,
         "sampled_batches": sampled,
+        "packed_loss_check": loss_check,
+        "max_tokens_per_batch": spec["max_tokens_per_batch"],
         "signatures": signatures,
         "same_model": same_model,
         "unit_model": {"text_layers": 1, "vision_blocks": 2, "vision_images": images, "patches": patches},
@@ -940,7 +1004,24 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"- {size}: all features {ratio:.2f}x plain TRL's tokens/s (target >= {TARGET_RATIO}x), spread over "
             f"rounds {band:.1%} (target < {TARGET_SPREAD:.0%}): {'MET' if met else 'NOT MET'}"
         )
+        lines += packing_targets(size, result)
     return lines
+
+
+def packing_targets(size: str, result: dict[str, Any]) -> list[str]:
+    """issue 18's packing targets: per-row loss equal to unpacked within 1e-5, padding share 0, tokens/s at least
+    grouping's (the package defaults)."""
+    summary, check = result["summary"], result["measured"]["packed_loss_check"]
+    packed, grouped = summary["composed"][PACKING], summary["composed"]["package defaults"]
+    speed = packed["tokens_per_second"] / grouped["tokens_per_second"]
+    loss_met = check["max_row_loss_difference"] <= TARGET_PACKED_LOSS
+    return [
+        f"- {size}: token-budget packing ({result['measured']['max_tokens_per_batch']:,} tokens per sequence): "
+        f"per-row loss against the rows padded {check['max_row_loss_difference']:.1e} (largest of {check['rows']} "
+        f"rows; target <= {TARGET_PACKED_LOSS:.0e}): {'MET' if loss_met else 'NOT MET'}; padding share "
+        f"{packed['padding_share']:.1%} (target 0): {'MET' if packed['padding_share'] == 0 else 'NOT MET'}; "
+        f"{speed:.2f}x grouping's tokens/s (target >= 1.00x): {'MET' if speed >= 1 else 'NOT MET'}"
+    ]
 
 
 def previous_headline(path: Path) -> dict[str, float]:
@@ -957,6 +1038,16 @@ def previous_headline(path: Path) -> dict[str, float]:
         return {}
 
 
+def default_budget(workdir: Path, data: Path, batch_size: int, image_max_pixels: int) -> int:
+    """`token_budget` of the benchmark's rows, counted by the processor the trainers use."""
+    import speed
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(speed.tiny_model(workdir), max_pixels=image_max_pixels)
+    counts = speed.row_token_counts(speed.formatted_rows(data), processor)
+    return token_budget([count.total for count in counts], batch_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units_child", help=argparse.SUPPRESS)
@@ -968,6 +1059,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unique_rows", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--image_max_pixels", type=int, default=1003520)
+    parser.add_argument(
+        "--max_tokens_per_batch",
+        type=int,
+        default=None,
+        help="Token-budget packing's budget (default: as many tokens per step as a batch of --batch_size rows).",
+    )
     parser.add_argument("--vision_images", type=int, default=1, help="Images the vision unit runs on each round.")
     parser.add_argument("--data_steps", type=int, default=2, help="Dataloader steps per setup per round.")
     parser.add_argument("--min_rounds", type=int, default=2)
@@ -997,12 +1094,14 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     data = speed.chartqa_like_dataset(workdir, args.rows, args.unique_rows)
     check_data = speed.chartqa_like_dataset(workdir, 64, 32)
+    budget = args.max_tokens_per_batch or default_budget(workdir, data, args.batch_size, args.image_max_pixels)
     spec = {
         **{key: value for key, value in vars(args).items() if key not in ("units_child", "units_out")},
         "workdir": str(workdir),
         "data": str(data),
         "check_data": str(check_data),
         "budget_seconds": args.budget_minutes * 60,
+        "max_tokens_per_batch": budget,
     }
     sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
     report: dict[str, Any] = {

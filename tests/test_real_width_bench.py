@@ -27,12 +27,14 @@ def test_sequence_counts_padded_and_packed():
 
 def test_epoch_steps_count_each_batch_of_the_order():
     lengths, image_tokens = [10, 20, 30, 40, 50], [1, 2, 3, 4, 5]
-    steps = real_width.epoch_steps([4, 0, 1, 3, 2], lengths, image_tokens, 2, ALL_POSITIONS, labelled_per_row=3)
+    batches = real_width.fixed_batches([4, 0, 1, 3, 2], 2)
+    assert batches == [[4, 0], [1, 3], [2]]
+    steps = real_width.epoch_steps(batches, lengths, image_tokens, ALL_POSITIONS, labelled_per_row=3)
     assert [step["rows"] for step in steps] == [2, 2, 1]  # the last batch is short, as the dataloader's
     assert steps[0] == {
         "rows": 2, "real": 60, "positions": 100, "score_elements": 5000, "scored": 98, "patches": 4 * 6,
     }  # fmt: skip
-    labelled = real_width.epoch_steps([4, 0], lengths, image_tokens, 2, PACKED, labelled_per_row=3)
+    labelled = real_width.epoch_steps([[4, 0]], lengths, image_tokens, PACKED, labelled_per_row=3)
     assert labelled[0]["scored"] == 6 and labelled[0]["positions"] == 60 and labelled[0]["score_elements"] == 3600
 
 
@@ -71,7 +73,7 @@ def test_padding_makes_the_baseline_slower_and_the_ratio_follows_the_parts():
                     "patches": 4000}]  # fmt: skip
     grouped_rows = [{"rows": 4, "real": 2000, "positions": 2040, "score_elements": 1_040_400, "scored": 30,
                      "patches": 4000}]  # fmt: skip
-    epochs = {"plain TRL": padded_rows, "package defaults": grouped_rows, "all features": grouped_rows}
+    epochs = {setup.name: grouped_rows for setup in SETUPS} | {"plain TRL": padded_rows}
     composed = real_width.compose_all(rates, epochs, layers=28)
     assert composed["plain TRL"]["padding_share"] == pytest.approx(0.5)
     ratio = real_width.ratios(composed)
@@ -115,8 +117,16 @@ def test_published_shapes(size, hidden, intermediate, layers, heads, kv_heads, v
 def test_median_batch_is_the_middle_batch_by_positions_fed():
     lengths = [10, 50, 20, 40, 30, 60]
     # batches of 2 in this order: [10, 50] -> 100 padded, [20, 40] -> 80, [30, 60] -> 120
-    assert real_width.median_batch([0, 1, 2, 3, 4, 5], lengths, 2, "padded") == [10, 50]
-    assert real_width.median_batch([0, 1, 2, 3, 4, 5], lengths, 2, "packed") == [20, 40]  # 60, 60, 90: stable sort
+    batches = real_width.fixed_batches([0, 1, 2, 3, 4, 5], 2)
+    assert real_width.median_batch(batches, lengths, "padded") == [10, 50]
+    assert real_width.median_batch(batches, lengths, "packed") == [20, 40]  # 60, 60, 90: stable sort
+    # token-budget packing: batches of any size
+    assert real_width.median_batch([[5], [0, 1, 2], [3, 4]], lengths, "packed") == [40, 30]
+
+
+def test_the_packing_budget_matches_a_batch_on_average_and_holds_the_longest_row():
+    assert real_width.token_budget([100, 300, 200], 4) == 832  # 4 x 200, rounded up to 64
+    assert real_width.token_budget([100, 3000, 200], 1) == 3000
 
 
 @pytest.mark.e2e
@@ -147,7 +157,14 @@ def test_real_width_benchmark_wiring_on_the_test_shape(tmp_path):
     assert sum(s["real"] for s in epochs["plain TRL"]) == sum(s["real"] for s in epochs["all features"])
     composed = report["sizes"]["test"]["summary"]["composed"]
     assert composed["plain TRL"]["padding_share"] > composed["package defaults"]["padding_share"]
-    assert composed["all features"]["padding_share"] == 0
+    assert composed["all features"]["padding_share"] == 0 and composed["token-budget packing"]["padding_share"] == 0
+    packing = epochs["token-budget packing"]
+    assert (
+        sum(step["rows"] for step in packing) == 16
+        and max(s["real"] for s in packing) <= report["settings"]["max_tokens_per_batch"]
+    )
+    assert measured["packed_loss_check"]["max_row_loss_difference"] < 1e-4
+    assert any("token-budget packing" in line for line in report["targets"])
     assert (
         composed["plain TRL"]["parts"]["LM head and loss"] > composed["package defaults"]["parts"]["LM head and loss"]
     )
