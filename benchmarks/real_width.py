@@ -146,13 +146,6 @@ def epoch_steps(
     return steps
 
 
-def token_budget(lengths: list[int], batch_size: int, multiple: int = 64) -> int:
-    """The packing budget that gives a step as many real tokens as a batch of `batch_size` rows on average (rounded
-    up to `multiple`), and at least the longest row."""
-    mean = sum(lengths) / len(lengths)
-    return max(max(lengths), -(-int(batch_size * mean) // multiple) * multiple)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Composing a step from measured parts (pure functions of the units and the counts)
 
@@ -1039,13 +1032,13 @@ def previous_headline(path: Path) -> dict[str, float]:
 
 
 def default_budget(workdir: Path, data: Path, batch_size: int, image_max_pixels: int) -> int:
-    """`token_budget` of the benchmark's rows, counted by the processor the trainers use."""
+    """`speed.token_budget` of the benchmark's rows, counted by the processor the trainers use."""
     import speed
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(speed.tiny_model(workdir), max_pixels=image_max_pixels)
-    counts = speed.row_token_counts(speed.formatted_rows(data), processor)
-    return token_budget([count.total for count in counts], batch_size)
+    lengths = [count.total for count in speed.row_token_counts(speed.formatted_rows(data), processor)]
+    return speed.token_budget(sum(lengths) / len(lengths), max(lengths), batch_size)
 
 
 def main(argv: list[str] | None = None) -> None:

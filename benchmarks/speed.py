@@ -60,7 +60,10 @@ RUNS = {
     "+ padding-free": ("vlm", {**FEATURES_OFF, "padding_free": "true"}),
     "+ fast collator": ("vlm", {**FEATURES_OFF, "fast_collator": "true"}),
     "all features": ("vlm", {}),  # the package's defaults, plus padding-free
+    # rows packed first-fit-decreasing to a token budget (`token_budget`: a batch's tokens on average), no padding
+    "token-budget packing": ("vlm", {"max_tokens_per_batch": "{max_tokens_per_batch}"}),
 }
+GPU_RUNS = "plain TRL,all features,token-budget packing"
 ALL_WITH_PADDING_FREE = {"padding_free": "true"}
 
 PIXEL_SETTINGS = {"max_pixels 12,845,056 (the checkpoint's)": 12845056, "max_pixels 1,003,520": 1003520}
@@ -176,9 +179,16 @@ def padding_shares(data: Path, model: Path, batch_size: int, pixel_settings: dic
             "random": random_batching_padding_share(lengths, batch_size),
             "grouped": padding_share(lengths, batch_size, LengthGroupedSampler(lengths, batch_size, seed=0).order()),
             "mean_tokens": sum(lengths) / len(lengths),
+            "max_tokens": max(lengths),
             "mean_image_tokens": sum(count.image for count in counts) / len(counts),
         }
     return shares
+
+
+def token_budget(mean_tokens: float, longest: int, batch_size: int, multiple: int = 64) -> int:
+    """The packing budget that gives a step as many real tokens as a batch of `batch_size` rows on average (rounded
+    up to `multiple`), and at least the longest row."""
+    return max(longest, -(-int(batch_size * mean_tokens) // multiple) * multiple)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -481,6 +491,9 @@ def run_all(settings: Settings) -> dict[str, Any]:
             report["collator"] = {"error": f"{type(error).__name__}: {error}"}
 
     print(f"padding and collator figures ready ({time.perf_counter() - started:.0f} s)", flush=True)
+    runs_lengths = next(v for v in report["padding"].values() if v["max_pixels"] == settings.image_max_pixels)
+    budget = token_budget(runs_lengths["mean_tokens"], runs_lengths["max_tokens"], settings.batch_size)
+    report["max_tokens_per_batch"] = budget
     results: dict[str, dict[str, Any]] = {}
     longest_run = 0.0
     for precision in settings.precisions:
@@ -490,6 +503,12 @@ def run_all(settings: Settings) -> dict[str, Any]:
         results[precision] = {}
         for name in settings.runs:
             kind, features = RUNS[name]
+            features = {key: value.format(max_tokens_per_batch=budget) for key, value in features.items()}
+            if name == "token-budget packing" and torch.cuda.is_available() and not flash_attention:
+                results[precision][name] = {
+                    "error": "skipped: needs flash-attn (with sdpa a packed sequence runs a dense masked attention)"
+                }
+                continue
             if name == "all features" and (flash_attention or not settings.gpu):
                 # On GPUs padding-free wants flash-attention's variable-length kernel (the package picks
                 # flash_attention_2 by default when flash-attn is installed); sdpa would run a dense masked attention.
@@ -591,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--runs",
         default=None,
-        help=f"Comma-separated, of: {', '.join(RUNS)} (default: all on CPU; plain TRL and all features on GPU).",
+        help=f"Comma-separated, of: {', '.join(RUNS)} (default: all on CPU; {GPU_RUNS} on GPU).",
     )
     parser.add_argument("--precisions", default=None, help="bf16,qlora on GPU (default); fp32 on CPU.")
     parser.add_argument("--no_collator", action="store_true", help="Skip the collator comparison (CPU only).")
@@ -620,10 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir=Path(args.workdir),
         results=Path(args.results),
         collator=not args.no_collator and not args.gpu,
-        runs=[
-            name.strip()
-            for name in (args.runs or ("plain TRL,all features" if args.gpu else ",".join(RUNS))).split(",")
-        ],
+        runs=[name.strip() for name in (args.runs or (GPU_RUNS if args.gpu else ",".join(RUNS))).split(",")],
         precisions=(args.precisions or ("bf16,qlora" if args.gpu else "fp32")).split(","),
         time_budget_minutes=args.time_budget_minutes or (GPU_TIME_BUDGET_MINUTES if args.gpu else None),
     )

@@ -30,14 +30,19 @@ def test_gpu_check_command_runs_end_to_end_on_a_cpu(tmp_path):
     assert "No wheels in" in result.stdout  # nothing installed, nothing fetched
     report = json.loads((tmp_path / "results" / "gpu.json").read_text())
     runs = report["runs"]["fp32"]
-    assert list(runs) == ["plain TRL", "all features"]  # the GPU check's default comparison
-    for name in ("plain TRL", "all features"):
+    assert list(runs) == ["plain TRL", "all features", "token-budget packing"]  # the GPU check's default comparison
+    for name in runs:
         assert "error" not in runs[name], runs[name].get("log")
         assert runs[name]["steps"] == 2 and runs[name]["real_tokens"] > 0 and runs[name]["final_loss"] > 0
         assert "mfu" in runs[name]  # computed (zero without a known accelerator peak)
         assert len(runs[name]["per_step"]) == 2 and runs[name]["per_step"][0]["patches"] > 0
     assert runs["plain TRL"]["positions"] > runs["plain TRL"]["real_tokens"]  # random batches carry padding
     assert 0 <= runs["all features"]["padding_share"] < runs["plain TRL"]["padding_share"]
+    packed = runs["token-budget packing"]
+    assert (
+        packed["padding_share"] == 0
+        and max(step["real"] for step in packed["per_step"]) <= report["max_tokens_per_batch"]
+    )
     # The model really has the published layout, not the tiny one: its config says so.
     config = json.loads((tmp_path / "qwen2_5_vl_test_random" / "config.json").read_text())
     assert config["text_config"]["vocab_size"] == 151936 and config["vision_config"]["out_hidden_size"] == 128

@@ -125,8 +125,10 @@ def test_median_batch_is_the_middle_batch_by_positions_fed():
 
 
 def test_the_packing_budget_matches_a_batch_on_average_and_holds_the_longest_row():
-    assert real_width.token_budget([100, 300, 200], 4) == 832  # 4 x 200, rounded up to 64
-    assert real_width.token_budget([100, 3000, 200], 1) == 3000
+    import speed
+
+    assert speed.token_budget(200.0, 300, 4) == 832  # 4 x 200, rounded up to 64
+    assert speed.token_budget(200.0, 3000, 1) == 3000
 
 
 @pytest.mark.e2e
