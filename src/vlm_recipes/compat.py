@@ -18,6 +18,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
 | `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
 | `unsharded_batch_sampler`          | transformers | `Trainer._get_dataloader` passes a `BatchRebalanceSampler` as the batch sampler, unsharded |
+| `set_layer_checkpointing`          | transformers | a `GradientCheckpointingLayer` checkpoints when `gradient_checkpointing` is set, with `_gradient_checkpointing_func` |
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 """
@@ -248,6 +249,16 @@ def unsharded_batch_sampler(batch_sampler: Any) -> Any:
     `batch_sampler` (not a row sampler to cut into `per_device_train_batch_size` batches) and keeps accelerate from
     sharding it over the processes again; the wrapper is one, and forwards `set_epoch`."""
     return _unsharded_batch_sampler_class()(batch_sampler)
+
+
+def set_layer_checkpointing(layer: Any, enabled: bool) -> None:
+    """Switch gradient checkpointing of one transformers layer (a `GradientCheckpointingLayer`, such as a vision block)
+    on or off, whatever the model-wide setting; on, it recomputes non-reentrantly (transformers 5.24's default)."""
+    import torch.utils.checkpoint
+
+    if enabled and getattr(layer, "_gradient_checkpointing_func", None) is None:
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    layer.gradient_checkpointing = enabled
 
 
 def add_trained_tokens(trainer: Any, tokens: int) -> None:

@@ -318,6 +318,22 @@ class SpeedArguments:
             "Gemma 4). Pair it with attn_implementation: flash_attention_2 on GPUs (variable-length kernels)."
         },
     )
+    vision_gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient checkpointing inside the vision tower, when it trains: its blocks' activations are "
+            "recomputed in the backward pass instead of kept. Unset: as `gradient_checkpointing`; false keeps the "
+            "vision tower's activations (faster) while the language model is checkpointed; true checkpoints it "
+            "alone."
+        },
+    )
+    vision_chunk_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encode a batch's images through the vision tower this many at a time (Qwen-VL families), so a "
+            "batch of many-image rows does not hold every image's vision activations at once. Same features."
+        },
+    )
     loss_on_labels_only: bool = field(
         default=True,
         metadata={

@@ -19,6 +19,8 @@ What each trainer adds to TRL's, and where the feature lives:
   rows, DPO's chosen and rejected in one sequence (`training.speed`, `training.padding_free`);
 - SFT: the family's training chat template swapped into the processor while TRL builds its collator, then handed to
   the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
+- memory levers checked where they cannot work (activation offloading, Liger kernels), the vision tower checkpointed
+  apart from the language model, images encoded in chunks (`training.memory_levers`);
 - checkpoint completion markers, and a stop at the first NaN or infinite loss or gradient, before the optimizer step
   (`training.guards`; the loss of every micro-batch is recorded by `training_step`);
 - DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`).
@@ -41,6 +43,7 @@ from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
 from vlm_recipes.training.guards import install_fault_guards
 from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
+from vlm_recipes.training.memory_levers import VisionCheckpointing, check_memory_levers, encode_images_in_chunks
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
 from vlm_recipes.training.padding_free import pack_for_forward, packed_forward
 from vlm_recipes.training.speed import (
@@ -57,6 +60,7 @@ def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments)
     """What must be settled before TRL's `__init__` reads the arguments."""
     warn_if_untested()
     check_speed_settings(speed)
+    check_memory_levers(args, model, setup.family, speed)
     set_unused_parameter_search(args, model, setup.family)
 
 
@@ -74,6 +78,10 @@ def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArgu
     """What replaces or joins the pieces TRL's `__init__` built; returns the NaN guard (None when switched off)."""
     if speed.fast_collator:
         trainer.data_collator = faster_collator(trainer.data_collator)
+    if speed.vision_gradient_checkpointing is not None:
+        trainer.add_callback(VisionCheckpointing(trainer.family, speed.vision_gradient_checkpointing))
+    if speed.vision_chunk_images is not None:
+        encode_images_in_chunks(trainer.model, trainer.family, speed.vision_chunk_images)
     trainer.add_callback(LaunchSummaryCallback(trainer, trainer.family))
     return install_fault_guards(trainer, reliability)
 
