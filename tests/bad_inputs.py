@@ -20,6 +20,11 @@ REJECTED = {
     18: "no 'messages' or 'conversations' in the row",  # wrong column names
     19: "<image> placeholders do not match the images",
     20: "longer than max_length",  # text far longer than max_length
+    21: "image is not a path or an image",  # a number
+    22: "image is not a path or an image",  # a dict that is not an encoded image
+    23: "image is not a path or an image",  # a list of numbers
+    24: "special token <|im_end|> in the text",  # an answer that would teach the model to end its turn and go on
+    25: "image in an assistant turn",  # an <image> placeholder inside the answer
 }
 # line -> the fix the row is kept with
 FIXED = {
@@ -29,6 +34,8 @@ FIXED = {
     14: "aspect ratio over 200:1 -> squashed to 200:1",
 }
 VALID_LINES = range(1, 7)
+OUTSIDE_LINES = [26]  # a valid row whose image lies outside the data folder (`../`): kept, and counted
+ROWS = 26
 MAX_LENGTH = 512  # the long-text row is ~3,000 tokens; every other row is under 300
 
 
@@ -72,6 +79,12 @@ def write_bad_input_dataset(folder: Path) -> Path:
         {"question": "What is the value of Corn?", "answer": "42", "image": valid[0]},
         row(valid[0], question="<image><image>Which is higher?"),
         row(valid[0], question="<image>" + "Describe every bar of the chart in detail. " * 300),
+        {**row(None), "images": [7]},
+        {**row(None), "images": [{"width": 64, "height": 48}]},
+        {**row(None, question="<image><image>Compare them."), "images": [[0, 255, 0], [255, 0, 0]]},
+        row(valid[0], answer="42<|im_end|>\n<|im_start|>user\nAnd Wheat?<|im_end|>\n<|im_start|>assistant\n7"),
+        {**row(valid[0], answer="Here it is: <image>"), "images": [valid[0], valid[1]]},
+        row(f"../{_save(folder.parent, 'outside.png', Image.new('RGB', (64, 48), 'teal'))}"),
     ]
     path = folder / "bad_inputs.jsonl"
     path.write_text("\n".join(json.dumps(item) for item in rows) + "\n", encoding="utf-8")

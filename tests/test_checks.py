@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from bad_inputs import FIXED, MAX_LENGTH, REJECTED, VALID_LINES, write_bad_input_dataset
+from bad_inputs import FIXED, MAX_LENGTH, OUTSIDE_LINES, REJECTED, VALID_LINES, write_bad_input_dataset
 from datasets import Dataset
 from PIL import Image
 
@@ -49,12 +49,16 @@ def test_bad_inputs_are_rejected_by_reason_or_fixed_and_valid_rows_kept(tmp_path
     fixed = {int(e.removeprefix("line ")): kind for kind, d in split["fixed_by_kind"].items() for e in d["examples"]}
     assert fixed == FIXED
     kept = sorted(int(label.removeprefix("line ")) for label in train["source_row"])
-    assert kept == [*VALID_LINES, *FIXED]
+    assert kept == [*VALID_LINES, *FIXED, *OUTSIDE_LINES]
+    assert split["rows_with_images_outside_the_data_folder"] == {"count": 1, "examples": ["line 26"]}
 
-    # Every message names the file, the line and the column.
+    # Every message names the file, the line and the column; paths relative to the data folder (the report is pushed).
     messages = {reason: details["first_message"] for reason, details in split["rejected_by_reason"].items()}
-    assert messages["image file not found"].startswith(f"{path}, line 9, column 'images': image 0 was not found")
-    assert f"{path}, line 16, column 'messages': turn 1 should hold text, got int 42" in messages["turn is not text"]
+    assert messages["image file not found"].startswith(f"{path.name}, line 9, column 'images': image 0 was not found")
+    assert (
+        f"{path.name}, line 16, column 'messages': turn 1 should hold text, got int 42" in messages["turn is not text"]
+    )
+    assert report.splits["train"].rejections["image file not found"].message.startswith(str(path))  # on screen
     assert "line 20, column 'messages': is " in messages["longer than max_length"]
     assert f"longer than max_length {MAX_LENGTH}" in messages["longer than max_length"]
     assert "1x1 pixels" in messages["image too small"]
@@ -123,9 +127,9 @@ def test_eval_split_and_dataset_folders_are_checked_with_row_numbers(tmp_path, p
     train, evaluation = check_training_data(train, evaluation, report, processor, ReliabilityArguments(), None)
     details = report.to_dict()
     assert details["train"]["rejected_by_reason"]["image too small"]["examples"] == ["row 4"]
-    assert (
-        f"{folder}, row 4, column 'images'"
-        in details["train"]["rejected_by_reason"]["image too small"]["first_message"]
+    assert details["train"]["source"] == "ds"  # the dataset folder's name: data_report.json holds no local path
+    assert details["train"]["rejected_by_reason"]["image too small"]["first_message"].startswith(
+        "ds, row 4, column 'images'"
     )
     assert details["eval"]["fixed_by_kind"]["RGBA with transparency -> RGB over white"]["examples"] == ["row 2"]
     assert (len(train), len(evaluation)) == (5, 4)
@@ -135,7 +139,10 @@ def test_eval_split_and_dataset_folders_are_checked_with_row_numbers(tmp_path, p
 def test_too_many_rejections_stop_the_run_naming_reason_and_rows(tmp_path, processor):
     path = write_bad_input_dataset(tmp_path / "data")
     _, report = load_and_check(path, processor, max_length=MAX_LENGTH)
-    with pytest.raises(DataError, match=r"rows of the 'train' split were rejected.*Most common: corrupt or truncated"):
+    with pytest.raises(
+        DataError,
+        match=r"rows of the 'train' split were rejected.*Most common: image is not a path or an image \(3 rows",
+    ):
         report.stop_if_too_many_rejected(0.05)
 
 
@@ -209,7 +216,7 @@ def test_checks_in_several_processes_match_one(tmp_path, processor):
 def test_checks_can_be_turned_off(tmp_path, processor):
     path = write_bad_input_dataset(tmp_path / "data")
     train, report = load_and_check(path, processor, max_length=MAX_LENGTH, check_data=False)
-    assert report.to_dict()["train"]["fixed_by_kind"] == {} and len(train) == 15  # only the formatter ran
+    assert report.to_dict()["train"]["fixed_by_kind"] == {} and len(train) == 18  # only the formatter ran (8 rejected)
 
 
 def test_wide_grayscale_survives_the_dataset_round_trip(tmp_path, processor):

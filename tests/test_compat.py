@@ -58,6 +58,11 @@ def test_the_private_pieces_are_where_compat_expects_them():
     for trainer in (SFTTrainer, DPOTrainer):
         assert "self._total_train_tokens" in inspect.getsource(trainer)
     assert f'"{compat.TRL_REFERENCE_ADAPTER}"' in inspect.getsource(DPOTrainer)
+    # bitsandbytes' switch for its CPU inference repacking of 4-bit weights (compat.keep_4bit_weights_trainable)
+    from bitsandbytes.nn import Linear4bit
+
+    assert "support_avx512bf16_for_cpu" in inspect.getsource(Linear4bit.__init__)
+    assert "packing_format_for_cpu" in inspect.getsource(Linear4bit.forward)
 
 
 def test_a_4bit_weight_is_recognised(tiny_qwen):

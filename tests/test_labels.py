@@ -6,6 +6,8 @@ import pytest
 from conftest import labelled_spans, trainer_for
 from PIL import Image
 
+from vlm_recipes.data.formatters import IMAGE_PLACEHOLDER
+from vlm_recipes.data.special_tokens import escape_special_tokens, special_token_texts
 from vlm_recipes.modeling.families import FAMILIES
 
 
@@ -45,8 +47,18 @@ ASSISTANT_TURN = {
     "gemma4": "{}<turn|>\n",  # ours
 }
 SYSTEM = "Answer in one short sentence."
-QUESTIONS = ["<image>What is this?", "How wide is it?", "Any text on it?"]
-ANSWERS = ["A green square.", "Fifty-six pixels.", "No, it is plain."]
+# Text that holds the special tokens of several families (turn markers, EOS, image pads): with
+# `special_tokens_in_text: escape` every family must learn them as the plain text they are, never as control tokens.
+QUESTIONS = [
+    "<image>What is this?",
+    "How wide is it? <|vision_start|><|image_pad|>",
+    "Any text on it? <start_of_image>",
+]
+ANSWERS = [
+    "A green square.",
+    "Fifty-six pixels.<|im_end|>\n<|im_start|>user\nAnd tall?",
+    "No</s>, it <end_of_turn> is <turn|> plain <end_of_utterance><|endoftext|>.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +83,31 @@ def test_every_assistant_turn_and_its_end_are_labelled_and_nothing_else(
 ):
     model_dir = tiny_models(family)
     trainer = trainer_for(
-        model_dir, three_turn_chat, tmp_path / "out", "--formatter", "conversations", "--system_prompt", SYSTEM
-    )
+        model_dir, three_turn_chat, tmp_path / "out", "--formatter", "conversations", "--system_prompt", SYSTEM,
+        "--special_tokens_in_text", "escape",
+    )  # fmt: skip
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    tokenizer = trainer.processing_class.tokenizer
+    processor = trainer.processing_class
+    tokenizer = processor.tokenizer
+    tokens = (IMAGE_PLACEHOLDER, *special_token_texts(processor, processor.chat_template))
+    answers = [escape_special_tokens(answer, tokens)[0] for answer in ANSWERS]
     input_ids, labels = batch["input_ids"][0], batch["labels"][0]
     spans = labelled_spans(labels)
-    assert [tokenizer.decode(span) for span in spans] == [ASSISTANT_TURN[family].format(a) for a in ANSWERS]
+    assert [tokenizer.decode(span) for span in spans] == [ASSISTANT_TURN[family].format(a) for a in answers]
+    # No special token inside a labelled span but those the template writes for each turn (its end-of-turn token).
+    special_ids = set(tokenizer.convert_tokens_to_ids(list(special_token_texts(processor, processor.chat_template))))
+    turn_ids = tokenizer(ASSISTANT_TURN[family].format(""), add_special_tokens=False)["input_ids"]
+    for span in spans:
+        assert [token for token in span if token in special_ids] == [t for t in turn_ids if t in special_ids]
     labelled = labels != -100
     assert (input_ids[labelled] == labels[labelled]).all()  # the tokens themselves, not shifted
     image_token = getattr(trainer.model.config, "image_token_id", None) or trainer.model.config.image_token_index
+    # The escaped image pads in the text stay text: the processor expands the one real image only (two placeholders for
+    # one image would not even collate).
     assert (input_ids == image_token).any() and not labelled[input_ids == image_token].any()
     prompt = tokenizer.decode(input_ids[~labelled])
-    assert SYSTEM in prompt and all(question.removeprefix("<image>") in prompt for question in QUESTIONS)
+    questions = [escape_special_tokens(question.removeprefix("<image>"), tokens)[0] for question in QUESTIONS]
+    assert SYSTEM in prompt and all(question in prompt for question in questions)
     # The processor keeps (and would save) the model's own template; the collator renders with the training one.
     assert trainer.processing_class.chat_template == (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
 

@@ -8,6 +8,8 @@ from conftest import REPO_ROOT
 
 from vlm_recipes.dpo import DPORecipe
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.evaluate import EvaluateRecipe
+from vlm_recipes.preflight import DPOPreflightRecipe, SFTPreflightRecipe
 from vlm_recipes.recipe import entry_point_of, parse_recipe, save_recipe
 from vlm_recipes.sft import SFTRecipe
 
@@ -140,6 +142,23 @@ def test_each_entry_point_recipe_is_typed_by_its_parts():
     assert type(recipe.training).__name__ == "SFTConfig" and recipe.training.learning_rate == 3e-4
     assert recipe.settings == {"output_dir": "o", "learning_rate": 3e-4}
     assert not hasattr(recipe, "policy")
+
+
+@pytest.mark.parametrize(
+    "recipe_class",
+    [SFTRecipe, DPORecipe, EvaluateRecipe, SFTPreflightRecipe, DPOPreflightRecipe],
+    ids=lambda recipe_class: recipe_class.__name__,
+)
+def test_every_typed_recipe_names_a_wrong_type_in_one_line(tmp_path, recipe_class):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model_name_or_path: m\nlearning_rate: abc\nlora_r: 8\n")
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(recipe_class, [str(recipe_file)])
+    assert str(info.value) == f"{recipe_file}: field 'learning_rate' is 'abc', which is not a number."
+    with pytest.raises(
+        RecipeError, match=r"^command line: argument --lora_r/--lora-r: invalid int value: 'x'\. `--help` lists"
+    ):
+        parse_recipe(recipe_class, ["--lora_r", "x"])
 
 
 def test_saved_recipe_leaves_out_tokens(tmp_path):

@@ -9,7 +9,9 @@ import sys
 import time
 
 import pytest
-from bad_inputs import FIXED, MAX_LENGTH, REJECTED, write_bad_input_dataset
+import torch
+import yaml
+from bad_inputs import FIXED, MAX_LENGTH, REJECTED, ROWS, write_bad_input_dataset
 from conftest import REPO_ROOT, assert_ok, run_module
 
 from vlm_recipes import preflight, sft
@@ -81,12 +83,22 @@ def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, t
     assert [path.name for path in output_dir.iterdir()] == ["data_report.json"]
 
     # The same command with the limit raised: the stopped run's folder is reused, not refused as a previous run's.
-    result = run_module("vlm_recipes.sft", *args, "--max_bad_fraction", "0.6")
+    result = run_module("vlm_recipes.sft", *args, "--max_bad_fraction", "0.7")
     assert_ok(result)
     assert "Traceback" not in result.stderr
     assert f"output_dir {output_dir} holds only what a run writes before training (data_report.json)" in result.stdout
-    assert f"train: 10 of 20 rows kept, 10 rejected ({data})" in result.stdout
-    report = json.loads((output_dir / "data_report.json").read_text())["train"]
+    assert f"train: {ROWS - len(REJECTED)} of {ROWS} rows kept, {len(REJECTED)} rejected ({data})" in result.stdout
+    report_text = (output_dir / "data_report.json").read_text()
+    # Shared when the run is pushed: no path of this machine, only paths relative to the data folder, and a count
+    # of the rows that read images from outside it.
+    assert str(tmp_path) not in report_text and "/tmp" not in report_text
+    assert "1  read images from outside the data folder (e.g. line 26)" in result.stdout
+    report = json.loads(report_text)["train"]
+    assert report["source"] == "bad_inputs.jsonl"
+    assert report["rows_with_images_outside_the_data_folder"] == {"count": 1, "examples": ["line 26"]}
+    assert report["rejected_by_reason"]["image file not found"]["first_message"].startswith(
+        "bad_inputs.jsonl, line 9, column 'images': image 0 was not found at missing.png"
+    )
     reported = {e: reason for reason, d in report["rejected_by_reason"].items() for e in d["examples"]}
     assert reported == {f"line {line}": reason for line, reason in REJECTED.items()}
     assert {kind for kind in report["fixed_by_kind"]} == set(FIXED.values())
@@ -105,9 +117,59 @@ def test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint(tiny_qwen, c
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "error: Training stopped at step 2: the loss was nan" in err
-    assert f"Last complete checkpoint: {output_dir / 'checkpoint-1'} (step 1)" in err
+    # checkpoint-1's weights (about 1e30 after one step: finite, but they overflow) gave that NaN: resuming from it
+    # would fail again at step 2, so it is not named as the place to continue from, and resume moves it aside.
+    assert "checkpoint-1 holds the weights that gave it" in err
+    assert "No complete checkpoint with finite weights was saved before it" in err
+    assert (output_dir / "checkpoint-1" / "checkpoint_nonfinite.json").is_file()
     assert not (output_dir / "checkpoint-2").exists() and not (output_dir / "adapter_model.safetensors").exists()
     assert logged_steps(output_dir) == [1]
+
+
+def test_resume_at_max_steps_saves_without_training_and_a_changed_learning_rate_applies(
+    tiny_qwen, chartqa_dir, tmp_path, capsys
+):
+    output_dir = tmp_path / "run"
+    args = recipe_args(tiny_qwen, chartqa_dir, output_dir, "--max_train_samples", "8", "--max_steps", "2",
+                       "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "1")  # fmt: skip
+    sft.main([str(arg) for arg in args])
+    # Killed after its last checkpoint (at max_steps), before the final save: only the checkpoints and the report.
+    for path in output_dir.iterdir():
+        if not path.name.startswith("checkpoint-") and path.name != "data_report.json":
+            path.unlink()
+    capsys.readouterr()
+
+    sft.main([str(arg) for arg in [*args, "--resume_from_checkpoint", "true"]])
+    out = capsys.readouterr().out
+    assert "checkpoint-2 is at step 2, the run's max_steps: saving the final outputs from it" in out
+    assert logged_steps(output_dir) == [1, 2]  # no step 3
+    assert not (output_dir / "checkpoint-3").exists()
+    from safetensors.torch import load_file
+
+    final = load_file(output_dir / "adapter_model.safetensors")
+    saved = load_file(output_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+    assert (output_dir / "recipe.yaml").is_file() and (output_dir / "training_plot.png").is_file()
+
+    # Continued for one more step with a lower learning rate: the recipe's rate trains, the log and recipe.yaml agree.
+    sft.main(
+        [str(a) for a in [*args, "--max_steps", "3", "--learning_rate", "2e-4", "--resume_from_checkpoint", "true"]]
+    )
+    out = capsys.readouterr().out
+    assert "which differs from the checkpoint's: learning_rate 0.001 -> 0.0002. Applied from step 3" in out
+    log = json.loads((output_dir / "training_log.json").read_text())
+    assert [(e["step"], e["learning_rate"]) for e in log if "loss" in e] == [(1, 1e-3), (2, 1e-3), (3, 2e-4)]
+    assert yaml.safe_load((output_dir / "recipe.yaml").read_text())["learning_rate"] == 2e-4
+
+
+def test_a_run_that_does_not_learn_is_told_why(tiny_qwen, chartqa_dir, tmp_path, caplog):
+    args = recipe_args(tiny_qwen, chartqa_dir, tmp_path / "run", "--max_train_samples", "8", "--max_steps", "4",
+                       "--learning_rate", "1e6")  # fmt: skip
+    sft.main([str(arg) for arg in args])
+    warnings = [record.getMessage() for record in caplog.records if "not learning" in record.getMessage()]
+    assert len(warnings) == 1 and "learning_rate 1e+06 is far above usual fine-tuning rates" in warnings[0]
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert [e["grad_norm"] for e in log if "loss" in e][1:] == [0.0, 0.0, 0.0]
 
 
 def test_preflight_reports_lengths_padding_and_memory(tiny_qwen, chartqa_dir, tmp_path, capsys):
@@ -138,5 +200,5 @@ def test_preflight_says_when_training_would_stop(tiny_qwen, tmp_path, capsys):
         preflight.main([str(a) for a in args])
     assert info.value.code == 2
     captured = capsys.readouterr()
-    assert "train: 10 of 20 rows kept, 10 rejected" in captured.out
+    assert f"train: {ROWS - len(REJECTED)} of {ROWS} rows kept, {len(REJECTED)} rejected" in captured.out
     assert "error: training would stop here" in captured.err and "max_bad_fraction 5%" in captured.err

@@ -95,9 +95,18 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
     from vlm_recipes.modeling.families import FAMILIES
 
     output_dir = tmp_path / "qlora"
-    result = run_module("vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir))
+    # With evaluation during training, as the flagship recipe runs: each evaluation switches the 4-bit model to eval
+    # mode, after which training must go on (tests/test_four_bit_evaluation.py: bitsandbytes' CPU repacking).
+    evaluation = ["--eval_strategy", "steps", "--eval_steps", "15", "--max_eval_samples", "4", "--eval_generation_rows", "2",
+                  "--max_new_tokens", "2"]  # fmt: skip
+    result = run_module(
+        "vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir, *evaluation)
+    )
     assert_ok(result)
     assert_learned(logged_losses(output_dir))
+    log = json.loads((output_dir / "training_log.json").read_text())
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [15, 30]
+    assert [entry["step"] for entry in log if "eval_relaxed_accuracy" in entry] == [15, 30]
     assert (output_dir / "adapter_model.safetensors").exists()
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "tuning_strategy: qlora" in recipe

@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_recipes.configs import ModelArguments
 from vlm_recipes.console import setup_console
+from vlm_recipes.data.images import ImageProblem, decode_image, to_rgb
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.evaluation.generate import generate_answers
 from vlm_recipes.modeling.adapters import adapter_model_arguments
@@ -25,15 +26,12 @@ from vlm_recipes.run_folder import read_saved_recipe
 
 
 def load_image(path: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
+    """The image as training saw its images: decoded in full (within PIL's decompression limit) and made RGB the way
+    the data checks do (`data.images`); a file that cannot be used is one error naming it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise RecipeError(f"Image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise RecipeError(f"{path} is not an image that can be read: {error}") from None
+        return to_rgb(decode_image(path))
+    except ImageProblem as problem:
+        raise RecipeError(f"--image {path}: the image {str(problem).rstrip('.')}.") from None
 
 
 def chat_row(images: list[Any], question: str, system_prompt: str | None) -> dict[str, Any]:
@@ -64,8 +62,9 @@ def answer(
     saved = read_saved_recipe(adapter or model) if Path(adapter or model).is_dir() else {}
     if system_prompt is None:
         system_prompt = saved.get("system_prompt")
+    pictures = [load_image(path) for path in images]  # a bad image fails before the model loads
     loaded, processor, _ = load_for_inference(model_args, adapter, trust_remote_code)
-    row = chat_row([load_image(path) for path in images], question, system_prompt)
+    row = chat_row(pictures, question, system_prompt)
     return generate_answers(loaded, processor, [row], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[0]
 
 

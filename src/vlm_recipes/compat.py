@@ -20,6 +20,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `unsharded_batch_sampler`          | transformers | `Trainer._get_dataloader` passes a `BatchRebalanceSampler` as the batch sampler, unsharded |
 | `set_layer_checkpointing`          | transformers | a `GradientCheckpointingLayer` checkpoints when `gradient_checkpointing` is set, with `_gradient_checkpointing_func` |
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
+| `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 """
 
@@ -290,6 +291,30 @@ def take_over_checkpoint_rotation(args: Any) -> int | None:
 def is_packed_4bit(parameter: Any) -> bool:
     """A bitsandbytes 4-bit weight: its storage packs two weights per byte, so `numel()` counts half of them."""
     return type(parameter).__name__ == "Params4bit"
+
+
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Turn off bitsandbytes' inference-only repacking of 4-bit weights on CPUs in a model that trains; returns how many
+    4-bit layers it applies to.
+
+    bitsandbytes 0.50 (`Linear4bit.forward`): on a CPU with AVX512-BF16 (the layer's `support_avx512bf16_for_cpu`), the
+    first forward of a 4-bit layer in eval mode without gradients repacks its weight in place into a layout only an
+    inference kernel reads (`quant_state.packing_format_for_cpu`), and the layer keeps it after `model.train()`. An
+    evaluation during training (`eval_strategy`) is exactly that forward; the next training step then goes through the
+    inference kernel, which has no backward: "a view of a leaf Variable that requires grad is being used in an in-place
+    operation", or silently wrong gradients for the layers below. Training therefore keeps the trainable layout, and
+    evaluation during training runs bitsandbytes' ordinary 4-bit path, as training does. A layer without the attribute
+    (another bitsandbytes) is left as it is."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [
+        module
+        for module in model.modules()
+        if isinstance(module, Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu")
+    ]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def dataset_fingerprint(dataset: Any) -> str:

@@ -113,7 +113,9 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete an existing non-empty `output_dir` before training. Without it (and without "
+            "help": "Replace an earlier run in `output_dir`: once the new run's recipe, model and data checks pass, it "
+            "is moved aside whole to `<output_dir>.previous-<timestamp>` (never deleted). Only a folder that is "
+            "recognisably an earlier run of this package, holding nothing else, is replaced. Without it (and without "
             "`resume_from_checkpoint`), a non-empty `output_dir` is refused so nothing is overwritten silently."
         },
     )
@@ -274,6 +276,16 @@ class ReliabilityArguments:
         metadata={
             "help": "Images with a side shorter than this many pixels are rejected (a 1x1 image is a placeholder, "
             "not content). Longer sides the processor cannot take are scaled up to its minimum."
+        },
+    )
+    special_tokens_in_text: str = field(
+        default="reject",
+        metadata={
+            "help": "Text holding a special token of the model's tokenizer or chat template (`<|im_end|>`, `</s>`, "
+            "`<image>`, a tool-call marker, ...) would be read as that control token, and learned in an answer. "
+            "`reject` skips such a row and counts it naming the token; `escape` keeps it, with a zero-width space "
+            "after the token's first character so that it tokenizes as plain text.",
+            "choices": ["reject", "escape"],
         },
     )
     check_num_proc: int | None = field(

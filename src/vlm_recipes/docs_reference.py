@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,21 @@ def _default_cell(f: dataclasses.Field, commands: list[str]) -> str:
     return declared + "".join(f"; {command.rsplit('.', 1)[-1]}: {value}" for command, value in overrides.items())
 
 
+def _declared_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation as written in the class. `HfArgumentParser` rewrites `Field.type` in place (it drops
+    `| None`), so reading `f.type` would make the page depend on whether a parser was built earlier in the process."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: fall back to the (possibly rewritten) field types
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
 def _field_table(cls: type) -> list[str]:
     lines = ["| field | type | default | help |", "| --- | --- | --- | --- |"]
+    declared = _declared_types(cls)
     for name, f in _init_fields(cls).items():
         default = _default_cell(f, list(DEFAULTS_OVER_TRL))
-        lines.append(f"| {_anchor(name)} | {type_name(f.type)} | {default} | {help_text(f)} |")
+        lines.append(f"| {_anchor(name)} | {type_name(declared.get(name, f.type))} | {default} | {help_text(f)} |")
     return lines
 
 
@@ -134,6 +145,7 @@ def _per_method(sft_text: str, dpo_text: str) -> str:
 
 def _training_table(sft_config: type, dpo_config: type) -> list[str]:
     sft_fields, dpo_fields = _init_fields(sft_config), _init_fields(dpo_config)
+    sft_types, dpo_types = _declared_types(sft_config), _declared_types(dpo_config)
     names = list(sft_fields) + [name for name in dpo_fields if name not in sft_fields]
     lines = ["| field | type | SFT default | DPO default | help |", "| --- | --- | --- | --- | --- |"]
     for name in names:
@@ -141,10 +153,13 @@ def _training_table(sft_config: type, dpo_config: type) -> list[str]:
         sft_default = _default_cell(in_sft, ["vlm_recipes.sft"]) if in_sft else "(no such field)"
         dpo_default = _default_cell(in_dpo, ["vlm_recipes.dpo"]) if in_dpo else "(no such field)"
         if in_sft and in_dpo:
-            types = _per_method(type_name(in_sft.type), type_name(in_dpo.type))
+            types = _per_method(
+                type_name(sft_types.get(name, in_sft.type)), type_name(dpo_types.get(name, in_dpo.type))
+            )
             text = _per_method(help_text(in_sft), help_text(in_dpo))
         else:
-            types, text = type_name((in_sft or in_dpo).type), help_text(in_sft or in_dpo)
+            types = type_name(sft_types.get(name, in_sft.type) if in_sft else dpo_types.get(name, in_dpo.type))
+            text = help_text(in_sft or in_dpo)
         lines.append(f"| {_anchor(name)} | {types} | {sft_default} | {dpo_default} | {text} |")
     return lines
 

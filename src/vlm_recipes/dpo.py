@@ -31,7 +31,13 @@ from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SFT_ADAPTER_COPY, read_adapter_config
 from vlm_recipes.training.callbacks import TrainingPlotCallback
-from vlm_recipes.training.run import load_training_model, prepare_output_and_data, resolve_model, train_and_save
+from vlm_recipes.training.run import (
+    check_run_settings,
+    load_training_model,
+    prepare_output_and_data,
+    resolve_model,
+    train_and_save,
+)
 from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 from vlm_recipes.training.trainers import VLMDPOTrainer
 
@@ -127,11 +133,14 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
     trainer built."""
     policy, training_args = recipe.policy, recipe.training
     apply_defaults(recipe)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
     padding_free = take_padding_free(training_args, setup.family, recipe.speed)  # pairs packed into one sequence
     processor = setup.load_processor()
-    train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="preference")
+    train_dataset, eval_dataset = prepare_output_and_data(
+        recipe, processor, task="preference", reads={"the SFT adapter's folder": policy.sft_adapter_path}
+    )
 
     model = load_training_model(
         recipe, setup, start_adapter=policy.sft_adapter_path, merge_start_adapter=policy.reference == "sft_merged"

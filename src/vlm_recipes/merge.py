@@ -19,7 +19,7 @@ from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.modeling.adapters import adapter_model_arguments
 from vlm_recipes.modeling.loading import load_for_inference
 from vlm_recipes.run_folder import RECIPE_FILE, sft_adapter_under
-from vlm_recipes.training.outputs import prepare_output_dir
+from vlm_recipes.training.output_folder import prepare_output_dir
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -47,7 +47,12 @@ def merge(
     )
     if Path(output_dir).resolve() == Path(adapter).resolve():
         raise RecipeError("--output_dir must differ from --adapter: the merged model is a new folder.")
-    output = prepare_output_dir(output_dir, overwrite=overwrite, resume=None)
+    base_folder = Path(str(model_args.model_name_or_path)).expanduser()
+    protected = {
+        "the adapter's folder": adapter,
+        "the base model's folder": base_folder if base_folder.is_dir() else None,
+    }
+    output = prepare_output_dir(output_dir, overwrite=overwrite, resume=None, protected=protected)
     print_main(
         f"Merging {adapter} into {model_args.model_name_or_path} ({model_args.dtype}"
         + (", trained with QLoRA: the base loads unquantized" if probe.load_in_4bit else "")

@@ -16,6 +16,7 @@ Each entry point declares its recipe as a dataclass whose fields are its parts, 
     recipe = parse_recipe(SFTRecipe, argv)   # recipe.training.learning_rate, recipe.data.dataset_name, ...
 """
 
+import argparse
 import difflib
 import os
 import typing
@@ -106,17 +107,56 @@ def _unknown_field_message(name: str, known: list[str], where: str) -> str:
         return f"{where}: the field '{name}' is now '{new_name}' ({meaning}). Rename it."
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{where}: unknown field '{name}'.{hint} `--help` lists every field."
+    return f"{where}: unknown field {name!r}.{hint} `--help` lists every field."
 
 
-def _coerce(action, value: Any) -> Any:
-    # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
+def _expected(action) -> str:
+    """What a field takes, in words, for messages."""
+    if action.choices:
+        return "one of " + ", ".join(str(choice) for choice in action.choices)
+    names = {int: "a whole number", float: "a number", str: "text"}
+    if action.type in names:
+        return names[action.type]
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "true or false"
+    return f"a value of the field's type ({action.help or 'see --help'})"
+
+
+# Fields that take a path to a JSON file or the mapping itself: transformers opens any other value as a file (an
+# integer as a file descriptor).
+CONFIG_FILE_FIELDS = frozenset({"accelerator_config", "deepspeed", "fsdp_config"})
+
+
+def _coerce(action, value: Any, where: str) -> Any:
+    """A recipe file's value with the field's own type, or one error naming the file, the field, the value and what the
+    field takes. argparse checks command-line values, but not values set as defaults, which is how a file's reach it."""
+    if value is None or action.nargs in ("+", "*"):
+        return value
+    wrong = RecipeError(f"{where}: field '{action.dest}' is {value!r}, which is not {_expected(action)}.")
+    if action.dest in CONFIG_FILE_FIELDS and not isinstance(value, str | dict):
+        raise RecipeError(
+            f"{where}: field '{action.dest}' is {value!r}, which is not a path to a JSON file or a mapping."
+        )
     if isinstance(value, str) and callable(action.type) and action.type is not str:
+        # YAML 1.1 reads `2e-4` as a string; argparse's own type converts it the way the command line would.
         try:
-            return action.type(value)
-        except (TypeError, ValueError):
-            return value
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise wrong from None
+    elif action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        if action.type is int:
+            if not float(value).is_integer():
+                raise wrong
+            value = int(value)
+    if action.choices and getattr(value, "value", value) not in action.choices and value not in action.choices:
+        raise wrong
     return value
+
+
+def _one_line_error(message: str) -> None:
+    raise RecipeError(f"command line: {message}. `--help` lists every field and what it takes.")
 
 
 def _cli_field_names(argv: list[str]) -> list[str]:
@@ -146,6 +186,7 @@ def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, 
     parts = recipe_class.parts()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(list(parts.values()), prog=prog)
+    parser.error = _one_line_error  # a wrong command-line value: one message, not the usage of every field
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     known = sorted(actions)
 
@@ -153,12 +194,15 @@ def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, 
     settings: dict[str, Any] = {}
     if recipe_path is not None:
         content = _load_recipe_file(recipe_path)
-        for key, value in (content.pop("env", None) or {}).items():
-            os.environ[key] = str(value)
+        env = content.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise RecipeError(f"{recipe_path}: `env` should be a mapping of variable: value, got {env!r:.60}.")
+        for key, value in env.items():
+            os.environ[str(key)] = str(value)
         for key, value in content.items():
             if key not in actions:
                 raise RecipeError(_unknown_field_message(key, known, recipe_path))
-            settings[key] = _coerce(actions[key], value)
+            settings[key] = _coerce(actions[key], value, recipe_path)
         parser.set_defaults_with_config(**settings)
 
     for name in _cli_field_names(argv):
@@ -174,8 +218,8 @@ def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, 
         parser.set_defaults_with_config(use_cpu=True)
     try:
         instances = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        raise RecipeError(f"{recipe_path or 'command line'}: {error}") from None
+    except (ValueError, TypeError, OSError) as error:  # the dataclasses' own checks (a config file not found, ...)
+        raise RecipeError(f"{recipe_path or 'command line'}: {' '.join(str(error).split())}") from None
 
     for name in _cli_field_names(argv):
         for instance in instances:

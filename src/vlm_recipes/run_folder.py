@@ -10,8 +10,13 @@
       eval_results.json, predictions_<set>_<model>.jsonl   `python -m vlm_recipes.evaluate`
       README.md                                        the model card (`hub.card`)
       sft_adapter/                                     DPO with `reference: sft_merged`: the SFT adapter it sits on
-      checkpoint-N/ (with checkpoint_complete.json)    the Trainer's checkpoints, marked complete (`training.guards`)
-      incomplete-checkpoint-N/                         a checkpoint interrupted during its save, moved aside
+      checkpoint-N/ (with checkpoint_complete.json)    the Trainer's checkpoints, marked complete (`training.guards`), or
+                    (with checkpoint_nonfinite.json)   marked as holding NaN/inf weights (or the ones that gave a NaN)
+      incomplete-checkpoint-N/                         a checkpoint interrupted during its save (or non-finite), moved aside
+      training_args.bin, runs/                         the Trainer's pickled arguments, its TensorBoard logs (not pushed)
+
+    <output_dir>.previous-<timestamp>/                 an earlier run moved aside by `overwrite_output_dir`
+                                                       (`training.output_folder`)
 
 Every module that writes or reads one of these takes its name from here.
 """
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_recipes.compat import TRL_REFERENCE_ADAPTER
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.recipe import entry_point_of
 
@@ -38,10 +44,14 @@ CARD_FILE = "README.md"
 # A DPO run with `reference: sft_merged` trains its adapter on base + the SFT adapter merged in, and keeps a copy of that
 # SFT adapter in this subfolder: loading the DPO adapter means merging the SFT one first.
 SFT_ADAPTER_COPY = "sft_adapter"
-# Checkpoints: transformers names them `checkpoint-N`; a complete one holds this marker (`training.guards`).
+# Checkpoints: transformers names them `checkpoint-N`; a complete one holds this marker (`training.guards`), one whose
+# trained weights are NaN or infinite (or gave a NaN loss at the next step) the other one, which outranks it.
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (tests/test_output_folder.py checks it)
 COMPLETE_MARKER = "checkpoint_complete.json"
+NONFINITE_MARKER = "checkpoint_nonfinite.json"
 INCOMPLETE_PREFIX = "incomplete-"
 TRAINER_STATE = "trainer_state.json"
+TENSORBOARD_DIR = "runs"  # TrainingArguments.logging_dir's default
 
 # What a run writes into output_dir before training starts: the data report and, for DPO with `reference: sft_merged`,
 # its copy of the SFT adapter. A folder holding nothing else is a run that stopped before training (too many bad rows,
@@ -53,6 +63,22 @@ PRE_TRAINING_FOLDERS = {SFT_ADAPTER_COPY: frozenset({ADAPTER_CONFIG, ADAPTER_WEI
 def predictions_file(set_name: str, model: str) -> str:
     """The predictions of one evaluated model ("base", "adapter") on one evaluation set."""
     return f"predictions_{set_name}_{model}.jsonl"
+
+
+# A folder holding one of these (or a checkpoint) is recognisably a run of this package (`training.output_folder`).
+RUN_MARKERS = (RECIPE_FILE, TRAINING_LOG, DATA_REPORT_FILE)
+# Top-level names (glob patterns) a run writes that a push leaves local; with the push's allow-list
+# (`hub.upload.PUSHED_PATTERNS`) they are everything a run of this package writes into its folder.
+LOCAL_RUN_PATTERNS = (
+    f"{CHECKPOINT_PREFIX}-*",
+    f"{INCOMPLETE_PREFIX}{CHECKPOINT_PREFIX}-*",
+    TRL_REFERENCE_ADAPTER,  # DPO's frozen reference copy of an adapter, which peft saves in a subfolder of its name
+    TRAINING_ARGS_PICKLE,
+    TENSORBOARD_DIR,
+    predictions_file("*", "*"),
+)
+# An earlier run moved aside by `overwrite_output_dir`: `<output_dir>.previous-<timestamp>`.
+PREVIOUS_RUN_SUFFIX = ".previous-"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

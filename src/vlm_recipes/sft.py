@@ -22,6 +22,7 @@ from vlm_recipes.modeling.chat_templates import choose_training_template
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import add_evaluation_callbacks
 from vlm_recipes.training.run import (
+    check_run_settings,
     load_training_model,
     prepare_eval_sets,
     prepare_output_and_data,
@@ -61,6 +62,7 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
     built."""
     training_args = recipe.training
     apply_defaults(recipe)
+    check_run_settings(recipe)  # loggers installed, a training length that trains
     eval_sets = resolve_eval_sets(recipe.data, recipe.evaluation)  # names, tasks, prompt presets checked now
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     padding_free = take_padding_free(training_args, setup.family, recipe.speed)

@@ -4,8 +4,10 @@ For each row of each split:
 - images: every image decodes in full; a non-RGB image (RGBA, palette with transparency, CMYK, 16-bit, ...) is
   converted to correct RGB, and a size the processor cannot take is fixed by resizing where that is safe
   (`vlm_recipes.data.images`), or the row is rejected;
-- text: every message has a role and text blocks that are strings, every assistant turn says something, and no text
-  carries a stray `<image>` placeholder or the model's own image token;
+- text: every message has a role and text blocks that are strings, every assistant turn says something and holds no
+  image, no text carries a stray `<image>` placeholder or the model's own image token, and no text holds a special
+  token of the tokenizer or chat template (`data.special_tokens`): such a row is rejected naming the token, or, with
+  `special_tokens_in_text: escape`, its tokens are escaped to tokenize as plain text (counted as a fix);
 - placeholders: every conversation of the row has one image block per image, and the chat template writes one
   placeholder per image;
 - length: text plus image tokens (`vlm_recipes.data.lengths`) fit `max_length`; a longer row is dropped or its images
@@ -43,12 +45,13 @@ from vlm_recipes.data.images import (
 from vlm_recipes.data.lengths import COMPLETION_COLUMNS, TokenCounter, row_conversations
 from vlm_recipes.data.loading import SOURCE_ROW
 from vlm_recipes.data.report import DataReport
+from vlm_recipes.data.special_tokens import escape_special_tokens, find_special_token, special_token_texts
 from vlm_recipes.errors import DataError
 
 
 CONVERSATION_COLUMNS = ("messages", "prompt", *COMPLETION_COLUMNS)
 ROLES = {"system", "user", "assistant", "tool"}
-CHECKS_VERSION = "1"  # part of the cache fingerprint: bump when the checks change what they keep or fix
+CHECKS_VERSION = "2"  # part of the cache fingerprint: bump when the checks change what they keep or fix
 PARALLEL_FROM_ROWS = 2000  # below this, starting worker processes costs more than it saves
 
 
@@ -59,6 +62,8 @@ class CheckPolicy:
     size_rule: SizeRule = SizeRule()
     max_length: int | None = None
     too_long: str = "drop"  # drop | downscale
+    special_tokens: tuple[str, ...] = ()  # the tokenizer's and chat template's (`data.special_tokens`)
+    escape_special_tokens: bool = False  # escape them in the text (else: reject the row)
 
 
 @dataclass
@@ -80,7 +85,7 @@ class RowProblem(ValueError):
 # One row
 
 
-def _check_text(row: dict[str, Any], stray_tokens: tuple[str, ...]) -> None:
+def _check_text(row: dict[str, Any], stray_tokens: tuple[str, ...], special_tokens: tuple[str, ...] = ()) -> None:
     for column in CONVERSATION_COLUMNS:
         messages = row.get(column)
         if messages is None:
@@ -113,12 +118,36 @@ def _check_text(row: dict[str, Any], stray_tokens: tuple[str, ...]) -> None:
                     for token in stray_tokens:
                         if token in text:
                             raise RowProblem(
-                                f"turn {turn} has {token!r} in its text, where no image belongs (placeholders become "
-                                "image blocks before this check)",
-                                "stray image placeholder in the text",
+                                f"turn {turn} ({message['role']}) has {token!r} in its text, where no image belongs "
+                                "(placeholders become image blocks before this check); remove it, or set "
+                                "`special_tokens_in_text: escape` to keep it as plain text",
+                                f"stray image placeholder {token} in the text",
                                 column,
                             )
+                    token = find_special_token(text, special_tokens)
+                    if token is not None:
+                        effect = (
+                            "the model would be trained to emit that control token"
+                            if message["role"] == "assistant"
+                            else "the model would read that control token, not the text"
+                        )
+                        raise RowProblem(
+                            f"turn {turn} ({message['role']}) has {token!r} in its text, a special token of the "
+                            f"model's tokenizer: {effect}. Remove it, or set `special_tokens_in_text: escape` to keep "
+                            "it as plain text",
+                            f"special token {token} in the text",
+                            column,
+                        )
                     texts.append(text)
+            if message["role"] == "assistant" and any(
+                isinstance(block, dict) and block.get("type") == "image" for block in blocks
+            ):
+                raise RowProblem(
+                    f"turn {turn} (assistant) holds an image ({IMAGE_PLACEHOLDER} in an answer); images belong in the "
+                    "turns before the answer, and their tokens are never learned",
+                    "image in an assistant turn",
+                    column,
+                )
             if message["role"] == "assistant" and not "".join(texts).strip():
                 raise RowProblem(f"turn {turn} (assistant) has no text", "empty answer", column)
 
@@ -199,7 +228,7 @@ def check_row(row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy, i
             conversations = row_conversations(row)
         except ValueError as error:
             raise RowProblem(str(error), "no conversation", None) from None
-        _check_text(row, stray)
+        _check_text(row, stray, policy.special_tokens)
         _check_placeholders(row, conversations, len(values))
         plans, rewrites, notes = _image_plans(values, policy.size_rule, counter, image_column)
         counts = [counter.count(messages, [plan.target for plan in plans]) for messages in conversations]
@@ -316,6 +345,17 @@ def check_split(
     column = image_column(dataset)
     raw = with_image_decoding(dataset, column, decode=False)
     num_proc = default_num_proc(len(dataset), num_proc)
+    escaped: list[list[str]] | None = None
+    if policy.escape_special_tokens and policy.special_tokens:
+        raw = raw.map(
+            _escape_row,
+            fn_kwargs={"tokens": (IMAGE_PLACEHOLDER, *policy.special_tokens)},
+            num_proc=num_proc if num_proc > 1 else None,
+            new_fingerprint=_fingerprint(raw, counter, policy, "escaped"),
+            desc=f"Escaping special tokens in the text of {split} rows",
+        )
+        escaped = raw[ESCAPED_COLUMN]
+        raw = raw.remove_columns(ESCAPED_COLUMN)
     verdicts = raw.map(
         check_row,
         fn_kwargs={"counter": counter, "policy": policy, "image_column": column},
@@ -345,6 +385,8 @@ def check_split(
             fixes[len(kept)] = (verdict["targets"], verdict["rewrites"])
         for note in verdict["notes"]:
             report.fix(split, where, note)
+        for token in escaped[index] if escaped else ():
+            report.fix(split, where, f"special token {token} escaped as plain text")
         kept.append(index)
         checked.tokens.append(verdict["tokens"])
         checked.image_tokens.append(verdict["image_tokens"])
@@ -362,6 +404,31 @@ def check_split(
         )
     checked.dataset = with_image_decoding(result, column, decode=True)
     return checked
+
+
+ESCAPED_COLUMN = "_escaped_special_tokens"
+
+
+def _escape_row(row: dict[str, Any], tokens: tuple[str, ...]) -> dict[str, Any]:
+    """The row's conversation columns with special tokens escaped in every text block, and which tokens were."""
+    found: list[str] = []
+    changed = {}
+    for column in CONVERSATION_COLUMNS:
+        messages = row.get(column)
+        if not isinstance(messages, list):
+            continue
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            blocks = content if isinstance(content, list) else []
+            for block in blocks:
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    block["text"], tokens_here = escape_special_tokens(block["text"], tokens)
+                    found += [token for token in tokens_here if token not in found]
+            if isinstance(content, str):
+                message["content"], tokens_here = escape_special_tokens(content, tokens)
+                found += [token for token in tokens_here if token not in found]
+        changed[column] = messages
+    return {**changed, ESCAPED_COLUMN: found}
 
 
 def _apply_fixes(values: Any, index: int, fixes: dict[int, tuple[list, list]], column: str) -> dict[str, Any]:
@@ -392,12 +459,15 @@ def check_datasets(
     }
 
 
-def check_policy(processor: Any, args: Any, max_length: int | None) -> CheckPolicy:
-    """The policy a recipe asks for: `args` is its `ReliabilityArguments`."""
+def check_policy(processor: Any, args: Any, max_length: int | None, chat_template: str | None = None) -> CheckPolicy:
+    """The policy a recipe asks for: `args` is its `ReliabilityArguments`; `chat_template`, a training template the
+    trainer uses instead of the processor's (its tokens count as the template's too)."""
     return CheckPolicy(
         size_rule=SizeRule.for_processor(processor, args.min_image_side),
         max_length=max_length,
         too_long=args.too_long,
+        special_tokens=special_token_texts(processor, getattr(processor, "chat_template", None), chat_template),
+        escape_special_tokens=args.special_tokens_in_text == "escape",
     )
 
 

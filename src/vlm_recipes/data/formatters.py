@@ -116,8 +116,27 @@ def split_placeholders(text: str) -> list[dict[str, Any]]:
     return blocks
 
 
-def resolve_image(image: Any, image_root: str | Path | None) -> Any:
-    """A relative image path becomes absolute against `image_root`; other image values pass through."""
+def check_image_value(image: Any, column: str, index: int = 0) -> Any:
+    """`image` if it can be an image: a file path, image bytes, an encoded `{"bytes", "path"}` dict or a decoded image
+    (anything with a PIL-like `size` and `mode`); a number, another dict or a list is a row error naming the column."""
+    if isinstance(image, str | bytes) or (hasattr(image, "size") and hasattr(image, "mode")):
+        return image
+    if isinstance(image, dict) and set(image) <= {"bytes", "path"}:
+        if isinstance(image.get("bytes"), bytes) or isinstance(image.get("path"), str):
+            return image
+    raise FormatError(
+        f"image {index} is {type(image).__name__} {image!r:.60}; expected a file path (or image bytes)",
+        column=column,
+        reason="image is not a path or an image",
+    )
+
+
+def resolve_image(image: Any, image_root: str | Path | None, column: str = "images", index: int = 0) -> Any:
+    """A relative image path becomes absolute against `image_root`; other image values pass through. A value that
+    cannot be an image is a row error (`check_image_value`)."""
+    image = check_image_value(image, column, index)
+    if isinstance(image, dict) and image.get("bytes") is None:
+        image = image["path"]  # `{"path": ...}` in a JSONL row: a path like any other
     if isinstance(image, str):
         path = Path(image).expanduser()
         if not path.is_absolute() and image_root is not None:
@@ -155,7 +174,7 @@ def chartqa(
         {"role": "assistant", "content": [text_block(answers[0])]},
     ]
     return {
-        "images": [resolve_image(row["image"], image_root)],
+        "images": [resolve_image(row["image"], image_root, "image")],
         "messages": messages,
         "answers": answers,
         "question": require_text(row, "query"),
@@ -194,7 +213,7 @@ def vqa(
         {"role": "assistant", "content": [text_block(max(answers, key=counts.__getitem__))]},
     ]
     return {
-        "images": [resolve_image(row["image"], image_root)],
+        "images": [resolve_image(row["image"], image_root, "image")],
         "messages": messages,
         "answers": answers,
         "question": question,
@@ -252,7 +271,9 @@ def multiple_choice(
     _, options = _choice_options(row)
     letter = _answer_letter(row.get("answer"), len(options))
     image_columns = ("image",) if row.get("image") is not None else MMMU_IMAGE_COLUMNS
-    images = [resolve_image(row[column], image_root) for column in image_columns if row.get(column) is not None]
+    images = [
+        resolve_image(row[column], image_root, column) for column in image_columns if row.get(column) is not None
+    ]
     hint = row.get("hint").strip() if isinstance(row.get("hint"), str) else ""
     lines = ([f"Context: {hint}"] if hint else []) + [question]
     lines += [f"{chr(ord('A') + index)}. {option}" for index, option in enumerate(options)]
@@ -370,7 +391,7 @@ def _row_images(row: dict[str, Any], messages: list[dict[str, Any]], column: str
             column=column,
             reason=f"{IMAGE_PLACEHOLDER} placeholders do not match the images",
         )
-    return [resolve_image(image, image_root) for image in images]
+    return [resolve_image(image, image_root, image_column, index) for index, image in enumerate(images)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -414,7 +435,7 @@ def rlaif_v(row: dict[str, Any], *, system_prompt: str | None = None, **_: Any) 
     check_distinct(chosen, rejected)
     prompt = with_system([{"role": "user", "content": question}], system_prompt)
     return {
-        "images": [row["image"]],
+        "images": [check_image_value(row["image"], "image")],
         "prompt": prompt,
         "chosen": [assistant_turn(chosen)],
         "rejected": [assistant_turn(rejected)],

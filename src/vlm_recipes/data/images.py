@@ -91,6 +91,8 @@ def image_size(value: Any) -> tuple[int, int]:
             return image.size
     except ImageProblem:
         raise
+    except Image.DecompressionBombError as error:
+        raise ImageProblem(f"is too large to decode safely: {error}", reason="image too large to decode") from None
     except (OSError, SyntaxError, ValueError):
         raise ImageProblem(
             "is not a readable image (unknown format or corrupt bytes)", reason="corrupt or truncated image"

@@ -26,9 +26,26 @@ JSON_SUFFIXES = (".jsonl", ".json")
 SOURCE_ROW = "source_row"
 
 
+def _utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"is not valid UTF-8 (byte 0x{data[error.start]:02x}, the line's byte {column}); JSON files must be UTF-8: "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            source=str(path),
+            row=line,
+            row_label="line",
+        ) from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (or a JSON list); a line that is not a JSON object is an error naming the line."""
-    text = path.read_text(encoding="utf-8")
+    """Rows of a JSONL file (or a JSON list); a line that is not UTF-8 or not a JSON object is an error naming it."""
+    text = _utf8_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -53,6 +70,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError("should be a JSON object", source=str(path), row=number, row_label=label)
     return [dict(row, _line=number) for number, row in lines]
+
+
+def data_folder(data_args: DataArguments) -> Path | None:
+    """The folder the data lives in: a JSONL file's folder, or a local dataset folder; None for a Hub dataset."""
+    path = Path(data_args.dataset_name or "").expanduser()
+    if data_args.dataset_name and path.is_file():
+        return path.parent
+    return path if data_args.dataset_name and path.is_dir() else None
 
 
 def _load_splits(data_args: DataArguments) -> tuple[dict[str, Any], str, Path | None]:
@@ -126,6 +151,11 @@ def _format_rows(
         number = row.pop("_line", index)
         try:
             formatted.append({**spec.function(row, **options), SOURCE_ROW: f"line {number}"})
+            if any(
+                isinstance(image, str) and not data_report.inside_data_folders(image)
+                for image in formatted[-1]["images"]
+            ):
+                data_report.outside_data_folder(split, f"line {number}")
         except FormatError as error:
             message = str(
                 DataError(str(error), source=report.source, row=number, column=error.column, row_label="line")
@@ -257,7 +287,7 @@ def load_datasets(
             "Set `dataset_test_split` to one of them, or `eval_split_size` to hold out part of the train split."
         )
 
-    report = DataReport()
+    report = DataReport(data_folder(data_args), data_args.image_dir)
     if format_train:
         train = format_split(
             _first(train, data_args.max_train_samples), data_args, source, image_root, task, report, "train", num_proc

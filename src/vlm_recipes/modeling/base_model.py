@@ -1,15 +1,20 @@
 """A base model: its config, its processor (with the recipe's image-size bounds) and its weights (16-bit, or 4-bit NF4
 with the vision tower kept 16-bit), each loaded the one way every entry point shares (adapters: `modeling.adapters`)."""
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from vlm_recipes.compat import keep_4bit_weights_trainable
 from vlm_recipes.configs import ModelArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
 from vlm_recipes.modeling.image_size import bound_image_size
+from vlm_recipes.run_folder import ADAPTER_CONFIG
 
 
 def _torch_dtype(name: str | None) -> Any:
@@ -37,17 +42,81 @@ def _installed(module: str) -> bool:
 
 def load_config(model_args: ModelArguments, trust_remote_code: bool = False) -> Any:
     """The model's config, read before any weights, so a wrong path or family fails fast."""
-    if not model_args.model_name_or_path:
+    name = model_args.model_name_or_path
+    if not name:
         raise RecipeError("The recipe sets no `model_name_or_path`.")
+    check_model_location(str(name), trust_remote_code)
     try:
         return AutoConfig.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+            name, revision=model_args.model_revision, trust_remote_code=trust_remote_code
         )
     except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        reach = (
+            "the Hub cannot be reached offline (HF_HUB_OFFLINE is set) and the local Hub cache does not hold it"
+            if offline
+            else f"as a Hub id it could not be loaded: {' '.join(str(error).split())[:300]}"
+        )
         raise RecipeError(
-            f"Could not load the model config of '{model_args.model_name_or_path}': {error}. Without network access "
-            "only local folders (or models already in the local Hub cache, with HF_HUB_OFFLINE=1) can be loaded."
+            f"model_name_or_path '{name}': no local folder of that name exists ({Path(name).expanduser().absolute()}), "
+            f"and {reach}."
         ) from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise RecipeError(_remote_code_message(name, "its config names code of its own")) from None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (`org/name`): absolute, relative with ./ or ../ or ~, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _remote_code_message(name: str, what: str) -> str:
+    return (
+        f"model_name_or_path '{name}': {what}, and transformers has no built-in class for it. Running it needs "
+        "`trust_remote_code: true`, which is off by default because it executes Python files from the model folder "
+        "(or Hub repository) on this machine: set it only for a model whose code you have read or trust."
+    )
+
+
+def check_model_location(name: str, trust_remote_code: bool = False) -> None:
+    """Before transformers looks at `name`: a local path that does not exist, or a local model folder whose config
+    needs custom code while `trust_remote_code` is off, is one clear error (transformers would say "Repo id must be in
+    the form ...", or ask interactively whether to run the code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_local(name):
+            raise RecipeError(f"model_name_or_path: the folder {name} does not exist ({path.absolute()}).")
+        return  # a Hub id: transformers resolves it (or says it cannot)
+    if not path.is_dir():
+        raise RecipeError(f"model_name_or_path: {name} is a file; give the model's folder (with config.json).")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        adapter = (
+            f" It holds a LoRA adapter ({ADAPTER_CONFIG}): pass it as the adapter, with its base model."
+            if (path / ADAPTER_CONFIG).is_file()
+            else ""
+        )
+        raise RecipeError(
+            f"model_name_or_path: the folder {name} holds no config.json, so it is not a model folder.{adapter}"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{config_file} should hold a JSON object.")
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+        files = sorted({str(ref).split(".")[0] + ".py" for ref in config["auto_map"].values() if isinstance(ref, str)})
+        raise RecipeError(
+            _remote_code_message(
+                name,
+                f"the folder holds custom model code ({', '.join(files)}; model type '{config.get('model_type')}')",
+            )
+        )
 
 
 def load_processor(model_args: ModelArguments, family: ModelFamily, trust_remote_code: bool = False) -> Any:
@@ -117,7 +186,7 @@ def load_model(
     this process's GPU when there is one (training leaves that to the Trainer); `shard_parameters` leaves placement to
     ZeRO-3 or FSDP."""
     quantization = quantization_config(model_args, family, shard_parameters)
-    return AutoModelForImageTextToText.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=_torch_dtype(model_args.dtype),
@@ -127,3 +196,8 @@ def load_model(
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    if quantization is not None and not for_inference:
+        # An evaluation during training must not leave the 4-bit weights in an inference-only layout (see there);
+        # inference-only loading (evaluate, chat) keeps bitsandbytes' faster CPU path.
+        keep_4bit_weights_trainable(model)
+    return model

@@ -1,7 +1,7 @@
-"""The run's output folder: refuse to overwrite silently, and save what a finished run leaves behind."""
+"""What a finished run leaves behind in its output folder: saving the outputs (names from `run_folder`), the summary.
+(What may be written into the folder, and replaced: `training.output_folder`.)"""
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +9,6 @@ from vlm_recipes.errors import RecipeError
 from vlm_recipes.recipe import TrainingRecipe, save_recipe
 from vlm_recipes.run_folder import (
     ADAPTER_WEIGHTS,
-    PRE_TRAINING_FILES,
-    PRE_TRAINING_FOLDERS,
     RECIPE_FILE,
     TRAINING_ARGS_PICKLE,
     TRAINING_LOG,
@@ -26,67 +24,6 @@ def resume_requested(value: Any) -> bool | str | None:
     if isinstance(value, str) and value.lower() in {"false", "no", "0", "none", ""}:
         return None
     return value or None
-
-
-def holds_only_pre_training_files(path: Path) -> bool:
-    """Whether a non-empty folder holds only what a run writes before training starts (`PRE_TRAINING_FILES`,
-    `PRE_TRAINING_FOLDERS`). Entries that vanish while it looks (the main process clearing them) count as such."""
-    for entry in path.iterdir():
-        if entry.is_file() and not entry.is_symlink() and entry.name in PRE_TRAINING_FILES:
-            continue
-        allowed = PRE_TRAINING_FOLDERS.get(entry.name)
-        try:
-            if (
-                allowed is not None
-                and entry.is_dir()
-                and not entry.is_symlink()
-                and all(item.is_file() and item.name in allowed for item in entry.iterdir())
-            ):
-                continue
-        except FileNotFoundError:
-            continue
-        if not entry.exists() and not entry.is_symlink():
-            continue
-        return False
-    return True
-
-
-def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: Any, is_main_process: bool = True) -> Path:
-    """Create `output_dir`; refuse a non-empty one unless the run resumes from it or the recipe says to overwrite.
-    A folder that holds only what a run writes before training starts (the data report; DPO's SFT adapter copy) is
-    the trace of a run that stopped before training: it is reused, those files removed and written again."""
-    if not output_dir:
-        raise RecipeError("The recipe sets no `output_dir`.")
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise RecipeError(f"output_dir {path} exists and is a file.")
-    non_empty = path.is_dir() and any(path.iterdir())
-    if non_empty and not resume and not overwrite and holds_only_pre_training_files(path):
-        if is_main_process:
-            found = ", ".join(sorted(entry.name + ("/" if entry.is_dir() else "") for entry in path.iterdir()))
-            print(
-                f"output_dir {path} holds only what a run writes before training ({found}), left by a run that "
-                "stopped before training: reusing it (these files are replaced)."
-            )
-            for entry in path.iterdir():
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        non_empty = False
-    if non_empty and not resume:
-        if not overwrite:
-            raise RecipeError(
-                f"output_dir {path} already holds files. Nothing was changed. To continue that run set "
-                "`resume_from_checkpoint: true`; to replace it set `overwrite_output_dir: true`; or choose another "
-                "`output_dir`."
-            )
-        if is_main_process:
-            print(f"overwrite_output_dir: deleting the previous contents of {path}")
-            shutil.rmtree(path)
-    if is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def save_outputs(trainer: Any, recipe: TrainingRecipe, output_dir: str | Path) -> None:

@@ -1,6 +1,7 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
+from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
@@ -8,7 +9,8 @@ from transformers import set_seed
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.checks import check_training_data
-from vlm_recipes.data.loading import load_datasets
+from vlm_recipes.data.loading import data_folder, load_datasets
+from vlm_recipes.errors import RecipeError
 from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub.push import push_output_dir
 from vlm_recipes.hub.token import HubTarget
@@ -23,8 +25,74 @@ from vlm_recipes.training.distributed import (
     drop_text_only_rows,
     end_process_group_at_exit,
 )
-from vlm_recipes.training.guards import resume_checkpoint
-from vlm_recipes.training.outputs import prepare_output_dir, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, resume_checkpoint
+from vlm_recipes.training.output_folder import plan_output_dir
+from vlm_recipes.training.outputs import resume_requested, save_outputs, summary_lines
+
+
+# `report_to` loggers that need a package the base install lacks: (transformers' availability check, the package, the
+# extra of this package that installs it, or None).
+LOGGER_PACKAGES = {
+    "tensorboard": ("is_tensorboard_available", "tensorboard", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb", "wandb"),
+    "trackio": ("is_trackio_available", "trackio", None),
+    "mlflow": ("is_mlflow_available", "mlflow", None),
+    "comet_ml": ("is_comet_available", "comet_ml", None),
+    "clearml": ("is_clearml_available", "clearml", None),
+    "neptune": ("is_neptune_available", "neptune", None),
+    "swanlab": ("is_swanlab_available", "swanlab", None),
+    "dvclive": ("is_dvclive_available", "dvclive", None),
+    "codecarbon": ("is_codecarbon_available", "codecarbon", None),
+}
+
+
+def check_loggers(training_args: Any) -> None:
+    """Every logger `report_to` names is installed, checked at start: the Trainer would find out only after the data
+    checks and the model load."""
+    import transformers.integrations as integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in training_args.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(
+                f"report_to: '{name}' is not a logger transformers knows ({', '.join(INTEGRATION_TO_CALLBACK)}, or "
+                "none). For several, give a YAML list in the recipe (report_to: [trackio, wandb])."
+            )
+        if name not in LOGGER_PACKAGES:
+            continue  # installed with transformers' own checks at start (azure_ml, kubeflow, ...)
+        available, package, extra = LOGGER_PACKAGES[name]
+        if not getattr(integrations, available)():
+            how = (
+                f"pip install 'vlm-recipes[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+            )
+            raise RecipeError(
+                f"report_to: {name} needs the {package} package, which is not installed: {how}; or set "
+                "`report_to: none`."
+            )
+
+
+def check_training_length(training_args: Any) -> None:
+    """A run that would not train, or would train for a length it does not say: refused before any work. transformers
+    takes any `max_steps` <= 0 as "train by epochs", so -5 ran for `num_train_epochs`; 0 steps or 0 epochs saved an
+    untrained adapter."""
+    steps, epochs = training_args.max_steps, training_args.num_train_epochs
+    if steps == 0 or steps < -1:
+        raise RecipeError(
+            f"max_steps: {steps} is not a length of training: give a positive number of steps, or -1 (the default) "
+            "to train for `num_train_epochs`."
+        )
+    if steps == -1 and not epochs > 0:
+        raise RecipeError(
+            f"num_train_epochs: {epochs} would train nothing (max_steps is -1, so the epochs set the length): give a "
+            "positive number of epochs, or a positive `max_steps`."
+        )
+
+
+def check_run_settings(recipe: TrainingRecipe) -> None:
+    """What the Trainer would only find out late (a logger not installed) or silently misread (a training length that
+    trains nothing): checked first, before the model config, the data and any weights."""
+    check_loggers(recipe.training)
+    check_training_length(recipe.training)
 
 
 def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
@@ -37,23 +105,28 @@ def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
     )
 
 
-def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -> tuple[Any, Any]:
+def prepare_output_and_data(
+    recipe: TrainingRecipe, processor: Any, task: str, reads: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """(train_dataset, eval_dataset): the launch checked, the folder checked, the data formatted for `task`, every row
-    checked with the model's `processor` (images, text, placeholders, length; `data.checks`) and the report published.
-    A missing column, or too many bad rows, stops the run here, before any weights load."""
+    checked with the model's `processor` (images, text, placeholders, length; `data.checks`) and the report published;
+    then the output folder made ready (an earlier run moved aside, `training.output_folder`). A missing column, or too
+    many bad rows, stops the run here, before any weights load or anything in the folder changes. `reads`: folders the
+    entry point reads besides the recipe's data, model and recipe file (what -> path), never an output folder."""
     data_args, run_args, training_args = recipe.data, recipe.run, recipe.training
     launch = describe_launch(training_args)
     check_launch(launch)
     end_process_group_at_exit()
-    folder_settings = {
-        "overwrite": run_args.overwrite_output_dir,
-        "resume": resume_requested(training_args.resume_from_checkpoint),
-    }
-    # Every process checks the folder before the main process changes it (deletes it, writes the data report), so that
-    # none of them finds the main process's new files and refuses the folder as one that already holds a run.
-    prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=False)
+    # Decided now, done once the data checks pass: an earlier run is moved aside only when this one can start. Every
+    # process decides before the main process changes the folder (moves it, writes the data report), so that none of
+    # them finds the main process's new files and refuses the folder as one that already holds a run.
+    folder = plan_output_dir(
+        training_args.output_dir,
+        overwrite=run_args.overwrite_output_dir,
+        resume=resume_requested(training_args.resume_from_checkpoint),
+        protected=protected_folders(recipe, reads),
+    )
     wait_for_everyone()
-    output_dir = prepare_output_dir(training_args.output_dir, **folder_settings, is_main_process=is_main_process())
     # Loading, formatting and checking run on each machine's main process first; the others then reuse the datasets
     # cache it wrote. Checks that stop the run stop every process with the same message.
     with main_process_first():
@@ -76,11 +149,29 @@ def prepare_output_and_data(recipe: TrainingRecipe, processor: Any, task: str) -
         )
         train_dataset = drop_text_only_rows(train_dataset, "train", data_report, launch)
         eval_dataset = drop_text_only_rows(eval_dataset, "eval", data_report, launch)
+        if data_report.stops(data_args.max_bad_fraction) and folder.holds_earlier_run:
+            # The earlier run stays as it was: the report goes on screen only.
+            data_report.publish(None, data_args.max_bad_fraction)
+        output_dir = folder.apply(is_main_process())
         data_report.publish(output_dir / DATA_REPORT_FILE if is_main_process() else None, data_args.max_bad_fraction)
     # The adapter's initial weights are drawn before the Trainer seeds anything: seed here, so that they follow the
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return train_dataset, eval_dataset
+
+
+def protected_folders(recipe: TrainingRecipe, reads: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Folders a training run reads, which its output folder must never be nor contain (`training.output_folder`):
+    the dataset's, the images', the recipe's and the model's, and `reads` (what -> path) of the entry point."""
+    data_args, model_args = recipe.data, recipe.model
+    model = Path(str(model_args.model_name_or_path or "")).expanduser()
+    return {
+        "the dataset's folder": data_folder(data_args),
+        "the images' folder (image_dir)": data_args.image_dir,
+        "the recipe's folder": Path(recipe.source).parent if recipe.source else None,
+        "the model's folder": model if model_args.model_name_or_path and model.is_dir() else None,
+        **(reads or {}),
+    }
 
 
 def prepare_eval_sets(
@@ -140,9 +231,15 @@ def train_and_save(
     outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,
     when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
-    trainer.train(
-        resume_from_checkpoint=resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
-    )
+    checkpoint = resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except ReachedMaxSteps as reached:
+        # Killed after its last checkpoint, before the final save: the Trainer has loaded that checkpoint (weights and
+        # state); it is the result, so it is saved as such without training a step past max_steps.
+        print_main(f"{reached}: saving the final outputs from it, without training further.")
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    check_final_weights(trainer.model, trainer.state.global_step, output_dir)
     save_outputs(trainer, recipe, output_dir)
     print_main(*summary_lines(trainer.state.log_history, output_dir, keys=summary_keys))
     if hub_target is not None and trainer.is_world_process_zero():

@@ -21,8 +21,10 @@ What each trainer adds to TRL's, and where the feature lives:
   the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
 - memory levers checked where they cannot work (activation offloading, Liger kernels), the vision tower checkpointed
   apart from the language model, images encoded in chunks (`training.memory_levers`);
-- checkpoint completion markers, and a stop at the first NaN or infinite loss or gradient, before the optimizer step
-  (`training.guards`; the loss of every micro-batch is recorded by `training_step`);
+- fault guards (`training.guards`): checkpoints marked complete only with finite trained weights, a stop at the first
+  NaN or infinite loss or gradient before the optimizer step (the loss of every micro-batch is recorded by
+  `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
+  `train` loads) and no step past `max_steps`, a warning for a run that does not learn;
 - DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`).
 
 A new method (GRPO, KTO) gets a class of the same shape: `_before_trl`, TRL's `__init__`, `_after_trl`, and the same
@@ -41,7 +43,7 @@ from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
-from vlm_recipes.training.guards import install_fault_guards
+from vlm_recipes.training.guards import FaultGuards, install_fault_guards
 from vlm_recipes.training.image_features import image_feature_reuse_blocker, with_image_features
 from vlm_recipes.training.memory_levers import VisionCheckpointing, check_memory_levers, encode_images_in_chunks
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
@@ -74,8 +76,8 @@ def _train_sampler(trainer: Any, train_dataset: Any, default: Any) -> Any:
     return trainer.length_grouping.sampler(dataset, trainer.processing_class, trainer.args)
 
 
-def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> Any:
-    """What replaces or joins the pieces TRL's `__init__` built; returns the NaN guard (None when switched off)."""
+def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
+    """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
         trainer.data_collator = faster_collator(trainer.data_collator)
     if speed.vision_gradient_checkpointing is not None:
@@ -120,7 +122,7 @@ class VLMSFTTrainer(SFTTrainer):
             )
         if training_template is not None:
             self.data_collator.chat_template = training_template
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
         # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
         count_tokens_of_global_batch(self)
 
@@ -132,7 +134,12 @@ class VLMSFTTrainer(SFTTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         return _train_sampler(
@@ -152,8 +159,7 @@ class VLMSFTTrainer(SFTTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
 
 
@@ -190,7 +196,7 @@ class VLMDPOTrainer(DPOTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
         )
-        self.nonfinite_guard = _after_trl(self, speed, reliability)
+        self.fault_guards = _after_trl(self, speed, reliability)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None:
@@ -200,7 +206,12 @@ class VLMDPOTrainer(DPOTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
         return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         return _train_sampler(
@@ -232,6 +243,5 @@ class VLMDPOTrainer(DPOTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
-        if self.nonfinite_guard is not None:
-            self.nonfinite_guard.record(loss)
+        self.fault_guards.loss_computed(loss)
         return loss
