@@ -29,7 +29,7 @@ moves every ratio by less than `--tolerance`; the spread over rounds is printed.
 through the real trainers (2 and 4 decoder layers) checks the composition: its per-layer slope and its step time
 against the same parts composed for the batches it trained on.
 
-Output: benchmarks/results/cpu_real_width.md and .json.
+Output: benchmarks/results/cpu_real_width.md and .json (the figures; every per-step figure in the work folder).
 """
 
 import argparse
@@ -87,6 +87,9 @@ HEAD_POSITIONS = 128
 TARGET_RATIO = 1.5
 TARGET_SPREAD = 0.10
 TARGET_PACKED_LOSS = 1e-5
+# One thread: its CPU time is the work done. With two threads under other load, one thread waits (spinning, so counted)
+# for the other to be scheduled, and a part's time moved 2.5x between rounds of the first run.
+MEASURE_THREADS = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,11 +297,19 @@ class PeakMemory:
 
 
 def _now() -> float:
+    """Wall time: the run's budget and elapsed time."""
     return time.perf_counter()
 
 
+def _cpu() -> float:
+    """CPU seconds of this process: what every model part is timed in. The measurements run on one thread
+    (MEASURE_THREADS), so other work on a shared machine, which stretches wall time by whatever share of the cores it
+    takes, leaves them almost unchanged."""
+    return time.process_time()
+
+
 class Laps:
-    """Wall seconds each measurement of a round took (to see where a round's time goes)."""
+    """Wall seconds each measurement of a round took (to see where a round's time goes; not a figure)."""
 
     def __init__(self, wall: dict[str, float]):
         self.wall, self.last = wall, _now()
@@ -314,7 +325,7 @@ def time_layer(language_model: Any, hidden_size: int, positions: int) -> float:
 
     inputs = torch.randn(1, positions, hidden_size, requires_grad=True)
     position_ids = torch.arange(positions).view(1, 1, -1).expand(3, 1, -1)
-    start = _now()
+    start = _cpu()
     output = language_model(
         inputs_embeds=inputs,
         attention_mask=torch.ones(1, positions, dtype=torch.long),
@@ -322,7 +333,7 @@ def time_layer(language_model: Any, hidden_size: int, positions: int) -> float:
         use_cache=False,
     ).last_hidden_state
     output.backward(torch.randn_like(output))
-    return _now() - start
+    return _cpu() - start
 
 
 def time_attention(attention: Any, text_config: Any, lengths: list[int], layout: str) -> tuple[float, int]:
@@ -350,15 +361,15 @@ def time_attention(attention: Any, text_config: Any, lengths: list[int], layout:
     key = torch.randn(batch, text_config.num_key_value_heads, length, head_dim, requires_grad=True)
     value = torch.randn(batch, text_config.num_key_value_heads, length, head_dim, requires_grad=True)
     kernel = ALL_ATTENTION_FUNCTIONS.get_interface(text_config._attn_implementation, None)
-    start = _now()
+    start = _cpu()
     output, _ = kernel(
         attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling, position_ids=text_positions
     )
-    forward = _now() - start
-    start = _now()
+    forward = _cpu() - start
+    start = _cpu()
     output.backward(torch.randn_like(output))
     elements = length * length * batch
-    return 2 * forward + (_now() - start), elements
+    return 2 * forward + (_cpu() - start), elements
 
 
 def time_head(weight: Any, positions: int) -> float:
@@ -369,12 +380,12 @@ def time_head(weight: Any, positions: int) -> float:
 
     hidden = torch.randn(positions, weight.shape[1], requires_grad=True)
     targets = torch.randint(0, weight.shape[0], (positions,))
-    start = _now()
+    start = _cpu()
     log_probs = LogProbs.apply(
         hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1")
     )[0]
     (-log_probs.sum() / positions).backward()
-    return _now() - start
+    return _cpu() - start
 
 
 def time_vision(visual: Any, pixel_values: Any, grid_thw: Any) -> dict[str, Any]:
@@ -388,14 +399,14 @@ def time_vision(visual: Any, pixel_values: Any, grid_thw: Any) -> dict[str, Any]
     handles = []
 
     def note_gradient(name: str):
-        return lambda grad: gradient_times.__setitem__(name, _now())
+        return lambda grad: gradient_times.__setitem__(name, _cpu())
 
     for index, block in enumerate(visual.blocks):
 
         def before(module, args, kwargs, index=index):
             if backward_phase["on"]:
                 return
-            forward_spans[index] = [_now(), 0.0]
+            forward_spans[index] = [_cpu(), 0.0]
             hidden = args[0] if args else kwargs["hidden_states"]
             if index == 0 and hidden.requires_grad:
                 hidden.register_hook(note_gradient("input"))
@@ -403,7 +414,7 @@ def time_vision(visual: Any, pixel_values: Any, grid_thw: Any) -> dict[str, Any]
         def after(module, args, kwargs, output, index=index):
             if backward_phase["on"]:
                 return
-            forward_spans[index][1] = _now()
+            forward_spans[index][1] = _cpu()
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.requires_grad:
                 hidden.register_hook(note_gradient(f"output {index}"))
@@ -411,26 +422,40 @@ def time_vision(visual: Any, pixel_values: Any, grid_thw: Any) -> dict[str, Any]
         handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
-        start = _now()
+        start = _cpu()
         features = visual(pixel_values, grid_thw=grid_thw).pooler_output
-        forward = _now() - start
+        tower_forward = _cpu() - start
         backward_phase["on"] = True
         trains = features.requires_grad
         if trains:
             features.backward(torch.randn_like(features))
-        total = _now() - start
+        total = _cpu() - start
     finally:
         for handle in handles:
             handle.remove()
     blocks = []
     for index in range(len(visual.blocks)):
-        forward = forward_spans[index][1] - forward_spans[index][0]
+        block_forward = forward_spans[index][1] - forward_spans[index][0]
         backward = 0.0
         if trains:
             grad_in = gradient_times["input"] if index == 0 else gradient_times[f"output {index - 1}"]
             backward = grad_in - gradient_times[f"output {index}"]
-        blocks.append(forward + backward)
-    return {"seconds": total, "forward_seconds": forward, "blocks": blocks, "backward": trains}
+        blocks.append(block_forward + backward)
+    return {"seconds": total, "forward_seconds": tower_forward, "blocks": blocks, "backward": trains}
+
+
+def checkpoint_as_trainer(trainer: Any) -> None:
+    """Turn activation checkpointing on as `Trainer.train` does before its first step (transformers 5: the
+    `activation_checkpointing` arguments). The units call the model outside `train`; without this they ran each layer
+    and vision block once forward and once backward, where a training step also recomputes the forward."""
+    args = trainer.args
+    if not args.activation_checkpointing:
+        return
+    kwargs = dict(args.activation_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    trainer.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+    )
 
 
 def answer_log_probs(model: Any, batch: dict[str, Any]) -> Any:
@@ -510,6 +535,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
     from vlm_recipes.training.padding_free import pack_rows
 
     setup_console()
+    torch.set_num_threads(MEASURE_THREADS)
     size, workdir = spec["size"], Path(spec["workdir"])
     started = _now()
     tiny = speed.tiny_model(workdir)
@@ -562,6 +588,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
             trainer.model = trainer.model_wrapped = None
     gc.collect()
     model.train()
+    checkpoint_as_trainer(next(trainer for trainer in trainers.values() if trainer.model is model))
     base = model.get_base_model()
     language_model = base.model.language_model
     visual = base.model.visual
@@ -620,9 +647,9 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(spec["data_steps"]):
                 batch, took = next_batch(setup)
                 if setup.layout == "packed":
-                    start = _now()
+                    start = _cpu()
                     pack_rows(model, batch)
-                    took += _now() - start
+                    took += _cpu() - start
                 seconds.append(took)
                 batch_figures = speed.batch_counts(batch, setup.layout == "packed")
                 sampled[setup.name].append(batch_figures)
@@ -658,11 +685,11 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
         laps.done("vision tower")
         for parameter, grad in zip(full_lora, full_grads):
             parameter.grad = grad.clone()
-        start = _now()
+        start = _cpu()
         torch.nn.utils.clip_grad_norm_(full_lora, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        units["optimizer"] = {"seconds": _now() - start, "parameters": sum(p.numel() for p in full_lora)}
+        units["optimizer"] = {"seconds": _cpu() - start, "parameters": sum(p.numel() for p in full_lora)}
         laps.done("optimizer")
         rounds.append(units)
 
@@ -728,6 +755,8 @@ def check_runs(spec: dict[str, Any], size: str, include_plain: bool) -> dict[str
             "image_max_pixels": spec["check_image_max_pixels"],
             "data": spec["check_data"],
             "output_dir": str(workdir / "check_runs" / f"{size}_{name.replace(' ', '_')}_{depth}"),
+            "threads": MEASURE_THREADS,  # timed as the units are: CPU seconds of one thread
+            "clock": "cpu",
         }
         run_spec["result"] = run_spec["output_dir"] + ".json"
         result = speed.run_in_child(run_spec)
@@ -1017,6 +1046,22 @@ def packing_targets(size: str, result: dict[str, Any]) -> list[str]:
     ]
 
 
+def results_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the results file keeps (a few KB): the report without each size's per-step epoch plans, sampled batches
+    and the check runs' raw per-step figures, which the full report in the work folder keeps."""
+    summary = {**report, "sizes": {}, "check": {}}
+    for size, result in report["sizes"].items():
+        if "measured" not in result:
+            summary["sizes"][size] = result
+            continue
+        dropped = ("epochs", "sampled_batches")
+        measured = {key: value for key, value in result["measured"].items() if key not in dropped}
+        summary["sizes"][size] = {**result, "measured": measured}
+    for size, check in report.get("check", {}).items():
+        summary["check"][size] = {key: value for key, value in check.items() if key != "raw"}
+    return summary
+
+
 def previous_headline(path: Path) -> dict[str, float]:
     if not path.exists():
         return {}
@@ -1141,10 +1186,14 @@ def main(argv: list[str] | None = None) -> None:
             report["targets"].append(
                 f"- {size}: this run moved the all-features ratio by {new / old - 1:+.1%} from the last results file"
             )
-    (results / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (workdir / f"{args.name}_full.json").write_text(json.dumps(report, indent=1))
+    (results / f"{args.name}.json").write_text(json.dumps(results_summary(report), indent=1))
     (results / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
-    print(f"written: {results / args.name}.md and .json ({report['seconds'] / 60:.1f} min)")
+    print(
+        f"written: {results / args.name}.md and .json ({report['seconds'] / 60:.1f} min); every figure: "
+        f"{workdir / args.name}_full.json"
+    )
 
 
 if __name__ == "__main__":

@@ -286,10 +286,12 @@ def batch_counts(inputs: dict[str, Any], packs_rows: bool) -> dict[str, int]:
     }
 
 
-def measure(trainer: Any, warmup_steps: int) -> dict[str, Any]:
-    """Train and time it: per step, the wall time since the previous step ended (data loading, forward, backward and
+def measure(trainer: Any, warmup_steps: int, clock: Any = time.perf_counter) -> dict[str, Any]:
+    """Train and time it: per step, the time since the previous step ended (data loading, forward, backward and
     optimizer), the real tokens and the positions fed to the model. `per_step` splits each step into data (until the
-    loss is computed), forward + backward (`training_step`) and the rest (clipping, optimizer, scheduler, logging)."""
+    loss is computed), forward + backward (`training_step`) and the rest (clipping, optimizer, scheduler, logging).
+    `clock` is wall time by default; `time.process_time` gives the process's CPU seconds, which other work on a shared
+    machine does not inflate (benchmarks/real_width.py's check)."""
     import torch
     from transformers import TrainerCallback
 
@@ -303,7 +305,7 @@ def measure(trainer: Any, warmup_steps: int) -> dict[str, Any]:
         if model.training:
             if gpu:
                 torch.cuda.synchronize()
-            marks["loss_starts"].append(time.perf_counter())
+            marks["loss_starts"].append(clock())
             fed.append(batch_counts(inputs, getattr(trainer, "packs_rows", False)))
         return original_compute_loss(model, inputs, *args, **kwargs)
 
@@ -311,7 +313,7 @@ def measure(trainer: Any, warmup_steps: int) -> dict[str, Any]:
         loss = original_training_step(*args, **kwargs)
         if gpu:
             torch.cuda.synchronize()
-        marks["training_step_ends"].append(time.perf_counter())
+        marks["training_step_ends"].append(clock())
         return loss
 
     trainer.compute_loss = counting_compute_loss
@@ -323,12 +325,12 @@ def measure(trainer: Any, warmup_steps: int) -> dict[str, Any]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             marks["rss_start"] = _rss_bytes()
-            marks["begin"] = time.perf_counter()
+            marks["begin"] = clock()
 
         def on_step_end(self, args, state, control, **kwargs):
             if gpu:
                 torch.cuda.synchronize()
-            marks["ends"].append(time.perf_counter())
+            marks["ends"].append(clock())
 
     trainer.add_callback(Clock())
     trainer.train()
@@ -390,8 +392,13 @@ def run_child(spec_path: str) -> None:
     from vlm_recipes.console import setup_console
 
     setup_console()
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     trainer = plain_trl_trainer(spec) if spec["kind"] == "trl" else package_trainer(spec)
-    result = measure(trainer, spec["warmup_steps"])
+    clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
+    result = measure(trainer, spec["warmup_steps"], clock)
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
 
 
