@@ -15,6 +15,7 @@ unfreezing, a LoRA adapter on it) gets its backward pass back. Nothing outside t
 it: its input is pixels, and a projector outside it (LLaVA's) has its own weights' gradients from its own input.
 
     keep_frozen_vision_out_of_backward(model, family)  # once, after the tuning strategy is applied
+                                                       # (modeling.loading.load_for_training)
 """
 
 import threading
@@ -29,7 +30,7 @@ from vlm_recipes.modeling.families import ModelFamily
 HOOKS_ATTRIBUTE = "_vlm_recipes_frozen_vision_hooks"
 
 
-def vision_tower_module(model: Any, family: ModelFamily) -> torch.nn.Module | None:
+def vision_tower(model: Any, family: ModelFamily) -> torch.nn.Module | None:
     """The family's vision tower inside `model` (bare or PEFT-wrapped), or None when the model has no such module."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -42,7 +43,7 @@ def keep_frozen_vision_out_of_backward(model: Any, family: ModelFamily) -> list[
     """Make the vision tower's forward run without autograd whenever none of its parameters requires a gradient.
     Returns the two hook handles (removing them restores transformers' behaviour); [] when the family's vision tower
     is not found."""
-    tower = vision_tower_module(model, family)
+    tower = vision_tower(model, family)
     if tower is None:
         return []
     if hasattr(tower, HOOKS_ATTRIBUTE):

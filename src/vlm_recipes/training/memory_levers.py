@@ -23,6 +23,7 @@ from vlm_recipes.compat import installed_version, set_layer_checkpointing
 from vlm_recipes.configs import SpeedArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import ModelFamily
+from vlm_recipes.modeling.frozen_vision import vision_tower
 
 
 def check_memory_levers(args: Any, model: Any, family: ModelFamily, speed: SpeedArguments) -> None:
@@ -78,15 +79,10 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def vision_tower(model: Any, family: ModelFamily) -> Any:
-    """The vision tower module of a (PEFT-wrapped) model, by the family table's prefix."""
-    return _base(model).get_submodule(family.vision_tower)
-
-
 def _takes_image_grid(tower: Any) -> bool:
     import inspect
 
-    return "grid_thw" in inspect.signature(tower.forward).parameters
+    return tower is not None and "grid_thw" in inspect.signature(tower.forward).parameters
 
 
 # ---------------------------------------------------------------------------------------------------------------------
