@@ -5,7 +5,7 @@ weights trains."""
 
 import pytest
 import torch
-from conftest import trainer_for
+from conftest import checkpoint_as_trainer, trainer_for
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlm_recipes.modeling.frozen_vision import HOOKS_ATTRIBUTE, keep_frozen_vision_out_of_backward, vision_tower
@@ -29,12 +29,6 @@ def tower_output_and_step(trainer, batch):
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert seen and len(set(seen)) == 1, seen  # the tower ran, the same way for every call
     return loss.detach(), grads, seen[0]
-
-
-def checkpoint_as_trainer(trainer) -> None:
-    """Checkpointing switched on as `Trainer.train` does before its first step (TRL's arguments: reentrant)."""
-    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
-    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
 
 
 def without_the_fix(trainer) -> None:

@@ -4,17 +4,19 @@ work here are refused with a clear message, and the preflight's estimate moves t
 
 import pytest
 import torch
-from conftest import trainer_for
+from conftest import checkpoint_as_trainer, trainer_for
+from transformers.modeling_layers import GradientCheckpointingLayer
 from test_memory import estimate, qwen2_5_vl_7b_config
 
 from vlm_recipes.configs import ModelArguments, SpeedArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
+from vlm_recipes.modeling.frozen_vision import vision_tower
 from vlm_recipes.training.memory_levers import (
     check_liger_kernel,
     encode_images_in_chunks,
+    VisionCheckpointing,
     set_vision_checkpointing,
-    vision_tower,
 )
 
 
@@ -42,18 +44,30 @@ def test_vision_checkpointing_changes_no_loss_or_gradient(tiny_qwen, chartqa_dir
     trainer.model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     family = FAMILIES["qwen2_5_vl"]
-    blocks = list(vision_tower(trainer.model, family).blocks)
-    assert set_vision_checkpointing(trainer.model, family, False) >= len(blocks)  # the blocks (and the merger)
-    assert not any(block.gradient_checkpointing for block in blocks)
+    # As at the start of `train`: every layer checkpointed, then the callback sets the vision tower's blocks apart
+    checkpoint_as_trainer(trainer)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, VisionCheckpointing))
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    # the tower trains as PEFT's `modules_to_save` copy: its blocks and the frozen original's
+    blocks = [m for m in vision_tower(trainer.model, family).modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = trainer.model.get_base_model().model.language_model.layers
+    depth = trainer.model.get_base_model().config.vision_config.depth
+    assert len(blocks) == 2 * depth and not any(block.gradient_checkpointing for block in blocks)
+    assert all(layer.gradient_checkpointing for layer in layers)  # the language model keeps its own setting
+    trained_block = vision_tower(trainer.model, family).modules_to_save["default"].blocks[0]
+    calls = []
+    # Before a module inside the block: the checkpoint wraps the block's `forward`, so the block's own hooks run once,
+    # and the recomputation stops early, once the last tensor the backward needs (inside the MLP) is computed again
+    trained_block.mlp.register_forward_pre_hook(lambda *args: calls.append(1))
     kept = loss_and_gradients(trainer, batch)
+    assert len(calls) == 1  # kept: one forward
+
     set_vision_checkpointing(trainer.model, family, True)
     assert all(block.gradient_checkpointing for block in blocks)
     recomputed = loss_and_gradients(trainer, batch)
+    assert len(calls) == 3  # checkpointed: the forward, and again in the backward pass
     assert_same(kept, recomputed)
-    assert any(name.startswith("base_model.model.model.visual.blocks") for name in kept[1])  # the tower trains
-    # The language model's layers keep their own setting
-    layers = trainer.model.get_base_model().model.language_model.layers
-    assert all(layer.gradient_checkpointing for layer in layers)
+    assert any(".visual.modules_to_save.default.blocks." in name for name in kept[1])  # the tower trains
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
