@@ -122,7 +122,9 @@ def test_levers_that_cannot_work_here_are_refused(tiny_models, tiny_qwen, chartq
 
 
 def test_the_estimate_moves_with_each_lever():
-    config = qwen2_5_vl_7b_config()
+    config = qwen2_5_vl_7b_config()  # 7B's width at 8 layers and 8 vision blocks: the meta model builds in a second
+    config.text_config.num_hidden_layers = config.vision_config.depth = layers = 8
+    config.vision_config.fullatt_block_indexes = [7]
     lora = ModelArguments(use_peft=True)
     vit = TuningArguments(tuning_strategy="lora_llm_full_vit")
     base = estimate(config, lora, vit, per_device_train_batch_size=4, gradient_checkpointing=True)
@@ -142,10 +144,10 @@ def test_the_estimate_moves_with_each_lever():
     # Token-budget packing: one sequence of the budget instead of 4 rows padded to the longest
     packed = with_speed(max_tokens_per_batch=4096)
     assert packed.tokens == 4096 < base.tokens == 6000 and packed.peak(True) < base.peak(True)
-    # Offloading: the checkpointed inputs of about two layers on the GPU instead of 28 (plus the layer recomputed)
+    # Offloading: the stored activations of about two layers on the GPU instead of every layer's
     offloaded = with_speed(activation_offloading=True)
-    assert offloaded.activations_checkpointed < base.activations_checkpointed / 2
-    assert offloaded.activations_full < base.activations_full / 10
+    assert offloaded.activations_checkpointed < base.activations_checkpointed
+    assert offloaded.activations_full == pytest.approx(base.activations_full * 2 / layers, rel=0.01)
     assert any("CPU memory" in note for note in offloaded.notes)
     # The vision tower checkpointed apart from the language model
     vision_kept = with_speed(vision_gradient_checkpointing=False)
