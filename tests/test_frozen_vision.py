@@ -8,7 +8,12 @@ import torch
 from conftest import checkpoint_as_trainer, trainer_for
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from vlm_recipes.modeling.frozen_vision import HOOKS_ATTRIBUTE, keep_frozen_vision_out_of_backward, vision_tower
+from vlm_recipes.modeling.frozen_vision import (
+    HOOKS_ATTRIBUTE,
+    frozen_vision_backward,
+    keep_frozen_vision_out_of_backward,
+    vision_tower,
+)
 
 
 def tower_output_and_step(trainer, batch):
@@ -31,14 +36,6 @@ def tower_output_and_step(trainer, batch):
     return loss.detach(), grads, seen[0]
 
 
-def without_the_fix(trainer) -> None:
-    """Back to transformers' behaviour: the hooks removed, so the tower's forward records its graph again."""
-    tower = vision_tower(trainer.model, trainer.family)
-    for handle in getattr(tower, HOOKS_ATTRIBUTE):
-        handle.remove()
-    delattr(tower, HOOKS_ATTRIBUTE)
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_frozen_vision_tower_runs_no_backward_and_changes_nothing_learned(family, tiny_models, chartqa_dir, tmp_path):
     trainer = trainer_for(
@@ -55,10 +52,13 @@ def test_frozen_vision_tower_runs_no_backward_and_changes_nothing_learned(family
         if not checkpointing:  # transformers' input hooks stay: the tower's output would still require a gradient
             trainer.model.get_base_model().activation_checkpointing_disable()
         assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
-        assert keep_frozen_vision_out_of_backward(trainer.model, trainer.family)  # installed by the loading, once
+        tower = vision_tower(trainer.model, trainer.family)
+        installed = getattr(tower, HOOKS_ATTRIBUTE)  # by `load_for_training`; a second call adds none
+        assert installed and keep_frozen_vision_out_of_backward(trainer.model, trainer.family) is installed
         fixed_loss, fixed_grads, fixed_output_grad = tower_output_and_step(trainer, batch)
-        without_the_fix(trainer)
-        loss, grads, output_grad = tower_output_and_step(trainer, batch)
+        with frozen_vision_backward(trainer.model, trainer.family):  # TRL's behaviour
+            loss, grads, output_grad = tower_output_and_step(trainer, batch)
+        assert hasattr(tower, HOOKS_ATTRIBUTE)  # back on
 
         assert not fixed_output_grad  # no graph through the frozen tower
         assert output_grad  # transformers' hook on the tower's input embedding (patch embedding) gave it one

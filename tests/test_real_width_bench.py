@@ -50,7 +50,8 @@ def _units(layer_seconds=10.0, data=1.0, head=((32, 2.0), (128, 8.0))):
         "layer": {"seconds": layer_seconds, "core_seconds": 0.5, "positions": 512},
         "attention": {setup.name: {"seconds": 1.0, "elements": 1_000_000} for setup in SETUPS},
         "head": {"points": [list(point) for point in head]},
-        "vision": {"full_depth_seconds": 20.0, "patches": 2000},
+        "vision": {"full_depth_seconds": 20.0, "patches": 2000},  # the package: forward only
+        "vision_trl": {"full_depth_seconds": 80.0, "patches": 2000},  # plain TRL: back-propagates the frozen tower
         "optimizer": {"seconds": 0.5},
     }
 
@@ -62,6 +63,7 @@ def test_compose_step_adds_the_parts_scaled_by_the_counts():
     per_position = (10.0 - 0.5) / 512
     assert parts["decoder layers"] == pytest.approx(28 * (per_position * 2400 + 1e-6 * 1_440_000))
     assert parts["vision tower"] == pytest.approx(20.0 / 2000 * 4000)
+    assert real_width.compose_step(rates, SETUPS[0], step, layers=28)["vision tower"] == pytest.approx(80 / 2000 * 4000)
     assert parts["LM head and loss"] == pytest.approx(0.0 + 2.0 / 32 * 30)  # fixed 0 on this line
     assert parts["data loading and collation"] == 1.0 and parts["optimizer step"] == 0.5
 
@@ -79,7 +81,8 @@ def test_padding_makes_the_baseline_slower_and_the_ratio_follows_the_parts():
     ratio = real_width.ratios(composed)
     expected = composed["plain TRL"]["step_seconds"] / composed["package defaults"]["step_seconds"]
     assert ratio["package defaults: tokens/s"] == pytest.approx(expected) and expected > 1.5
-    assert ratio["package defaults: vision tower"] == pytest.approx(1.0)  # the same images either way
+    # the same images; plain TRL's tower back-propagates, the package's frozen one runs forward only
+    assert ratio["package defaults: vision tower"] == pytest.approx(20.0 / 80.0)
 
 
 def test_stability_needs_enough_rounds_and_a_small_last_move():
@@ -147,13 +150,16 @@ def test_real_width_benchmark_wiring_on_the_test_shape(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    report = json.loads((tmp_path / "results" / "cpu_real_width.json").read_text())
+    report = json.loads((tmp_path / "cpu_real_width_full.json").read_text())  # every figure, in the work folder
+    kept = json.loads((tmp_path / "results" / "cpu_real_width.json").read_text())  # the figures, a few KB
+    assert kept["sizes"]["test"]["summary"] == report["sizes"]["test"]["summary"]
+    assert "epochs" not in kept["sizes"]["test"]["measured"] and len(json.dumps(kept)) < 40_000
     measured = report["sizes"]["test"]["measured"]
     assert len(measured["rounds"]) == 1 and measured["same_model"]
     units = measured["rounds"][0]
     assert set(units["data"]) == set(units["attention"]) == {setup.name for setup in SETUPS}
-    assert units["vision"]["backward"] and len(units["vision"]["blocks"]) == 2
-    assert all(seconds > 0 for seconds in units["vision"]["blocks"])
+    assert not units["vision"]["backward"] and units["vision_trl"]["backward"]  # the frozen tower: package, TRL
+    assert len(units["vision"]["blocks"]) == 2 and all(seconds > 0 for seconds in units["vision_trl"]["blocks"])
     epochs = measured["epochs"]
     assert sum(step["rows"] for step in epochs["plain TRL"]) == 16
     assert sum(s["real"] for s in epochs["plain TRL"]) == sum(s["real"] for s in epochs["all features"])

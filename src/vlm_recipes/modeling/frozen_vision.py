@@ -19,6 +19,8 @@ it: its input is pixels, and a projector outside it (LLaVA's) has its own weight
 """
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,3 +67,20 @@ def keep_frozen_vision_out_of_backward(model: Any, family: ModelFamily) -> list[
     ]
     setattr(tower, HOOKS_ATTRIBUTE, handles)
     return handles
+
+
+@contextmanager
+def frozen_vision_backward(model: Any, family: ModelFamily) -> Iterator[None]:
+    """Inside: the hooks off, so a frozen tower records its graph as it does in TRL's own trainer (what the fix is
+    compared with, in the tests and `benchmarks/real_width.py`'s plain TRL figure); they are back on after."""
+    tower = vision_tower(model, family)
+    installed = tower is not None and hasattr(tower, HOOKS_ATTRIBUTE)
+    if installed:
+        for handle in getattr(tower, HOOKS_ATTRIBUTE):
+            handle.remove()
+        delattr(tower, HOOKS_ATTRIBUTE)
+    try:
+        yield
+    finally:
+        if installed:
+            keep_frozen_vision_out_of_backward(model, family)
