@@ -5,17 +5,17 @@ work here are refused with a clear message, and the preflight's estimate moves t
 import pytest
 import torch
 from conftest import checkpoint_as_trainer, trainer_for
-from transformers.modeling_layers import GradientCheckpointingLayer
 from test_memory import estimate, qwen2_5_vl_7b_config
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlm_recipes.configs import ModelArguments, SpeedArguments, TuningArguments
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
 from vlm_recipes.modeling.frozen_vision import vision_tower
 from vlm_recipes.training.memory_levers import (
+    VisionCheckpointing,
     check_liger_kernel,
     encode_images_in_chunks,
-    VisionCheckpointing,
     set_vision_checkpointing,
 )
 
@@ -114,8 +114,13 @@ def test_levers_that_cannot_work_here_are_refused(tiny_models, tiny_qwen, chartq
         # liger-kernel 0.8.5 cannot patch the Qwen-VL classes of transformers 5.24; elsewhere it needs a CUDA GPU
         with pytest.raises(RecipeError, match="cannot patch qwen2_5_vl under transformers"):
             check_liger_kernel(qwen)
+        from transformers.models.llama import modeling_llama
+
+        norm, mlp = modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP
         with pytest.raises(RecipeError, match="Triton GPU kernels and need a CUDA GPU"):
             check_liger_kernel(llava)
+        # the trial patch is undone: models built later in the process keep transformers' own layers
+        assert (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP) == (norm, mlp)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(RecipeError, match=r"needs liger-kernel: pip install 'vlm-recipes\[liger\]'"):
         check_liger_kernel(llava)

@@ -63,7 +63,9 @@ def test_compose_step_adds_the_parts_scaled_by_the_counts():
     per_position = (10.0 - 0.5) / 512
     assert parts["decoder layers"] == pytest.approx(28 * (per_position * 2400 + 1e-6 * 1_440_000))
     assert parts["vision tower"] == pytest.approx(20.0 / 2000 * 4000)
-    assert real_width.compose_step(rates, SETUPS[0], step, layers=28)["vision tower"] == pytest.approx(80 / 2000 * 4000)
+    assert real_width.compose_step(rates, SETUPS[0], step, layers=28)["vision tower"] == pytest.approx(
+        80 / 2000 * 4000
+    )
     assert parts["LM head and loss"] == pytest.approx(0.0 + 2.0 / 32 * 30)  # fixed 0 on this line
     assert parts["data loading and collation"] == 1.0 and parts["optimizer step"] == 0.5
 

@@ -14,6 +14,9 @@
 """
 
 import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -59,9 +62,9 @@ def check_liger_kernel(model: Any) -> None:
 
     config = _base(model).config
     try:
-        with init_empty_weights():
+        with init_empty_weights(), _transformers_modules_restored():
             weightless = AutoModelForImageTextToText.from_config(config)
-        apply_liger_kernel(weightless, {"fused_linear_cross_entropy": False})  # TRL keeps its own fused LM head
+            apply_liger_kernel(weightless, {"fused_linear_cross_entropy": False})  # TRL keeps its own fused LM head
     except Exception as error:  # whatever Liger raises for a class it cannot patch
         raise RecipeError(
             f"use_liger_kernel: true: liger-kernel {installed_version('liger-kernel')} cannot patch "
@@ -73,6 +76,27 @@ def check_liger_kernel(model: Any) -> None:
             "use_liger_kernel: true: Liger's kernels are Triton GPU kernels and need a CUDA GPU; this run has none. "
             "Remove `use_liger_kernel` from the recipe for CPU runs."
         )
+
+
+@contextmanager
+def _transformers_modules_restored() -> Iterator[None]:
+    """Liger patches the modeling modules themselves (their norm and MLP classes, rotary function, class methods), so
+    every model built later in the process would use its Triton kernels: a trial patch is undone here, attribute by
+    attribute, in every loaded `transformers.models` module and the classes defined in it."""
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("transformers.models.") and m is not None]
+    saved = []
+    for module in modules:
+        saved.append((module, dict(vars(module))))
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                saved.append((value, dict(vars(value))))
+    try:
+        yield
+    finally:
+        for owner, attributes in saved:
+            for key, value in attributes.items():
+                if vars(owner).get(key) is not value:
+                    setattr(owner, key, value)
 
 
 def _base(model: Any) -> Any:
