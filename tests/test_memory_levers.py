@@ -20,6 +20,9 @@ from vlm_recipes.training.memory_levers import (
 )
 
 
+SMALL_IMAGES = 64 * 28 * 28  # 64 image tokens per image: quick steps
+
+
 def loss_and_gradients(trainer, batch):
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -39,7 +42,7 @@ def test_vision_checkpointing_changes_no_loss_or_gradient(tiny_qwen, chartqa_dir
     trainer = trainer_for(
         tiny_qwen, chartqa_dir, tmp_path / "out", "--tuning_strategy", "lora_llm_full_vit",
         "--per_device_train_batch_size", "2", "--gradient_checkpointing", "true", "--vision_gradient_checkpointing",
-        "false",
+        "false", "--image_max_pixels", str(SMALL_IMAGES),
     )  # fmt: skip
     trainer.model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -127,9 +130,11 @@ def test_levers_that_cannot_work_here_are_refused(tiny_models, tiny_qwen, chartq
 
 
 def test_the_estimate_moves_with_each_lever():
-    config = qwen2_5_vl_7b_config()  # 7B's width at 8 layers and 8 vision blocks: the meta model builds in a second
-    config.text_config.num_hidden_layers = config.vision_config.depth = layers = 8
-    config.vision_config.fullatt_block_indexes = [7]
+    config = (
+        qwen2_5_vl_7b_config()
+    )  # 7B's width at 4 layers and 4 vision blocks: the meta model builds in a fraction of a second
+    config.text_config.num_hidden_layers = config.vision_config.depth = layers = 4
+    config.vision_config.fullatt_block_indexes = [3]
     lora = ModelArguments(use_peft=True)
     vit = TuningArguments(tuning_strategy="lora_llm_full_vit")
     base = estimate(config, lora, vit, per_device_train_batch_size=4, gradient_checkpointing=True)
