@@ -18,7 +18,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo demo-grpo demo-kto test bench docs sft dpo grpo kto preflight style quality clean-demo
+.PHONY: install demo demo-grpo demo-kto test bench bench-gpu gpu-wheels docs sft dpo grpo kto preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -67,10 +67,28 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests
 
-# Plain TRL against the package's speed features, one table (benchmarks/results/cpu.md and .json); under 10 minutes on
-# 2 CPU cores. On a GPU machine: $(PY) benchmarks/speed.py --gpu [--model_size 7B]
+# Plain TRL against the package at the real width of Qwen2.5-VL-3B and -7B (the parts of a step measured, the full
+# depth composed; benchmarks/results/cpu_real_width.md), then the tiny-model plumbing check (cpu.md). On 2 CPU cores
+# shared with other work: about 25 minutes (see the results files for when and how they were measured).
 bench: $(INSTALLED)
-	$(OFFLINE) $(PY) benchmarks/speed.py
+	$(OFFLINE) $(PY) benchmarks/real_width.py
+	$(OFFLINE) $(PY) benchmarks/speed.py --steps 2
+
+# The GPU check, on a machine that reaches no registry: `make gpu-wheels` here first (about 60 MB into .whl/, which a
+# device run carries), then `make bench-gpu` there (installs from .whl/, then benchmarks/results/gpu.md).
+GPU_REQUIREMENTS := benchmarks/gpu_requirements.txt
+gpu-wheels: $(INSTALLED)
+	mkdir -p .whl
+	for version in 3.11 3.12 3.13; do \
+		$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+			--python-version $$version --implementation cp --platform manylinux2014_x86_64 \
+			--platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 \
+			--dest .whl -r $(GPU_REQUIREMENTS) || exit 1; \
+	done
+	du -sh .whl
+
+bench-gpu:
+	bash benchmarks/bench_gpu.sh
 
 # The manual as a static site in site/: the field reference regenerated from the dataclasses, then a strict build (a
 # broken link or anchor fails it). `$(VENV)/bin/mkdocs serve` previews the pages while you edit them.

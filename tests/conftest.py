@@ -137,6 +137,13 @@ def trainer_for(model_dir, dataset, output_dir, *extra):
     return build_trainer(recipe)
 
 
+def checkpoint_as_trainer(trainer) -> None:
+    """Gradient checkpointing switched on as `Trainer.train` does before its first step (TRL's arguments), for tests
+    that run a step of a built trainer outside `train`."""
+    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+
+
 def labelled_spans(labels):
     """Contiguous runs of labelled positions, as lists of token ids."""
     spans, current = [], []

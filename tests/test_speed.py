@@ -163,7 +163,16 @@ def _answer_log_probs(model, batch):
     return log_probs[labels != -100]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+PACKING_FAMILIES = [name for name, family in FAMILIES.items() if family.padding_free_refusal is None]
+MULTIMODAL_ROPE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+
+
+def test_packing_is_offered_where_it_was_measured_exact():
+    # The families below each pass the per-row test next; the others' rows would mix (refused, tested further down).
+    assert set(PACKING_FAMILIES) == MULTIMODAL_ROPE | {"llava", "llava_next", "smolvlm", "gemma4"}
+
+
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 def test_packed_rows_score_as_the_rows_run_alone(family, tiny_models):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -173,21 +182,29 @@ def test_packed_rows_score_as_the_rows_run_alone(family, tiny_models):
     folder = tiny_models(family)
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    template = FAMILIES[family].training_template
     collator = DataCollatorForVisionLanguageModeling(
-        processor, assistant_only_loss=True, chat_template=read_template(FAMILIES[family].training_template)
+        processor, assistant_only_loss=True, chat_template=read_template(template) if template else None
     )
     examples = _examples()
     batch = collator([dict(example) for example in examples])
     packed = pack_rows(model, batch)
-    # The guard conditions transformers needs to keep packed rows apart: no mask, four-row position ids.
-    assert "attention_mask" not in packed and packed["position_ids"].shape[:2] == (4, 1)
+    # The guard conditions transformers needs to keep packed rows apart: no mask, position ids that restart per row
+    # (four rows for multimodal RoPE: the text positions, then the row's own RoPE ids).
+    assert "attention_mask" not in packed
+    assert packed["position_ids"].shape[:-1] == ((4, 1) if family in MULTIMODAL_ROPE else (1,))
     assert packed["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
     with torch.no_grad():
         alone = torch.cat([_answer_log_probs(model, collator([dict(example)])) for example in examples])
-        torch.testing.assert_close(_answer_log_probs(model, packed), alone, rtol=1e-4, atol=1e-4)
-        # Why the text row matters: with the three RoPE rows alone, packed rows attend to each other.
-        leaky = {**packed, "position_ids": packed["position_ids"][1:]}
-        assert not torch.allclose(_answer_log_probs(model, leaky), alone, atol=1e-2)
+        torch.testing.assert_close(_answer_log_probs(model, packed), alone, rtol=0, atol=1e-5)
+        if family in MULTIMODAL_ROPE:
+            # Why the text row matters: with the three RoPE rows alone, packed rows attend to each other.
+            leaky = {**packed, "position_ids": packed["position_ids"][1:]}
+            assert not torch.allclose(_answer_log_probs(model, leaky), alone, atol=1e-2)
+        else:
+            # Why the restarting positions matter: numbered straight through, the rows attend to each other.
+            leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
+            assert not torch.allclose(_answer_log_probs(model, leaky), alone, atol=1e-2)
 
 
 def test_padding_free_trainer_loss_equals_the_padded_loss(tiny_qwen, chartqa_dir, tmp_path):
@@ -203,16 +220,18 @@ def test_padding_free_trainer_loss_equals_the_padded_loss(tiny_qwen, chartqa_dir
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "gemma3", "qwen3_5"])
-def test_padding_free_is_refused_where_rows_would_mix(family, tiny_models, tmp_path):
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_5"])
+@pytest.mark.parametrize("switch", [("--padding_free", "true"), ("--max_tokens_per_batch", "4096")])
+def test_packing_is_refused_where_rows_would_mix(family, switch, tiny_models, tmp_path):
     recipe = parse_recipe(
-        SFTRecipe,
-        ["--model_name_or_path", str(tiny_models(family)), "--output_dir", str(tmp_path), "--padding_free", "true"],
+        SFTRecipe, ["--model_name_or_path", str(tiny_models(family)), "--output_dir", str(tmp_path), *switch]
     )
-    with pytest.raises(RecipeError, match=rf"padding_free: true cannot be used with {family}"):
-        take_padding_free(recipe.training, resolve_model(recipe).family)
-    for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
-        check_padding_free(FAMILIES[name])  # the Qwen-VL families pass
+    with pytest.raises(
+        RecipeError, match=rf"padding_free: true and max_tokens_per_batch cannot be used with {family}"
+    ):
+        take_padding_free(recipe.training, resolve_model(recipe).family, recipe.speed)
+    for name in PACKING_FAMILIES:
+        check_padding_free(FAMILIES[name])
 
 
 def test_flash_attention_is_chosen_where_it_is_installed_and_can_run(monkeypatch):

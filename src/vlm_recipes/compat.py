@@ -18,6 +18,8 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
 | `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
 | `OVERRIDDEN_TRL_METHODS`           | trl          | `GRPOTrainer._generate_and_score_completions(inputs)`: one generation batch, generated and scored |
+| `unsharded_batch_sampler`          | transformers | `Trainer._get_dataloader` passes a `BatchRebalanceSampler` as the batch sampler, unsharded |
+| `set_layer_checkpointing`          | transformers | a `GradientCheckpointingLayer` checkpoints when `gradient_checkpointing` is set, with `_gradient_checkpointing_func` |
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
@@ -235,6 +237,47 @@ def missing_trl_methods() -> list[str]:
         if function is None or tuple(inspect.signature(function).parameters) != parameters:
             missing.append(f"{class_name}.{method}")
     return missing
+
+
+@functools.cache
+def _unsharded_batch_sampler_class() -> type:
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    class UnshardedBatchSampler(BatchRebalanceSampler):
+        """A batch sampler of this process's own batches, seen by the Trainer as its rank-aware kind."""
+
+        def __init__(self, batch_sampler: Any):  # BatchRebalanceSampler's own state is not used
+            self.batch_sampler = batch_sampler
+
+        def __iter__(self) -> Iterator[list[int]]:
+            return iter(self.batch_sampler)
+
+        def __len__(self) -> int:
+            return len(self.batch_sampler)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.batch_sampler.set_epoch(epoch)
+
+    return UnshardedBatchSampler
+
+
+def unsharded_batch_sampler(batch_sampler: Any) -> Any:
+    """`batch_sampler` (this process's own batches of row indices, of any size) as `_get_train_sampler` can return it.
+
+    transformers 5.24's `Trainer._get_dataloader` hands a `BatchRebalanceSampler` to the DataLoader as its
+    `batch_sampler` (not a row sampler to cut into `per_device_train_batch_size` batches) and keeps accelerate from
+    sharding it over the processes again; the wrapper is one, and forwards `set_epoch`."""
+    return _unsharded_batch_sampler_class()(batch_sampler)
+
+
+def set_layer_checkpointing(layer: Any, enabled: bool) -> None:
+    """Switch gradient checkpointing of one transformers layer (a `GradientCheckpointingLayer`, such as a vision block)
+    on or off, whatever the model-wide setting; on, it recomputes non-reentrantly (transformers 5.24's default)."""
+    import torch.utils.checkpoint
+
+    if enabled and getattr(layer, "_gradient_checkpointing_func", None) is None:
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    layer.gradient_checkpointing = enabled
 
 
 def add_trained_tokens(trainer: Any, tokens: int) -> None:

@@ -371,7 +371,7 @@ class SpeedArguments:
     """Speed and memory features TRL does not have for vision data. Each is on by default where it is exact.
 
     Two more live in TRL's own fields: `train_sampling_strategy` (`group_by_length`, the default here, batches rows of
-    similar true length together) and `padding_free` (SFT, Qwen-VL families: rows packed into one sequence)."""
+    similar true length together) and `padding_free` (SFT: each batch's rows packed into one sequence)."""
 
     length_group_batches: int = field(
         default=64,
@@ -379,6 +379,33 @@ class SpeedArguments:
             "help": "With `train_sampling_strategy: group_by_length`: rows are shuffled, cut into mega-batches of "
             "this many global batches, and sorted by true length (text + image tokens) inside each, so batches "
             "carry little padding while the training order stays random at the large scale."
+        },
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token-budget packing: each training micro-batch is as many rows as fit, first-fit-decreasing, "
+            "into one sequence of at most this many tokens (text + image tokens), with no padding and each row's own "
+            "position ids, so no row sees another; a row is never split. Replaces per_device_train_batch_size and "
+            "train_sampling_strategy for training. SFT and DPO (a pair's chosen and rejected packed together); "
+            "families whose attention keeps packed rows apart (the Qwen-VL families, LLaVA, LLaVA-Next, SmolVLM, "
+            "Gemma 4). Pair it with attn_implementation: flash_attention_2 on GPUs (variable-length kernels)."
+        },
+    )
+    vision_gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient checkpointing inside the vision tower, when it trains: its blocks' activations are "
+            "recomputed in the backward pass instead of kept. Unset: as `gradient_checkpointing`; false keeps the "
+            "vision tower's activations (faster) while the language model is checkpointed; true checkpoints it "
+            "alone."
+        },
+    )
+    vision_chunk_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encode a batch's images through the vision tower this many at a time (Qwen-VL families), so a "
+            "batch of many-image rows does not hold every image's vision activations at once. Same features."
         },
     )
     loss_on_labels_only: bool = field(

@@ -34,7 +34,7 @@ from vlm_recipes.training.run import (
     resolve_model,
     train_and_save,
 )
-from vlm_recipes.training.speed import apply_speed_defaults
+from vlm_recipes.training.speed import apply_speed_defaults, take_padding_free
 from vlm_recipes.training.trainers import VLMDPOTrainer
 
 
@@ -83,6 +83,7 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
     check_run_settings(recipe)  # loggers installed, a training length that trains
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
     check_recipe(recipe, setup.plan)
+    padding_free = take_padding_free(training_args, setup.family, recipe.speed)  # pairs packed into one sequence
     processor = setup.load_processor()
     train_dataset, eval_dataset = prepare_output_and_data(
         recipe, processor, task="preference", reads={"the SFT adapter's folder": policy.sft_adapter_path}
@@ -100,6 +101,7 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
         setup=setup,
         speed=recipe.speed,
         reliability=recipe.reliability,
+        padding_free=padding_free,
     )
     form_reference(trainer, recipe)  # the new adapter's "ref" copy dropped; sft_merged: the SFT adapter kept beside
     title = plot_title(recipe.model.model_name_or_path, "preference", recipe.source)

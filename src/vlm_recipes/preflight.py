@@ -202,7 +202,7 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
     longest = max(lengths["train"]["tokens"]["max"], lengths.get("eval", {}).get("tokens", {}).get("max", 0))
     longest_image = max(split.image_tokens and max(split.image_tokens) or 0 for split in checked.values())
     pairs = 2 if task == "preference" else 1  # chosen and rejected run together
-    memory = estimate_peak_memory(setup, training_args, longest, longest_image, pairs)
+    memory = estimate_peak_memory(setup, training_args, longest, longest_image, pairs, recipe.speed)
     print("", *memory.lines(), sep="\n")
 
     result = {

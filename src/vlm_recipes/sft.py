@@ -66,7 +66,7 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
     check_run_settings(recipe)  # loggers installed, a training length that trains
     eval_sets = resolve_eval_sets(recipe.data, recipe.evaluation)  # names, tasks, prompt presets checked now
     setup = resolve_model(recipe)  # config, family row and tuning plan, before the output folder, data and weights
-    padding_free = take_padding_free(training_args, setup.family)
+    padding_free = take_padding_free(training_args, setup.family, recipe.speed)
     processor = setup.load_processor()
     train_dataset, eval_dataset = prepare_output_and_data(recipe, processor, task="sft")
     generation_sets = prepare_eval_sets(recipe, recipe.evaluation, processor, eval_sets, eval_dataset)

@@ -135,16 +135,26 @@ class TokenCounter:
         """Total tokens of the row's longest conversation (for length-grouped batching and reports)."""
         return self.count_row(row).total
 
+    def packed_row_tokens(self, row: dict[str, Any]) -> int:
+        """Total tokens of all the row's conversations, each with the row's images: what packing puts in one
+        sequence for it (a preference pair's chosen and rejected together)."""
+        sizes = [image_size(image) for image in row_images(row)]
+        return sum(self.count(messages, sizes).total for messages in row_conversations(row))
 
-def dataset_token_lengths(dataset: Any, counter: TokenCounter, chunk_rows: int = 1000) -> list[int]:
-    """`TokenCounter.row_tokens` of every row of a `datasets.Dataset`, in order, reading image headers only.
+
+def dataset_token_lengths(
+    dataset: Any, counter: TokenCounter, chunk_rows: int = 1000, all_conversations: bool = False
+) -> list[int]:
+    """`TokenCounter.row_tokens` of every row of a `datasets.Dataset` (`packed_row_tokens` with `all_conversations`),
+    in order, reading image headers only.
 
     Rows are read as Arrow stores them (images as `{"bytes", "path"}`): nothing is decoded and, unlike casting the image
     column, no cache file is written, so every process of a launch can count on its own."""
     stored = dataset.with_format("arrow")
     lengths: list[int] = []
     for start in range(0, len(dataset), chunk_rows):
-        lengths += [counter.row_tokens(row) for row in stored[start : start + chunk_rows].to_pylist()]
+        count = counter.packed_row_tokens if all_conversations else counter.row_tokens
+        lengths += [count(row) for row in stored[start : start + chunk_rows].to_pylist()]
     return lengths
 
 

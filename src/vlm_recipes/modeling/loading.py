@@ -11,6 +11,7 @@ from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.adapters import check_adapter_fits, load_adapter, merge_adapter
 from vlm_recipes.modeling.base_model import load_config, load_model, load_processor
 from vlm_recipes.modeling.families import ModelFamily, get_family
+from vlm_recipes.modeling.frozen_vision import keep_frozen_vision_out_of_backward
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.modeling.strategies import apply_strategy, trainable_parameter_table
 from vlm_recipes.run_folder import PROCESSOR_FILES, sft_adapter_under
@@ -22,7 +23,8 @@ def load_for_training(
     merge_start_adapter: bool = False,
     shard_parameters: bool = False,
 ) -> Any:
-    """The model with the setup's tuning plan applied (LoRA, freezing), printing what trains.
+    """The model with the setup's tuning plan applied (LoRA, freezing), printing what trains; its vision tower runs
+    without autograd while none of its weights train (`modeling.frozen_vision`).
 
     `start_adapter` (a saved LoRA adapter, e.g. an SFT run's output) is either merged into the weights before the
     strategy applies (`merge_start_adapter`), or trained further in place of the strategy's new adapter.
@@ -36,6 +38,8 @@ def load_for_training(
         model = load_adapter(model, start_adapter, trainable=True)
     else:
         model = apply_strategy(model, plan, setup.model_args, family)
+    # No backward pass through a vision tower none of whose weights train (checked at each forward: staged unfreezing)
+    keep_frozen_vision_out_of_backward(model, family)
     print_main(f"Tuning strategy '{plan.strategy.name}' on {family.name}:", trainable_parameter_table(model, family))
     return model
 

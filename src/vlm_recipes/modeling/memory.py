@@ -17,8 +17,15 @@ no attention matrix is stored) at several widths, and fitted as `a*hidden + b*in
 
 Logits add about 12 bytes per token per vocabulary entry at their peak (bf16 logits, their float32 upcast and
 log-softmax for the loss). The vision tower stores activations only when it trains (its patches are 4 per image token
-for Qwen-VL); frozen, it runs without a graph. The peak is taken at the configured batch size with every row padded to
-the longest row, under DDP (ZeRO-3 and FSDP shard weights and optimizer states over the devices; this does not).
+for Qwen-VL), checkpointed or not by `vision_gradient_checkpointing` (default: as `gradient_checkpointing`); encoding
+also holds one block's working activations for the patches encoded at once (a batch's images, or
+`vision_chunk_images` of them). The peak is taken at the configured batch size with every row padded to the longest
+row, or at `max_tokens_per_batch` tokens in one packed sequence, under DDP (ZeRO-3 and FSDP shard weights and optimizer
+states over the devices; this does not).
+
+Memory levers: `activation_offloading` keeps the stored activations in CPU memory, so the GPU holds about two layers'
+worth at a time (the rest is named in a note, as host memory); Liger's layer kernels store somewhat less per layer,
+which is not counted (the estimate stays an upper bound for them).
 """
 
 from dataclasses import dataclass, field
@@ -61,13 +68,14 @@ class MemoryEstimate:
     activations_checkpointed: int
     activations_full: int
     logits: int
-    tokens: int  # batch x longest row
+    tokens: int  # batch x longest row, or the packing budget
     gradient_checkpointing: bool
+    vision_encoding: int = 0  # one vision block's working activations for the patches encoded at once
     notes: list[str] = field(default_factory=list)
 
     def peak(self, gradient_checkpointing: bool) -> int:
         activations = self.activations_checkpointed if gradient_checkpointing else self.activations_full
-        return self.weights + self.training_states + activations + self.logits + OVERHEAD_BYTES
+        return self.weights + self.training_states + activations + self.logits + self.vision_encoding + OVERHEAD_BYTES
 
     def lines(self) -> list[str]:
         configured = "on" if self.gradient_checkpointing else "off"
@@ -78,9 +86,10 @@ class MemoryEstimate:
             f"  gradients + optimizer        {gib(self.training_states):>10}   "
             f"({self.trainable_parameters:,} trained parameters)",
             f"  activations, checkpointing   {gib(self.activations_checkpointed):>10}   "
-            f"({self.tokens:,} tokens: sequences per batch x longest row)",
+            f"({self.tokens:,} tokens per micro-batch)",
             f"  activations, no checkpoint.  {gib(self.activations_full):>10}",
             f"  logits and loss              {gib(self.logits):>10}",
+            f"  vision encoding (transient)  {gib(self.vision_encoding):>10}",
             f"  CUDA context, allocator      {gib(OVERHEAD_BYTES):>10}",
             f"  total with gradient checkpointing {gib(self.peak(True))}, without {gib(self.peak(False))} "
             f"(configured: {configured})",
@@ -145,13 +154,22 @@ def _vision_shape(config: Any) -> tuple[LayerShape, int] | None:
     return LayerShape(layers, width, intermediate, width), patches_per_token
 
 
-def _activation_bytes(shape: LayerShape, kind: str, tokens: int, element_bytes: int) -> tuple[int, int]:
-    """(stored with gradient checkpointing, stored without) for `tokens` tokens through every layer."""
+def _layer_bytes(shape: LayerShape, kind: str, tokens: int, element_bytes: int) -> tuple[float, float]:
+    """(stored by one layer without checkpointing, kept per checkpointed layer) for `tokens` tokens."""
     a, b, c = ACTIVATION_COEFFICIENTS[kind]
     scale = element_bytes / 2  # the coefficients were measured with 2-byte activations
     per_layer = (a * shape.hidden + b * shape.intermediate + c * shape.kv_width) * scale * tokens
-    checkpoint_inputs = CHECKPOINTED_COEFFICIENT[kind] * shape.hidden * scale * tokens * shape.layers
-    return int(checkpoint_inputs + per_layer), int(per_layer * shape.layers)
+    return per_layer, CHECKPOINTED_COEFFICIENT[kind] * shape.hidden * scale * tokens
+
+
+def _activation_bytes(
+    shape: LayerShape, kind: str, tokens: int, element_bytes: int, offloaded: bool = False
+) -> tuple[int, int]:
+    """(stored with gradient checkpointing, stored without) on the device for `tokens` tokens through every layer;
+    offloaded, about two layers' worth stays on the device (one being computed, one in transfer)."""
+    per_layer, checkpoint_input = _layer_bytes(shape, kind, tokens, element_bytes)
+    layers_on_device = min(2, shape.layers) if offloaded else shape.layers
+    return int(checkpoint_input * layers_on_device + per_layer), int(per_layer * layers_on_device)
 
 
 def estimate_peak_memory(
@@ -160,11 +178,13 @@ def estimate_peak_memory(
     longest_row_tokens: int,
     longest_row_image_tokens: int = 0,
     sequences_per_row: int = 1,
+    speed: Any = None,
 ) -> MemoryEstimate:
     """The estimate for a run's `ModelSetup` (config, family, tuning plan) at the recipe's batch size.
 
     `sequences_per_row`: 2 for preference pairs, whose chosen and rejected sequences run in one forward pass (the
-    reference pass runs without a graph and adds no stored activations)."""
+    reference pass runs without a graph and adds no stored activations). `speed`: the recipe's `SpeedArguments`
+    (token-budget packing, the vision tower's checkpointing, chunked image encoding)."""
     from vlm_recipes.modeling.strategies import apply_strategy
 
     config, family, plan, model_args = setup.config, setup.family, setup.plan, setup.model_args
@@ -194,23 +214,47 @@ def estimate_peak_memory(
             trainable += parameter.numel()
             states += int(parameter.numel() * element * (1 + state_factor))
 
+    budget = getattr(speed, "max_tokens_per_batch", None)
     batch = training_args.per_device_train_batch_size * sequences_per_row
-    tokens = batch * longest_row_tokens
+    tokens = budget if budget is not None else batch * longest_row_tokens
+    # a packed sequence holds at most as many rows' images as rows fit in it
+    image_rows = max(1, budget // max(1, longest_row_tokens)) if budget is not None else batch
     element = 4 if dtype == torch.float32 else 2
     lora_kind = "lora_dropout" if model_args.lora_dropout else "lora"
     language_kind = lora_kind if plan.modes["language_model"] == "lora" else "full"
-    checkpointed, full = _activation_bytes(_text_shape(config), language_kind, tokens, element)
+    offloaded = bool(getattr(training_args, "activation_offloading", False))
+    checkpointed, full = _activation_bytes(_text_shape(config), language_kind, tokens, element, offloaded)
     notes = []
+    if budget is not None:
+        notes.append(f"token-budget packing: one sequence of up to {budget:,} tokens per micro-batch, no padding")
+    if offloaded:
+        stored, _ = _activation_bytes(_text_shape(config), language_kind, tokens, element)
+        notes.append(f"activation offloading: about {gib(stored)} of stored activations in CPU memory instead")
+    if getattr(training_args, "use_liger_kernel", False):
+        notes.append("Liger kernels: their smaller stored activations are not counted (an upper bound)")
     vision = _vision_shape(config)
     vision_trains = plan.modes["vision_tower"] != "frozen" or plan.vision_lora_r is not None
-    if vision is not None and vision_trains and longest_row_image_tokens:
+    vision_encoding = 0
+    if vision is not None and longest_row_image_tokens:
         shape, patches_per_token = vision
         vision_kind = lora_kind if plan.modes["vision_tower"] == "frozen" else "full"
-        patches = batch * longest_row_image_tokens * patches_per_token
-        vision_checkpointed, vision_full = _activation_bytes(shape, vision_kind, patches, element)
-        checkpointed += vision_checkpointed
-        full += vision_full
-        notes.append(f"the vision tower trains: {patches:,} patches of activations included")
+        patches = image_rows * longest_row_image_tokens * patches_per_token
+        chunk = getattr(speed, "vision_chunk_images", None)
+        at_once = min(patches, chunk * longest_row_image_tokens * patches_per_token) if chunk else patches
+        vision_encoding = int(_layer_bytes(shape, vision_kind, at_once, element)[0])
+        if chunk:
+            notes.append(f"images encoded {chunk} at a time: at most {at_once:,} patches in the vision tower at once")
+        if vision_trains:
+            vision_checkpointing = getattr(speed, "vision_gradient_checkpointing", None)
+            vision_checkpointed, vision_full = _activation_bytes(shape, vision_kind, patches, element, offloaded)
+            if vision_checkpointing is None:  # as the language model
+                checkpointed += vision_checkpointed
+                full += vision_full
+            else:
+                stored = vision_checkpointed if vision_checkpointing else vision_full
+                checkpointed, full = checkpointed + stored, full + stored
+            how = {None: "", True: ", checkpointed", False: ", not checkpointed"}[vision_checkpointing]
+            notes.append(f"the vision tower trains: {patches:,} patches of activations included{how}")
     vocab = config.get_text_config().vocab_size
     if "8bit" not in optim and state_factor != 2.0:
         notes.append(f"optimizer '{optim}': states counted as {state_factor:g}x the trained weights")
@@ -223,6 +267,7 @@ def estimate_peak_memory(
         activations_full=full,
         logits=tokens * vocab * LOGIT_BYTES,
         tokens=tokens,
+        vision_encoding=vision_encoding,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
         notes=notes,
     )

@@ -6,7 +6,7 @@
         speed=recipe.speed,                   # SpeedArguments
         reliability=recipe.reliability,       # ReliabilityArguments: the NaN guard
         training_template=template,           # SFT: ours for assistant-only loss, or None (`modeling.chat_templates`)
-        padding_free=padding_free,            # SFT: pack rows (`training.speed.take_padding_free`)
+        padding_free=padding_free,            # pack rows (`training.speed.take_padding_free`)
     )
 
 What each trainer adds to TRL's, and where the feature lives:
@@ -15,9 +15,12 @@ What each trainer adds to TRL's, and where the feature lives:
 - DDP's unused-parameter search only where a step can skip trained weights, and the launch and global batch printed
   when training starts (`training.distributed`);
 - TRL's collator replaced by one with the same output, faster (`training.collators`); length-grouped batches
-  (`training.sampling`); the LM head at labelled positions only; SFT: padding-free packed rows (`training.speed`);
+  (`training.sampling`) or rows packed to a token budget; the LM head at labelled positions only; padding-free packed
+  rows, DPO's chosen and rejected in one sequence (`training.speed`, `training.padding_free`);
 - SFT: the family's training chat template swapped into the processor while TRL builds its collator, then handed to
   the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
+- memory levers checked where they cannot work (activation offloading, Liger kernels), the vision tower checkpointed
+  apart from the language model, images encoded in chunks (`training.memory_levers`);
 - fault guards (`training.guards`): checkpoints marked complete only with finite trained weights, a stop at the first
   NaN or infinite loss or gradient before the optimizer step (the loss of every micro-batch is recorded by
   `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
@@ -36,7 +39,7 @@ from typing import Any
 
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
-from vlm_recipes.compat import count_tokens_of_global_batch, warn_if_untested
+from vlm_recipes.compat import count_tokens_of_global_batch, unsharded_batch_sampler, warn_if_untested
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
@@ -50,10 +53,12 @@ from vlm_recipes.training.image_features import (
     image_feature_reuse_blocker,
     with_image_features,
 )
+from vlm_recipes.training.memory_levers import VisionCheckpointing, check_memory_levers, encode_images_in_chunks
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
-from vlm_recipes.training.padding_free import pack_for_forward
+from vlm_recipes.training.padding_free import pack_for_forward, packed_forward
 from vlm_recipes.training.speed import (
     LengthGrouping,
+    TokenBudget,
     check_speed_settings,
     groups_by_length,
     in_dataset_order,
@@ -65,13 +70,28 @@ def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments)
     """What must be settled before TRL's `__init__` reads the arguments."""
     warn_if_untested()
     check_speed_settings(speed)
+    check_memory_levers(args, model, setup.family, speed)
     set_unused_parameter_search(args, model, setup.family)
+
+
+def _train_sampler(trainer: Any, train_dataset: Any, default: Any) -> Any:
+    """The train sampler: packed to a token budget (a batch sampler), grouped by length, or TRL's (`default()`)."""
+    dataset = trainer.train_dataset if train_dataset is None else train_dataset
+    if trainer.token_budget is not None:
+        return unsharded_batch_sampler(trainer.token_budget.sampler(dataset, trainer.processing_class, trainer.args))
+    if not groups_by_length(trainer.args):
+        return default()
+    return trainer.length_grouping.sampler(dataset, trainer.processing_class, trainer.args)
 
 
 def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
     """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
         trainer.data_collator = faster_collator(trainer.data_collator)
+    if speed.vision_gradient_checkpointing is not None:
+        trainer.add_callback(VisionCheckpointing(trainer.family, speed.vision_gradient_checkpointing))
+    if speed.vision_chunk_images is not None:
+        encode_images_in_chunks(trainer.model, trainer.family, speed.vision_chunk_images)
     trainer.add_callback(LaunchSummaryCallback(trainer, trainer.family))
     return install_fault_guards(trainer, reliability)
 
@@ -96,6 +116,7 @@ class VLMSFTTrainer(SFTTrainer):
         self.family, self.plan, self.speed = setup.family, setup.plan, speed
         self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
         self.length_grouping = LengthGrouping(speed)
+        self.token_budget = TokenBudget(speed) if speed.max_tokens_per_batch is not None else None
         _before_trl(args, model, setup, speed)
         # TRL accepts a processor for assistant-only loss only when its template has generation markers: ours is in
         # the processor while TRL builds its collator, which then renders with it; the processor keeps its own.
@@ -129,10 +150,9 @@ class VLMSFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        if not groups_by_length(self.args):
-            return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        return self.length_grouping.sampler(dataset, self.processing_class, self.args)
+        return _train_sampler(
+            self, train_dataset, lambda: super(VLMSFTTrainer, self)._get_train_sampler(train_dataset)
+        )
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         if not groups_by_length(self.args) or eval_dataset is None:
@@ -166,9 +186,14 @@ class VLMDPOTrainer(DPOTrainer):
         setup: ModelSetup,
         speed: SpeedArguments,
         reliability: ReliabilityArguments,
+        padding_free: bool = False,
     ):
         self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.packs_rows = padding_free  # a pair's chosen and rejected, and every pair of the batch, in one sequence
         self.length_grouping = LengthGrouping(speed)
+        self.token_budget = (
+            TokenBudget(speed, all_conversations=True) if speed.max_tokens_per_batch is not None else None
+        )
         self.image_reuse_blocker: str | None = None  # why image features cannot be reused; decided at the first loss
         self._image_reuse_decided = False
         _before_trl(args, model, setup, speed)
@@ -197,10 +222,9 @@ class VLMDPOTrainer(DPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        if not groups_by_length(self.args):
-            return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        return self.length_grouping.sampler(dataset, self.processing_class, self.args)
+        return _train_sampler(
+            self, train_dataset, lambda: super(VLMDPOTrainer, self)._get_train_sampler(train_dataset)
+        )
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         if not groups_by_length(self.args) or eval_dataset is None:
@@ -219,7 +243,10 @@ class VLMDPOTrainer(DPOTrainer):
                 )
             if self.image_reuse_blocker is None:
                 inputs = with_image_features(model, self.family, inputs)
-        with lm_head_positions(self.speed):
+        packing = (
+            packed_forward(self.accelerator.unwrap_model(model), self.ref_model) if self.packs_rows else nullcontext()
+        )
+        with lm_head_positions(self.speed), packing:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
