@@ -64,8 +64,12 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 	$(OFFLINE) $(PY) -m vlm_recipes.testing.tiny_models --family $* --output_dir $(CACHE)/tiny/$*
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
 
+# Two pytest workers (pytest-xdist), a test file per worker: most of the suite's time is single-threaded (imports and
+# subprocess start-up of the end-to-end runs), so two cores finish it in a little over half the time. A file's tests stay
+# on one worker, so module fixtures (the DDP and ZeRO runs) run once. `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= 2
 test: $(INSTALLED)
-	$(OFFLINE) $(PY) -m pytest tests
+	$(OFFLINE) $(PY) -m pytest tests $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Plain TRL against the package at the real width of Qwen2.5-VL-3B and -7B (the parts of a step measured, the full
 # depth composed; benchmarks/results/cpu_real_width.md), then the tiny-model plumbing check (cpu.md). On 2 CPU cores
