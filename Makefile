@@ -18,7 +18,7 @@ export PYTHONPATH := $(CURDIR)/src
 # Offline by default for the demo and the tests: nothing here needs the Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo demo-grpo demo-kto test bench bench-gpu gpu-wheels docs sft dpo grpo kto preflight style quality clean-demo
+.PHONY: install demo demo-grpo demo-kto test test-extended bench bench-gpu gpu-wheels docs sft dpo grpo kto preflight style quality clean-demo
 
 install: $(INSTALLED)
 
@@ -64,12 +64,18 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 	$(OFFLINE) $(PY) -m vlm_recipes.testing.tiny_models --family $* --output_dir $(CACHE)/tiny/$*
 	$(OFFLINE) $(PY) -m vlm_recipes.sft recipes/demo/$*.yaml
 
-# Two pytest workers (pytest-xdist), a test file per worker: most of the suite's time is single-threaded (imports and
-# subprocess start-up of the end-to-end runs), so two cores finish it in a little over half the time. A file's tests stay
-# on one worker, so module fixtures (the DDP and ZeRO runs) run once. `make test TEST_WORKERS=0` runs serially.
+# Two pytest workers (pytest-xdist): most of the suite's time is single-threaded (imports and subprocess start-up of the
+# end-to-end runs). A file's tests stay on one worker (module fixtures such as the DDP and ZeRO runs run once), except
+# the files tests/conftest.py spreads test by test. `make test TEST_WORKERS=0` runs serially. Tests marked `extended`
+# (the rest of the strategy x family matrix, DPO of every family, ZeRO-2, the benchmarks' wiring) are left out to keep
+# `make test` under 20 minutes on 2 cores; `make test-extended` runs them.
 TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: $(INSTALLED)
-	$(OFFLINE) $(PY) -m pytest tests $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(OFFLINE) $(PY) -m pytest tests -m "not extended" $(XDIST)
+
+test-extended: $(INSTALLED)
+	$(OFFLINE) $(PY) -m pytest tests -m extended $(XDIST)
 
 # Plain TRL against the package at the real width of Qwen2.5-VL-3B and -7B (the parts of a step measured, the full
 # depth composed; benchmarks/results/cpu_real_width.md), then the tiny-model plumbing check (cpu.md). On 2 CPU cores

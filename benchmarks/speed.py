@@ -188,7 +188,7 @@ def padding_shares(data: Path, model: Path, batch_size: int, pixel_settings: dic
 def token_budget(mean_tokens: float, longest: int, batch_size: int, multiple: int = 64) -> int:
     """The packing budget that gives a step as many real tokens as a batch of `batch_size` rows on average (rounded
     up to `multiple`), and at least the longest row."""
-    return max(longest, -(-int(batch_size * mean_tokens) // multiple) * multiple)
+    return int(max(longest, -(-int(batch_size * mean_tokens) // multiple) * multiple))  # a whole token count
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -155,3 +155,17 @@ def labelled_spans(labels):
         else:
             current.append(token)
     return spans + ([current] if current else [])
+
+
+# Under `pytest -n` (`make test`, `--dist loadgroup`): a file's tests stay on one worker, so its module fixtures (the DDP
+# and ZeRO runs, the families' training runs) run once; the files below hold many independent tests, and are spread
+# test by test so that both workers finish together.
+SPREAD_OVER_WORKERS = {"test_strategies.py", "test_task_metrics.py", "test_properties.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.path.name not in SPREAD_OVER_WORKERS:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -226,6 +226,7 @@ def zero3_run(tiny_qwen, planted_data, tmp_path_factory):
     return output_dir, result
 
 
+@pytest.mark.extended  # ZeRO-3 below covers the sharded path in make test
 def test_zero2_trains_like_one_process(tiny_qwen, planted_data, reference, tmp_path):
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (`make install` installs it)")
     result = accelerate_launch("zero2.yaml", *recipe_args(tiny_qwen, planted_data, tmp_path / "run", 2))

@@ -145,6 +145,7 @@ def dpo_log(output_dir):
     return [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
 
 
+@pytest.mark.extended  # DPO of five families (~3.5 min); tests/test_dpo.py covers DPO in make test
 @pytest.mark.parametrize("family", DPO_FAMILIES)
 def test_dpo_trains_every_family_against_an_untouched_reference(dpo_runs, family):
     output_dir, result = dpo_runs[family]
@@ -163,6 +164,7 @@ def test_dpo_trains_every_family_against_an_untouched_reference(dpo_runs, family
     assert "entry point: vlm_recipes.dpo" in (output_dir / "recipe.yaml").read_text()
 
 
+@pytest.mark.extended  # DPO of five families (~3.5 min); tests/test_dpo.py covers DPO in make test
 @pytest.mark.parametrize("family", DPO_NEW_ADAPTER_FAMILIES)
 def test_dpo_new_adapter_moves_off_its_identity_start(dpo_runs, family):
     """A new LoRA adapter starts with B = 0 (the identity); after DPO some B is non-zero."""
@@ -173,6 +175,7 @@ def test_dpo_new_adapter_moves_off_its_identity_start(dpo_runs, family):
     assert lora_b and any(tensor.abs().sum() > 0 for tensor in lora_b)
 
 
+@pytest.mark.extended  # DPO of five families (~3.5 min); tests/test_dpo.py covers DPO in make test
 def test_dpo_from_the_families_sft_adapter_trains_that_adapter_further(dpo_runs, sft_runs):
     """MoE from its SFT adapter (LoRA on the fused experts too): the policy moves, its reference copy does not."""
     output_dir, result = dpo_runs[DPO_FROM_SFT_FAMILY]
