@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 
 
-@pytest.mark.extended  # about 3 minutes: make test-extended and make bench run it
+@pytest.mark.extended  # about 3 minutes: make test-extended runs it
 def test_gpu_check_command_runs_end_to_end_on_a_cpu(tmp_path):
     options = (
         "--model_size test --rows 24 --unique_rows 6 --steps 2 --warmup_steps 1 --time_budget_minutes 60 "

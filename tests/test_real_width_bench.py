@@ -136,7 +136,7 @@ def test_the_packing_budget_matches_a_batch_on_average_and_holds_the_longest_row
     assert speed.token_budget(200.0, 3000, 1) == 3000
 
 
-@pytest.mark.extended  # about 2 minutes: make test-extended and make bench run it
+@pytest.mark.extended  # about 2 minutes: make test-extended runs it
 @pytest.mark.e2e
 def test_real_width_benchmark_wiring_on_the_test_shape(tmp_path):
     """The whole command on the small "test" shape: the unit child measures every part for every setup, the parent
