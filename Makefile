@@ -67,8 +67,8 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 # Two pytest workers (pytest-xdist): most of the suite's time is single-threaded (imports and subprocess start-up of the
 # end-to-end runs). A file's tests stay on one worker (module fixtures such as the DDP and ZeRO runs run once), except
 # the files tests/conftest.py spreads test by test. `make test TEST_WORKERS=0` runs serially. Tests marked `extended`
-# (the rest of the strategy x family matrix, DPO of every family, ZeRO-2, the benchmarks' wiring) are left out to keep
-# `make test` under 20 minutes on 2 cores; `make test-extended` runs them.
+# (the rest of the strategy x family matrix, DPO of every family, ZeRO-2, ZeRO-3 DPO, the Slurm script, the
+# benchmarks' wiring) are left out to keep `make test` under 20 minutes on 2 cores; `make test-extended` runs them.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: $(INSTALLED)

@@ -279,6 +279,7 @@ def test_zero3_adapter_is_complete_and_matches_the_unsharded_one(zero3_run, refe
     )
 
 
+@pytest.mark.extended  # ZeRO-3 DPO from an SFT adapter (~75 s); ZeRO-3 SFT stays in make test
 def test_dpo_from_an_sft_adapter_under_zero3_saves_its_frozen_reference_whole(tiny_qwen, reference, tmp_path_factory):
     """The Trainer saves a peft model under ZeRO-3 from the gathered trainable weights only: DPO's frozen reference
     copy of the SFT adapter (`ref/`) came out with no tensors at all until the recipe gathered it too."""
@@ -356,6 +357,7 @@ def test_qlora_under_sharded_launches_on_gpus(config, tiny_qwen, planted_data, t
 # Two machines
 
 
+@pytest.mark.extended  # the example Slurm script on two simulated machines (~60 s); the two-process DDP run stays in make test
 def test_two_machines_through_the_slurm_script(tmp_path):
     """examples/slurm_multi_node.sh with accelerate_configs/multi_node.yaml, as SLURM would run it on two machines
     (one process each here): `srun` starts one task per machine with its SLURM_NODEID, all on this host."""
