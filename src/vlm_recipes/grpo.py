@@ -32,6 +32,7 @@ from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.tasks import Task
 from vlm_recipes.tasks.rewards import default_rewards, reward_functions
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.plots import plot_title
 from vlm_recipes.training.policy import check_policy, form_reference
 from vlm_recipes.training.run import (
     check_run_settings,
@@ -168,7 +169,8 @@ def build_trainer(recipe: GRPORecipe) -> VLMGRPOTrainer:
         f"tokens, temperature {training_args.temperature:g}"
     )
     # training_plot.png: the loss, the rewards, their spread, completion length and KL by step
-    trainer.add_callback(TrainingPlotCallback(panels=plot_panels(recipe.rewards.reward_functions)))
+    title = plot_title(recipe.model.model_name_or_path, task.name, recipe.source)
+    trainer.add_callback(TrainingPlotCallback(panels=plot_panels(recipe.rewards.reward_functions), title=title))
     return trainer
 
 

@@ -26,6 +26,7 @@ from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.strategies import TuningPlan
 from vlm_recipes.recipe import TrainingRecipe, parse_recipe
 from vlm_recipes.training.callbacks import TrainingPlotCallback
+from vlm_recipes.training.plots import plot_title
 from vlm_recipes.training.policy import check_policy, form_reference
 from vlm_recipes.training.run import (
     check_run_settings,
@@ -129,7 +130,8 @@ def build_trainer(recipe: KTORecipe) -> VLMKTOTrainer:
         reliability=recipe.reliability,
     )
     form_reference(trainer, recipe)  # the new adapter's "ref" copy dropped; sft_merged: the SFT adapter kept beside
-    trainer.add_callback(TrainingPlotCallback(panels=KTO_PANELS))  # training_plot.png: loss, implied rewards, KL
+    title = plot_title(recipe.model.model_name_or_path, "preference", recipe.source)
+    trainer.add_callback(TrainingPlotCallback(panels=KTO_PANELS, title=title))  # loss, implied rewards, KL
     return trainer
 
 
