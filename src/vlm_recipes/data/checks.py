@@ -344,7 +344,6 @@ def check_split(
     """Check every row of `split`: rejections and fixes go into `report`; returns the kept rows with fixes applied."""
     if len(dataset) == 0:
         return CheckedSplit(dataset)
-    source = report.splits[split].source
     column = image_column(dataset)
     raw = with_image_decoding(dataset, column, decode=False)
     num_proc = default_num_proc(len(dataset), num_proc)
@@ -375,26 +374,10 @@ def check_split(
     checked = CheckedSplit(dataset)
     for index, (label, origin) in enumerate(zip(labels, origins, strict=True)):
         verdict = {name: values[index] for name, values in columns.items()}
-        where, number = _where(label, index)
-        row_label = where.split(" ")[0]
-        if origin is not None:
-            where = f"{origin}: {where}"
-        if verdict["reason"] is not None:
-            message = DataError(
-                verdict["message"],
-                source=report.sources.get(origin, source),
-                row=number,
-                column=verdict["column"],
-                row_label=row_label,
-            )
-            report.reject(split, where, verdict["reason"], str(message))
+        if not report_verdict(report, split, verdict, label, index, origin, escaped[index] if escaped else ()):
             continue
         if any(verdict["rewrites"]):
             fixes[len(kept)] = (verdict["targets"], verdict["rewrites"])
-        for note in verdict["notes"]:
-            report.fix(split, where, note)
-        for token in escaped[index] if escaped else ():
-            report.fix(split, where, f"special token {token} escaped as plain text")
         kept.append(index)
         checked.tokens.append(verdict["tokens"])
         checked.image_tokens.append(verdict["image_tokens"])
@@ -412,6 +395,59 @@ def check_split(
         )
     checked.dataset = with_image_decoding(result, column, decode=True)
     return checked
+
+
+def report_verdict(
+    report: DataReport,
+    split: str,
+    verdict: dict[str, Any],
+    label: str | None,
+    index: int,
+    origin: str | None,
+    escaped: Any = (),
+) -> bool:
+    """Count one row's verdict in `report` under `split` (a rejection naming its source, row and column, or its fixes);
+    whether the row is kept. `label` is its `SOURCE_ROW` ("line 18"), `origin` its mixture source or None."""
+    where, number = _where(label, index)
+    row_label = where.split(" ")[0]
+    if origin is not None:
+        where = f"{origin}: {where}"
+    if verdict["reason"] is not None:
+        message = DataError(
+            verdict["message"],
+            source=report.sources.get(origin, report.splits[split].source),
+            row=number,
+            column=verdict["column"],
+            row_label=row_label,
+        )
+        report.reject(split, where, verdict["reason"], str(message))
+        return False
+    for note in verdict["notes"]:
+        report.fix(split, where, note)
+    for token in escaped:
+        report.fix(split, where, f"special token {token} escaped as plain text")
+    return True
+
+
+def check_streamed_row(
+    row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy
+) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+    """One streamed row through the checks `check_split` runs on a whole split (`check_row`, the same escaping and
+    fixes): (the row with its fixes applied and its images decoded, or None when rejected; the verdict; the special
+    tokens escaped). `report_verdict` counts the verdict."""
+    column = next((name for name in ("images", "image") if name in row), None)
+    escaped: list[str] = []
+    if policy.escape_special_tokens and policy.special_tokens:
+        changed = _escape_row(row, (IMAGE_PLACEHOLDER, *policy.special_tokens))
+        escaped = changed.pop(ESCAPED_COLUMN)
+        row = {**row, **changed}
+    verdict = check_row(row, counter, policy, column)
+    if verdict["reason"] is not None or column is None or row[column] is None:
+        return (None if verdict["reason"] is not None else row), verdict, escaped
+    fixes = {0: (verdict["targets"], verdict["rewrites"])} if any(verdict["rewrites"]) else {}
+    values = _apply_fixes(row[column], 0, fixes, column)[column]
+    decoded = [decode_image(value) for value in values] if isinstance(values, list) else decode_image(values)
+    return {**row, column: decoded}, verdict, escaped
 
 
 ESCAPED_COLUMN = "_escaped_special_tokens"
