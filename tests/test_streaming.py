@@ -6,7 +6,9 @@ import json
 import pytest
 import yaml
 from conftest import REPO_ROOT, logged_losses
+from PIL import Image
 
+from vlm_recipes import preflight
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.data.report import DataReport
 from vlm_recipes.data.streaming import StreamReport, checked_stream, stream_datasets
@@ -84,7 +86,9 @@ def test_a_mixture_streams_by_weight(chat_lines, tmp_path):
 
 
 @pytest.mark.e2e
-def test_sft_streams_a_jsonl_source_and_refuses_a_run_without_max_steps(tiny_qwen, chat_lines, tmp_path, capsys):
+def test_sft_streams_an_augmented_jsonl_source_and_refuses_a_run_without_max_steps(
+    tiny_qwen, chat_lines, tmp_path, capsys
+):
     recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml").read_text())
     for key in ("dataset_train_split", "dataset_test_split", "max_train_samples"):
         recipe.pop(key)
@@ -96,6 +100,7 @@ def test_sft_streams_a_jsonl_source_and_refuses_a_run_without_max_steps(tiny_qwe
         streaming=True,
         shuffle_buffer_size=8,
         max_bad_fraction=0.1,
+        augmentation={"brightness": 0.2, "crop": 0.05, "resolution": 0.2},  # training batches only
         output_dir=str(tmp_path / "out"),
         max_steps=2,
         per_device_train_batch_size=2,
@@ -107,6 +112,10 @@ def test_sft_streams_a_jsonl_source_and_refuses_a_run_without_max_steps(tiny_qwe
     assert report["train"]["rejected"] == 2, report["train"]  # lines 2 and 3, read before the buffer filled
     assert 10 <= report["train"]["rows"] < ROWS  # a stream is read only as far as training needs
     assert len(logged_losses(tmp_path / "out")) == 2
+
+    preflight.main([str(tmp_path / "recipe.yaml"), "--show_augmentation", str(tmp_path / "grid.png"),
+                    "--augmentation_samples", "2", "--augmentation_variants", "3"])  # fmt: skip
+    assert Image.open(tmp_path / "grid.png").size == (4 * 256, 2 * (256 + 18))  # originals + 3 augmentations
 
     with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path / "recipe.yaml"), "--max_steps", "-1", "--output_dir", str(tmp_path / "out2")])

@@ -105,6 +105,15 @@ class DataArguments:
             "into batches of similar length."
         },
     )
+    augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Augment training images (off by default; evaluation rows never): a mapping of brightness, "
+            "contrast, saturation, crop (fractions), jpeg_quality ([low, high]), resolution (a downscale fraction), "
+            "probability and seed; on the command line a JSON object. No flips or rotations (they change what a chart "
+            "says). See docs/your-data.md; `preflight --show_augmentation grid.png` draws examples."
+        },
+    )
     max_bad_fraction: float = field(
         default=0.05,
         metadata={

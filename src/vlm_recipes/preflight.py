@@ -21,6 +21,7 @@ from typing import Any
 
 from vlm_recipes import dpo, sft
 from vlm_recipes.console import setup_console
+from vlm_recipes.data.augmentation import augmentation_grid, build_augmenter
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import DATA_SOURCE, load_datasets
@@ -40,6 +41,17 @@ class PreflightArguments:
 
     preflight_report: str | None = field(
         default=None, metadata={"help": "Also write everything the preflight prints as JSON to this file."}
+    )
+    show_augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write a PNG grid of the recipe's `augmentation` to this file: `augmentation_samples` training "
+            "images, each as it is and in `augmentation_variants` augmented versions, to look at before training."
+        },
+    )
+    augmentation_samples: int = field(default=4, metadata={"help": "--show_augmentation: training images (rows)."})
+    augmentation_variants: int = field(
+        default=4, metadata={"help": "--show_augmentation: augmented versions of each (columns)."}
     )
 
 
@@ -134,6 +146,30 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
     return sum(a == b for a, b in zip(counted, expected)), len(sample)
 
 
+def write_augmentation_grid(recipe: Any, processor: Any, dataset: Any, path: str) -> Path:
+    """`--show_augmentation`: the first training images with their augmentations, as a PNG grid."""
+    options = recipe.preflight
+    augmenter = build_augmenter(
+        recipe.data.augmentation, recipe.training.seed, processor, recipe.reliability.min_image_side
+    )
+    if augmenter is None:
+        raise RecipeError("--show_augmentation: the recipe sets no `augmentation` (see docs/your-data.md).")
+    if options.augmentation_samples < 1 or options.augmentation_variants < 1:
+        raise RecipeError("--show_augmentation: augmentation_samples and augmentation_variants should be at least 1.")
+    images = []
+    for row in dataset:
+        images += [image for image in row.get("images") or [] if hasattr(image, "size")]
+        if len(images) >= options.augmentation_samples:
+            break
+    if not images:
+        raise RecipeError("--show_augmentation: the training rows have no images to augment.")
+    grid = augmentation_grid(images[: options.augmentation_samples], augmenter, options.augmentation_variants)
+    grid.save(path)
+    print(f"Augmentation grid: {path} ({len(images[: options.augmentation_samples])} images x "
+          f"{options.augmentation_variants} augmentations, originals first)")  # fmt: skip
+    return Path(path)
+
+
 def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: PreflightTarget) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
     task = target.task
@@ -204,6 +240,9 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
     pairs = 2 if task == "preference" else 1  # chosen and rejected run together
     memory = estimate_peak_memory(setup, training_args, longest, longest_image, pairs, recipe.speed)
     print("", *memory.lines(), sep="\n")
+
+    if recipe.preflight.show_augmentation:
+        write_augmentation_grid(recipe, processor, checked["train"].dataset, recipe.preflight.show_augmentation)
 
     result = {
         "recipe": recipe.source,

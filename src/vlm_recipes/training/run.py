@@ -9,6 +9,7 @@ from transformers import TrainerCallback, set_seed
 from vlm_recipes.cli import command_of_module
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main, print_summary
+from vlm_recipes.data.augmentation import parse_augmentation
 from vlm_recipes.data.checks import check_policy, check_training_data
 from vlm_recipes.data.lengths import TokenCounter
 from vlm_recipes.data.loading import data_folder, load_datasets, mixture_sources, source_folder
@@ -99,6 +100,7 @@ def check_run_settings(recipe: TrainingRecipe) -> None:
     check_loggers(recipe.training)
     check_training_length(recipe.training)
     check_streaming_settings(recipe.data, recipe.training)
+    parse_augmentation(recipe.data.augmentation)  # a flip or a wrong strength refused before any data loads
 
 
 def resolve_model(recipe: TrainingRecipe) -> ModelSetup:

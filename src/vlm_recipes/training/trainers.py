@@ -42,6 +42,7 @@ from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 from vlm_recipes.compat import count_tokens_of_global_batch, unsharded_batch_sampler, warn_if_untested
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
+from vlm_recipes.data.augmentation import Augmenter, AugmentingCollator
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
@@ -84,6 +85,19 @@ def _train_sampler(trainer: Any, train_dataset: Any, default: Any) -> Any:
     return trainer.length_grouping.sampler(dataset, trainer.processing_class, trainer.args)
 
 
+def _train_dataloader(trainer: Any, default: Any) -> Any:
+    """The training DataLoader (`default()`), built with the augmenting collator when the recipe augments images
+    (`data.augmentation`); evaluation loaders keep the plain collator."""
+    if trainer.augmenter is None:
+        return default()
+    collator = trainer.data_collator
+    trainer.data_collator = AugmentingCollator(collator, trainer.augmenter)
+    try:
+        return default()
+    finally:
+        trainer.data_collator = collator
+
+
 def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
     """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
@@ -112,8 +126,10 @@ class VLMSFTTrainer(SFTTrainer):
         reliability: ReliabilityArguments,
         training_template: str | None = None,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
         self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.augmenter = augmenter  # training images augmented (`data.augmentation`), or None
         self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = TokenBudget(speed) if speed.max_tokens_per_batch is not None else None
@@ -154,6 +170,9 @@ class VLMSFTTrainer(SFTTrainer):
             self, train_dataset, lambda: super(VLMSFTTrainer, self)._get_train_sampler(train_dataset)
         )
 
+    def get_train_dataloader(self) -> Any:
+        return _train_dataloader(self, lambda: super(VLMSFTTrainer, self).get_train_dataloader())
+
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         if not groups_by_length(self.args) or eval_dataset is None:
             return super()._get_eval_sampler(eval_dataset)
@@ -187,8 +206,10 @@ class VLMDPOTrainer(DPOTrainer):
         speed: SpeedArguments,
         reliability: ReliabilityArguments,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
         self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.augmenter = augmenter  # a pair's prompt images augmented once (`data.augmentation`), or None
         self.packs_rows = padding_free  # a pair's chosen and rejected, and every pair of the batch, in one sequence
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = (
@@ -225,6 +246,9 @@ class VLMDPOTrainer(DPOTrainer):
         return _train_sampler(
             self, train_dataset, lambda: super(VLMDPOTrainer, self)._get_train_sampler(train_dataset)
         )
+
+    def get_train_dataloader(self) -> Any:
+        return _train_dataloader(self, lambda: super(VLMDPOTrainer, self).get_train_dataloader())
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         if not groups_by_length(self.args) or eval_dataset is None:
