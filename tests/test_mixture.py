@@ -342,3 +342,31 @@ def test_dpo_trains_on_a_3_to_1_mixture_of_preference_sources(preference_registr
     assert mixture["pairs_csv"]["train_rows"] == 30  # the weight-3 source, whole
     assert 0 < mixture["pairs_jsonl"]["train_rows"] < 30 and mixture["pairs_jsonl"]["weight"] == 1
     assert len(logged_losses(tmp_path / "out")) == 2
+
+
+def test_a_second_process_reads_the_checked_mixture_from_the_cache(two_sources, tiny_qwen, tmp_path, monkeypatch):
+    """What another process does under `main_process_first` (the same calls, the cache now present): the same draw, and
+    no row checked again. The JSONL source is built in memory; its fingerprint comes from the files, not at random."""
+    import datasets
+    from transformers import AutoProcessor
+
+    from vlm_recipes.configs import ReliabilityArguments
+    from vlm_recipes.data import checks
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    check_row = checks.check_row
+    monkeypatch.setattr(checks, "check_row", lambda *args, **kwargs: calls.append(1) or check_row(*args, **kwargs))
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+
+    def prepare():
+        train, evaluation, report = load_datasets(mixture_args(two_sources), seed=3, need_eval=True, task="sft")
+        return checks.check_training_data(train, evaluation, report, processor, ReliabilityArguments(), None)
+
+    first_train, first_eval = prepare()
+    checked = len(calls)
+    assert checked == len(first_train) + len(first_eval) > 0
+    second_train, second_eval = prepare()
+    assert len(calls) == checked  # read from the cache, not checked again
+    for first, second in ((first_train, second_train), (first_eval, second_eval)):
+        assert first["source_row"] == second["source_row"] and first["data_source"] == second["data_source"]

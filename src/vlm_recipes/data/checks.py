@@ -23,8 +23,10 @@ Rows are task-agnostic: anything `row_conversations` understands (SFT `messages`
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import datasets
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
@@ -43,7 +45,7 @@ from vlm_recipes.data.images import (
     with_image_decoding,
 )
 from vlm_recipes.data.lengths import COMPLETION_COLUMNS, TokenCounter, row_conversations
-from vlm_recipes.data.loading import DATA_SOURCE, SOURCE_ROW
+from vlm_recipes.data.loading import DATA_SOURCE, SOURCE_ROW, has_stable_fingerprint
 from vlm_recipes.data.report import DataReport
 from vlm_recipes.data.special_tokens import escape_special_tokens, find_special_token, special_token_texts
 from vlm_recipes.errors import DataError
@@ -333,6 +335,18 @@ def _fingerprint(dataset: Dataset, counter: TokenCounter, policy: CheckPolicy, t
     return Hasher.hash(settings)
 
 
+def _cache_file(dataset: Dataset, fingerprint: str) -> str | None:
+    """Where a check's result on `dataset` is cached: datasets' own place for a dataset read from files (None); for one
+    built in memory with a fingerprint derived from its sources (`data.loading.has_stable_fingerprint`: a JSONL file's
+    rows), a file of that fingerprint in the datasets cache, so another process or the next run reads it instead of
+    checking again; None (not cached) for other in-memory datasets."""
+    if dataset.cache_files or not has_stable_fingerprint(dataset):
+        return None
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes_checks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{fingerprint}.arrow")
+
+
 def check_split(
     dataset: Dataset,
     split: str,
@@ -353,7 +367,8 @@ def check_split(
             _escape_row,
             fn_kwargs={"tokens": (IMAGE_PLACEHOLDER, *policy.special_tokens)},
             num_proc=num_proc if num_proc > 1 else None,
-            new_fingerprint=_fingerprint(raw, counter, policy, "escaped"),
+            new_fingerprint=(fingerprint := _fingerprint(raw, counter, policy, "escaped")),
+            cache_file_name=_cache_file(raw, fingerprint),
             desc=f"Escaping special tokens in the text of {split} rows",
         )
         escaped = raw[ESCAPED_COLUMN]
@@ -363,7 +378,8 @@ def check_split(
         fn_kwargs={"counter": counter, "policy": policy, "image_column": column},
         remove_columns=raw.column_names,
         num_proc=num_proc if num_proc > 1 else None,
-        new_fingerprint=_fingerprint(raw, counter, policy, "verdicts"),
+        new_fingerprint=(fingerprint := _fingerprint(raw, counter, policy, "verdicts")),
+        cache_file_name=_cache_file(raw, fingerprint),
         desc=f"Checking {split} rows (images, text, placeholders, lengths)",
     )
     labels = dataset[SOURCE_ROW] if SOURCE_ROW in dataset.column_names else [None] * len(dataset)
@@ -390,7 +406,8 @@ def check_split(
             with_indices=True,
             input_columns=[column],
             num_proc=num_proc if num_proc > 1 and len(fixes) >= PARALLEL_FROM_ROWS else None,
-            new_fingerprint=_fingerprint(result, counter, policy, "fixes"),
+            new_fingerprint=(fingerprint := _fingerprint(result, counter, policy, "fixes")),
+            cache_file_name=_cache_file(result, fingerprint),
             desc=f"Converting and resizing {len(fixes)} {split} row(s) whose images needed it",
         )
     checked.dataset = with_image_decoding(result, column, decode=True)
