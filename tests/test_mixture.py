@@ -359,14 +359,18 @@ def test_a_second_process_reads_the_checked_mixture_from_the_cache(two_sources, 
     monkeypatch.setattr(checks, "check_row", lambda *args, **kwargs: calls.append(1) or check_row(*args, **kwargs))
     processor = AutoProcessor.from_pretrained(tiny_qwen)
 
-    def prepare():
-        train, evaluation, report = load_datasets(mixture_args(two_sources), seed=3, need_eval=True, task="sft")
+    def prepare(sources):
+        args = mixture_args(two_sources, datasets=sources)
+        train, evaluation, report = load_datasets(args, seed=3, need_eval=True, task="sft")
         return checks.check_training_data(train, evaluation, report, processor, ReliabilityArguments(), None)
 
-    first_train, first_eval = prepare()
-    checked = len(calls)
-    assert checked == len(first_train) + len(first_eval) > 0
-    second_train, second_eval = prepare()
-    assert len(calls) == checked  # read from the cache, not checked again
-    for first, second in ((first_train, second_train), (first_eval, second_eval)):
-        assert first["source_row"] == second["source_row"] and first["data_source"] == second["data_source"]
+    # the JSONL source alone (every dataset in memory), and mixed 3:1 with the CSV one (read from files)
+    chats = {"name": "chats", "weight": 1, "max_samples": 40}  # 40 of its rows: enough to see, quick to check
+    for sources in ([chats], [{"name": "charts_csv", "weight": 3, "max_samples": 40}, chats]):
+        before = len(calls)
+        first_train, first_eval = prepare(sources)
+        assert len(calls) - before == len(first_train) + len(first_eval) > 0
+        second_train, second_eval = prepare(sources)
+        assert len(calls) - before == len(first_train) + len(first_eval)  # read from the cache, not checked again
+        for first, second in ((first_train, second_train), (first_eval, second_eval)):
+            assert first["source_row"] == second["source_row"] and first["data_source"] == second["data_source"]
