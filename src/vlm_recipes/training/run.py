@@ -179,10 +179,18 @@ def prepare_output_and_data(
     return train_dataset, eval_dataset
 
 
+STREAMED_TASKS = ("sft", "preference")  # GRPO's and KTO's steps after the checks need the rows in full
+
+
 def _prepare_stream(recipe: TrainingRecipe, processor: Any, task: str, folder: Any, launch: Any) -> tuple[Any, Any]:
     """`prepare_output_and_data` for streamed training rows (`data.streaming`): the evaluation rows are read and checked
     now; the training rows are checked as the trainer reads them, into a report written at each save and at the end."""
     data_args, training_args = recipe.data, recipe.training
+    if task not in STREAMED_TASKS:
+        raise RecipeError(
+            f"streaming: {recipe.entry_point or task} reads its rows in full (SFT and DPO stream); set "
+            "`streaming: false`, or train on a sample of the data (`max_train_samples`)."
+        )
     max_length, reserved_tokens = recipe.length_limit()
     num_proc = data_processes(training_args)
     with main_process_first():
