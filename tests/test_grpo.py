@@ -2,8 +2,10 @@
 (prompt + completion within max_length, counted as the trainer renders the prompt), recipes that cannot work, and one
 short run through the real entry point."""
 
+import io
 import json
 import math
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 from conftest import REPO_ROOT
@@ -204,15 +206,23 @@ def test_recipes_that_cannot_work_are_explained(capsys, tiny_qwen, chartqa_dir, 
 # End to end, through the real entry point: a few steps on the tiny model with the KL term (the reference pass)
 
 
-def test_grpo_run_logs_each_reward_and_saves_an_adapter(capsys, tiny_qwen, chartqa_dir, tmp_path):
-    # In process: `main` as `python -m vlm_recipes.grpo` calls it, without a second import of torch and TRL (~35 s CPU)
-    output_dir = tmp_path / "grpo"
-    main([
-        *grpo_args(tiny_qwen, chartqa_dir, output_dir),
-        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
-        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
-    ])  # fmt: skip
-    console = "".join(capsys.readouterr())
+@pytest.fixture(scope="module")
+def grpo_run(tiny_qwen, chartqa_dir, tmp_path_factory):
+    """One short GRPO run (2 steps, the KL term on) through `main` in process, as `python -m vlm_recipes.grpo` runs it
+    (no second import of torch and TRL, ~35 s CPU): (its output folder, its console)."""
+    output_dir = tmp_path_factory.mktemp("grpo") / "run"
+    console = io.StringIO()
+    with redirect_stdout(console), redirect_stderr(console):
+        main([
+            *grpo_args(tiny_qwen, chartqa_dir, output_dir),
+            "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+        ])  # fmt: skip
+    return output_dir, console.getvalue()
+
+
+def test_grpo_run_logs_each_reward_and_saves_an_adapter(grpo_run):
+    output_dir, console = grpo_run
     assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
     assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
@@ -229,6 +239,38 @@ def test_grpo_run_logs_each_reward_and_saves_an_adapter(capsys, tiny_qwen, chart
     assert "group relative policy optimization" in card
     for key in ("reward", "rewards/relaxed_accuracy/mean", "rewards/answer_format/mean", "reward_std", "kl"):
         assert f"- {key}: " in card and " at step 1 -> " in card, key
+
+
+def test_evaluate_takes_the_grpo_runs_own_recipe(capsys, grpo_run):
+    # `vlm-recipes evaluate RUN/recipe.yaml --adapter RUN`: the run's data, model and task; its rewards, generation
+    # and KL settings are named once and skipped
+    from vlm_recipes.evaluate import main as evaluate
+
+    output_dir, _ = grpo_run
+    results = evaluate([
+        str(output_dir / "recipe.yaml"), "--adapter", str(output_dir), "--dataset_test_split", "test",
+        "--max_eval_samples", "2", "--max_new_tokens", "2", "--evaluate_base", "false",
+    ])  # fmt: skip
+    console = capsys.readouterr().out
+    skipped = console[console.index("its method's own fields are not used here: ") :].splitlines()[0]
+    for name in ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "beta"):
+        assert name in skipped, name
+    for name in ("dataset_name", "model_name_or_path", "task", "max_length"):
+        assert name not in skipped.split(": ", 1)[1].split(", "), name  # read, not skipped
+    scores = results["eval_sets"]["chartqa"]["results"]["adapter"]
+    assert results["adapter"] == str(output_dir) and 0 <= scores["relaxed_accuracy"] <= 1
+    assert (output_dir / "eval_results.json").is_file()
+
+
+def test_evaluate_still_refuses_a_field_no_entry_point_knows(capsys, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(DEMO_RECIPE.read_text() + "reward_function: [answer_format]\n")  # a typo of reward_functions
+    from vlm_recipes.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit) as info:
+        evaluate([str(recipe), "--output_dir", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "unknown field 'reward_function'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
