@@ -30,7 +30,6 @@ import yaml
 from transformers import TrainingArguments
 
 from vlm_recipes.cli import HELP_FLAGS, print_stored_help_and_exit
-from vlm_recipes.console import print_main
 from vlm_recipes.configs import (
     RENAMED_FIELDS,
     DataArguments,
@@ -40,6 +39,7 @@ from vlm_recipes.configs import (
     SpeedArguments,
     TuningArguments,
 )
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 
 
