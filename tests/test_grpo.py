@@ -274,6 +274,62 @@ def test_evaluate_still_refuses_a_field_no_entry_point_knows(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Preflight: the same model, data and length checks as the run, and a memory estimate that counts the generations
+
+
+def test_preflight_checks_a_grpo_recipe_and_counts_its_generations(capsys, tiny_qwen, chartqa_dir, tmp_path):
+    from vlm_recipes import preflight
+
+    report_file = tmp_path / "preflight.json"
+    preflight.main(
+        grpo_args(tiny_qwen, chartqa_dir, tmp_path / "o", "--max_train_samples", "8", "--beta", "0.04",
+                  "--preflight_report", report_file)
+    )  # fmt: skip
+    console = capsys.readouterr().out
+    assert "prompt, " in console and "max_length 1024 (prompt + 4 completion tokens)" in console
+    assert "generation: KV cache, logits" in console and "16 sequences at once" in console
+    assert "GRPO: 2 prompt(s) x 8 generations per generation batch" in console
+    assert "reference: the policy with its adapter disabled, no extra weights" in console
+    assert "Preflight passed" in console and not (tmp_path / "o").exists()
+    report = json.loads(report_file.read_text())
+    memory = report["memory_estimate_bytes"]
+    assert memory["generation"] > 0 and memory["generation_sequences"] == 16 and memory["reference_weights"] == 0
+    assert report["data_report"]["train"]["rows"] == 8
+
+
+def grpo_estimate(model, data, *extra):
+    from vlm_recipes.grpo import GRPORecipe, apply_defaults
+    from vlm_recipes.modeling.memory import estimate_peak_memory, method_load
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.training.run import resolve_model
+
+    recipe = parse_recipe(GRPORecipe, grpo_args(model, data, "unused", *extra))
+    apply_defaults(recipe)
+    setup = resolve_model(recipe)
+    prompt, image = 300, 120  # tokens of the longest prompt, of its image
+    method = method_load(recipe.training, setup.plan, recipe.policy, prompt)
+    completion = recipe.training.max_completion_length
+    return estimate_peak_memory(setup, recipe.training, prompt + completion, image, 1, recipe.speed, method)
+
+
+def test_the_grpo_estimate_grows_with_the_generations_per_prompt(tiny_qwen, chartqa_dir):
+    # Two prompts per batch at 2, 4 and 8 generations each: more sequences to generate and to train on
+    estimates = [
+        grpo_estimate(tiny_qwen, chartqa_dir, "--num_generations", n, "--per_device_train_batch_size", 2 * n)
+        for n in (2, 4, 8)
+    ]
+    assert [e.generation_sequences for e in estimates] == [4, 8, 16]
+    for smaller, larger in zip(estimates, estimates[1:]):
+        assert larger.generation > smaller.generation and larger.peak(False) > smaller.peak(False)
+    longer = grpo_estimate(tiny_qwen, chartqa_dir, "--max_completion_length", 64, "--max_length", 1024)
+    assert longer.generation > grpo_estimate(tiny_qwen, chartqa_dir).generation  # the cache holds the completions
+    # A full fine-tune with a KL term keeps a frozen copy of the model: its weights once more
+    full = grpo_estimate(tiny_qwen, chartqa_dir, "--tuning_strategy", "full", "--beta", "0.04")
+    assert full.reference_weights == full.weights
+    assert grpo_estimate(tiny_qwen, chartqa_dir, "--tuning_strategy", "full").reference_weights == 0  # beta 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Images once: a GRPO batch repeats each prompt's image per generation; the cache encodes each distinct image once
 
 

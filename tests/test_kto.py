@@ -108,6 +108,20 @@ def test_rows_of_one_label_only_are_refused(capsys, tiny_qwen, tmp_path):
     assert "needs desirable and undesirable answers" in capsys.readouterr().err
 
 
+def test_preflight_checks_a_kto_recipe(capsys, tiny_qwen, preference_dir, tmp_path):
+    from vlm_recipes import preflight
+
+    report_file = tmp_path / "preflight.json"
+    preflight.main(kto_args(tiny_qwen, preference_dir, tmp_path / "o", "--preflight_report", report_file))
+    console = capsys.readouterr().out
+    assert "unpaired, " in console and "Peak GPU memory per device" in console
+    assert "KTO: the KL batch runs without a graph" in console
+    assert "reference: the policy with its adapter disabled" in console and "Preflight passed" in console
+    report = json.loads(report_file.read_text())
+    assert report["task"] == "unpaired" and report["memory_estimate_bytes"]["reference_weights"] == 0
+    assert report["lengths"]["train"]["tokens"]["max"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end, through the real entry point
 
