@@ -273,6 +273,81 @@ def test_evaluate_still_refuses_a_field_no_entry_point_knows(capsys, tmp_path):
     assert "unknown field 'reward_function'" in capsys.readouterr().err
 
 
+def sft_adapter(model_dir, output_dir):
+    """An SFT run's adapter as the package saves one (the strategy's LoRA targets), with non-zero weights: a fresh
+    LoRA adapter's B matrices are zero, a trained one's are not."""
+    import torch
+
+    from vlm_recipes.configs import ModelArguments, TuningArguments
+    from vlm_recipes.modeling.loading import load_for_training
+    from vlm_recipes.modeling.setup import resolve_model_setup
+
+    model_args = ModelArguments(model_name_or_path=str(model_dir), dtype="float32", lora_dropout=0.0, lora_r=8)
+    model = load_for_training(resolve_model_setup(model_args, TuningArguments(tuning_strategy="lora"), 1e-4))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    model.save_pretrained(output_dir)
+    return output_dir
+
+
+@pytest.mark.extended  # a second GRPO run (4-bit, ~40 s on 2 CPU cores): the start adapter and 4 bit, end to end
+def test_grpo_in_4bit_from_an_sft_adapter_trains_it_further(tiny_qwen, chartqa_dir, tmp_path, monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from safetensors.torch import load_file
+
+    from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.grpo import GRPORecipe, build_trainer, reward_keys
+    from vlm_recipes.modeling.loading import load_for_inference
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.training.run import train_and_save
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as tests/test_four_bit_evaluation.py explains
+    start = sft_adapter(tiny_qwen, tmp_path / "sft")
+    start_weights = load_file(start / "adapter_model.safetensors")
+    output_dir = tmp_path / "grpo"
+    recipe = parse_recipe(GRPORecipe, grpo_args(
+        tiny_qwen, chartqa_dir, output_dir, "--tuning_strategy", "qlora", "--sft_adapter_path", start,
+        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+        "--learning_rate", "0.05",
+    ))  # fmt: skip
+    trainer = build_trainer(recipe)
+    assert any(isinstance(module, Linear4bit) for module in trainer.model.modules())
+    # Before training the policy is the SFT adapter (not a new adapter, whose B matrices are zero)
+    policy = {
+        name: parameter.detach().float()
+        for name, parameter in trainer.model.named_parameters()
+        if "lora_" in name and ".default." in name
+    }
+    assert len(policy) == len(start_weights) and any("lora_B" in name for name in policy)
+    for name, weight in start_weights.items():
+        loaded = policy[name.replace(".weight", ".default.weight")]
+        # bf16's tolerance: the recipe's 16-bit dtype rounds the float32 SFT adapter as it loads (peft 0.21.2)
+        torch.testing.assert_close(loaded, weight.float(), rtol=1.6e-2, atol=1e-5)
+    assert recipe.policy.reference == "sft_adapter"  # the frozen copy of the SFT adapter is the reference
+
+    train_and_save(trainer, recipe, summary_keys=("reward", *reward_keys(recipe.rewards.reward_functions)))
+    log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
+    assert len(log) == 2 and all(math.isfinite(entry["reward"]) and math.isfinite(entry["kl"]) for entry in log)
+    trained = load_file(output_dir / "adapter_model.safetensors")
+    assert trained.keys() == start_weights.keys()  # the SFT adapter trained further, no second adapter saved
+    assert any(not torch.equal(trained[name], start_weights[name]) for name in trained)
+
+    # The saved adapter loads back onto the 4-bit base, with the weights it was saved with
+    model, _, _ = load_for_inference(
+        ModelArguments(model_name_or_path=str(tiny_qwen), dtype="bfloat16", load_in_4bit=True), output_dir
+    )
+    assert any(isinstance(module, Linear4bit) for module in model.modules())
+    reloaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    for name, weight in trained.items():
+        torch.testing.assert_close(reloaded[name.replace(".weight", ".default.weight")].float().cpu(), weight.float())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Preflight: the same model, data and length checks as the run, and a memory estimate that counts the generations
 
