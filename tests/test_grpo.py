@@ -202,6 +202,39 @@ def test_recipes_that_cannot_work_are_explained(capsys, tiny_qwen, chartqa_dir, 
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
+def test_vllm_settings_pass_through_to_trl_and_are_checked(monkeypatch, tiny_qwen, chartqa_dir, tmp_path):
+    import importlib.util
+
+    import torch
+
+    from vlm_recipes.errors import RecipeError
+    from vlm_recipes.grpo import GRPORecipe, check_generation_backend
+    from vlm_recipes.recipe import parse_recipe
+
+    def recipe(*extra):
+        return parse_recipe(
+            GRPORecipe, grpo_args(tiny_qwen, chartqa_dir, tmp_path / "o", "--use_vllm", "true", *extra)
+        )
+
+    shared = recipe("--vllm_gpu_memory_utilization", "0.45", "--vllm_tensor_parallel_size", "2")
+    whole_gpu = recipe("--vllm_gpu_memory_utilization", "1.5")
+    with pytest.raises(RecipeError, match="needs vLLM, which is not installed"):  # this machine: no vLLM, no GPU
+        check_generation_backend(shared.training)
+    # Where vLLM and a GPU are there, the recipe's settings reach TRL's config unchanged (colocate: TRL's default)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a)
+    )
+    with pytest.raises(RecipeError, match="needs a CUDA GPU"):
+        check_generation_backend(shared.training)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_generation_backend(shared.training)
+    assert shared.training.vllm_mode == "colocate"
+    assert (shared.training.vllm_gpu_memory_utilization, shared.training.vllm_tensor_parallel_size) == (0.45, 2)
+    with pytest.raises(RecipeError, match="give it a share between 0 and 1"):
+        check_generation_backend(whole_gpu.training)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end, through the real entry point: a few steps on the tiny model with the KL term (the reference pass)
 
