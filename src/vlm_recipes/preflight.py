@@ -6,7 +6,9 @@ Runs the same data checks as training (every train and eval row: images decode a
 processor takes, text, placeholders, token length against `max_length`) and prints, for the recipe as configured:
 the rows kept, fixed and rejected by reason; the token-length distribution (p50, p95, max) with image tokens per row;
 the share of padding the configured batch size carries grouped by length and under random batching; and an ESTIMATE
-of peak GPU memory per device for the model and tuning strategy. It reads the model's config and processor only. Exit code 0 when training
+of peak GPU memory per device for the model and tuning strategy (GRPO: with its generation batch; DPO, GRPO, KTO: with
+a reference that costs weights). SFT, DPO, GRPO and KTO recipes (the `# entry point:` line). It reads the model's
+config and processor only. Exit code 0 when training
 would start, 2 (with the same message training would give) when too many rows are rejected or the recipe is wrong.
 Nothing is written to the recipe's `output_dir`.
 """
