@@ -394,7 +394,7 @@ def test_preflight_checks_a_grpo_recipe_and_counts_its_generations(capsys, tiny_
                   "--preflight_report", report_file)
     )  # fmt: skip
     console = capsys.readouterr().out
-    assert "prompt, " in console and "max_length 1024 (prompt + 4 completion tokens)" in console
+    assert "prompt, " in console and "max_length 1024, each prompt + 4 completion tokens" in console
     assert "generation: KV cache, logits" in console and "16 sequences at once" in console
     assert "GRPO: 2 prompt(s) x 8 generations per generation batch" in console
     assert "reference: the policy with its adapter disabled, no extra weights" in console

@@ -160,7 +160,7 @@ def preflight(recipe: Any, target: PreflightTarget) -> dict[str, Any]:
     family, plan = setup.family, setup.plan
     max_length, reserved_tokens = recipe.length_limit()  # GRPO: each prompt leaves room for its completion
     processor = setup.load_processor()
-    room = f" (prompt + {reserved_tokens} completion tokens)" if reserved_tokens else ""
+    room = f", each prompt + {reserved_tokens} completion tokens" if reserved_tokens else ""
     print(f"Preflight of {recipe.source or 'the recipe'}: {task}, {model_args.model_name_or_path} ({family.name}), "
           f"tuning strategy '{plan.strategy.name}', max_length {max_length}{room}")  # fmt: skip
 
