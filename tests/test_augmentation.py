@@ -13,7 +13,7 @@ from vlm_recipes.data.augmentation import (
 )
 from vlm_recipes.data.images import SizeRule
 from vlm_recipes.errors import RecipeError
-from vlm_recipes.training.trainers import _train_dataloader
+from vlm_recipes.training.trainers import LengthGroupedBatches
 
 
 FULL = {
@@ -73,9 +73,13 @@ def test_augmentation_is_seeded_changes_pixels_and_never_adds_image_tokens(tiny_
 def test_only_training_batches_are_augmented_and_a_pair_once():
     seen = []
     plain = seen.append  # a collator that records what it is given
-    trainer = type("T", (), {})()
+    class TRLTrainer:  # stands in for TRL's: its training loader is built with the collator it holds
+        def get_train_dataloader(self):
+            return self.data_collator
+
+    trainer = type("T", (LengthGroupedBatches, TRLTrainer), {})()
     trainer.augmenter, trainer.data_collator = Augmenter(parse_augmentation({"brightness": 0.5}), seed=0), plain
-    train_collator = _train_dataloader(trainer, lambda: trainer.data_collator)  # what the train loader is built with
+    train_collator = trainer.get_train_dataloader()  # what the train loader is built with
     assert (
         isinstance(train_collator, AugmentingCollator) and trainer.data_collator is plain
     )  # eval keeps the plain one
