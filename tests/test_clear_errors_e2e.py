@@ -1,12 +1,12 @@
 """Inputs that used to end in a Python traceback end in one message naming the file, the line (or row) and the field,
 through the real entry points. Each stops before any weights load, so most run in this process (`main(argv)`, the
-same function `python -m` runs, with its `exit_on_recipe_error`); the recipe-type case runs as a subprocess, where the
-usage text argparse would print shows."""
+same function `python -m` runs, with its `exit_on_recipe_error`; conftest.run_in_process), where argparse's usage text
+would show on stderr too."""
 
 import json
 
 import pytest
-from conftest import REPO_ROOT, assert_clear_error, run_module
+from conftest import REPO_ROOT, assert_clear_error, run_in_process
 from PIL import Image
 
 from vlm_recipes import chat, preflight, sft
@@ -108,10 +108,10 @@ def test_chat_on_an_image_past_the_decompression_limit(capsys, tiny_qwen, tmp_pa
     assert f"--image {huge}: the image is too large to decode safely" in message
 
 
-def test_a_wrong_type_in_a_recipe_is_one_line_naming_file_field_value_and_type(tmp_path):
+def test_a_wrong_type_in_a_recipe_is_one_line_naming_file_field_value_and_type(tmp_path, capsys):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text("model_name_or_path: some/model\ndataset_name: data.jsonl\nlearning_rate: abc\n")
-    result = run_module("vlm_recipes.sft", recipe)
+    result = run_in_process("vlm_recipes.sft", recipe, capsys=capsys)
     assert_clear_error(result, f"{recipe}: field 'learning_rate' is 'abc', which is not a number.")
     assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
 

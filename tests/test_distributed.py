@@ -9,7 +9,7 @@ How the runs start, and why: each is the README's command with the shipped accel
 GPUs starts two (torchrun underneath), which train on CPU over gloo because the recipe parser turns `use_cpu` on when
 there is no GPU. `--num_processes 2` fits the 2-core test machine instead of the configs' 8 GPUs; `--mixed_precision no`
 with `--dtype float32 --bf16 false` keeps the arithmetic exact enough to compare with one process. The one-process
-reference is launched with `single_gpu.yaml`, the same way.
+reference runs the entry point's main in the test process (what `single_gpu.yaml` launches).
 
 Every run here is a few steps of the tiny model; the runs are module fixtures that several tests read.
 """
@@ -138,12 +138,12 @@ def planted_data(tiny_qwen, chartqa_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_qwen, planted_data, tmp_path_factory):
-    """One process, batch 4 (single_gpu.yaml)."""
+    """One process, batch 4: the entry point's main in this process (what `single_gpu.yaml` launches, without a new
+    interpreter's imports)."""
+    from vlm_recipes import sft
+
     output_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = accelerate_launch(
-        "single_gpu.yaml", *recipe_args(tiny_qwen, planted_data, output_dir, 1, *EVAL_ARGS), processes=1
-    )
-    assert_ok(result)
+    sft.main([str(arg) for arg in recipe_args(tiny_qwen, planted_data, output_dir, 1, *EVAL_ARGS)])
     return output_dir
 
 

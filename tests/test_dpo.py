@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_ok, run_module
+from conftest import REPO_ROOT, assert_ok, run_in_process, run_module
 from PIL import Image
 
 from vlm_recipes.dpo import DPORecipe, build_trainer, main, train
@@ -220,7 +220,7 @@ def test_lora_dpo_margin_grows_above_zero(tiny_qwen, preference_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_qlora_dpo_from_an_sft_adapter_skips_bad_pairs(tiny_qwen, sft_adapter, tmp_path):
+def test_qlora_dpo_from_an_sft_adapter_skips_bad_pairs(tiny_qwen, sft_adapter, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from vlm_recipes.data.synthetic import make_preference_rows
@@ -245,10 +245,10 @@ def test_qlora_dpo_from_an_sft_adapter_skips_bad_pairs(tiny_qwen, sft_adapter, t
     argv = dpo_args(
         FROM_SFT_RECIPE, tiny_qwen, tmp_path / "pairs.jsonl", output_dir, "--sft_adapter_path", sft_adapter
     )
-    result = run_module(
+    result = run_in_process(
         "vlm_recipes.dpo",
         *argv, "--formatter", "preference", "--dataset_test_split", "none", "--max_bad_fraction", "0.2",
-        "--max_steps", "6", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_steps", "6", "--logging_steps", "1", "--per_device_train_batch_size", "2", capsys=capsys,
     )  # fmt: skip
     assert_ok(result)
     assert "Data check: 2 row(s) rejected" in result.stdout

@@ -2,7 +2,9 @@
 DPO through `python -m vlm_recipes.dpo` on the issues' families (Qwen2.5-VL: test_dpo.py)."""
 
 import json
+import logging
 import math
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -62,14 +64,44 @@ def run_two_at_a_time(module, root, runs):
         return {family: (root / family, future.result()) for family, future in results.items()}
 
 
+class LogLines(logging.Handler):
+    """The package's log messages of one run (its stderr in a subprocess), kept as lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def sft_runs(tiny_models, chartqa_dir, tmp_path_factory):
-    """family -> (output_dir, finished process): each family's demo recipe."""
-    runs = {
-        family: (REPO_ROOT / "recipes" / "demo" / f"{family}.yaml", tiny_models(family), chartqa_dir)
-        for family in E2E_FAMILIES
-    }
-    return run_two_at_a_time("vlm_recipes.sft", tmp_path_factory.mktemp("families_sft"), runs)
+    """family -> (output_dir, finished run): each family's demo recipe through `vlm_recipes.sft`'s main, in this
+    process one after the other (a subprocess each spends most of its time importing; test_sft_e2e.py runs the command
+    as a subprocess). The run's stderr holds the package's log messages."""
+    from vlm_recipes import sft
+
+    root = tmp_path_factory.mktemp("families_sft")
+    runs = {}
+    for family in E2E_FAMILIES:
+        args = [
+            REPO_ROOT / "recipes" / "demo" / f"{family}.yaml",
+            "--model_name_or_path", tiny_models(family), "--dataset_name", chartqa_dir,
+            "--output_dir", root / family, "--overwrite_output_dir", "false", "--max_train_samples", "4",
+            "--per_device_train_batch_size", "2", "--max_steps", STEPS, "--logging_steps", "1",
+        ]  # fmt: skip
+        handler, package_logger = LogLines(), logging.getLogger("vlm_recipes")
+        package_logger.addHandler(handler)
+        try:
+            sft.main([str(arg) for arg in args])
+            returncode = 0
+        except SystemExit as stop:
+            returncode = stop.code
+        finally:
+            package_logger.removeHandler(handler)
+        runs[family] = (root / family, subprocess.CompletedProcess(args, returncode, "", "\n".join(handler.lines)))
+    return runs
 
 
 @pytest.mark.parametrize("family", E2E_FAMILIES)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from bad_inputs import FIXED, MAX_LENGTH, REJECTED, ROWS, write_bad_input_dataset
-from conftest import REPO_ROOT, assert_ok, run_module
+from conftest import REPO_ROOT, assert_ok, run_in_process, run_module
 
 from vlm_recipes import preflight, sft
 
@@ -83,7 +83,7 @@ def test_bad_inputs_are_skipped_and_reported_while_valid_rows_train(tiny_qwen, t
     assert [path.name for path in output_dir.iterdir()] == ["data_report.json"]
 
     # The same command with the limit raised: the stopped run's folder is reused, not refused as a previous run's.
-    result = run_module("vlm_recipes.sft", *args, "--max_bad_fraction", "0.7")
+    result = run_in_process("vlm_recipes.sft", *args, "--max_bad_fraction", "0.7", capsys=capsys)
     assert_ok(result)
     assert "Traceback" not in result.stderr
     assert f"output_dir {output_dir} holds only what a run writes before training (data_report.json)" in result.stdout

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_clear_error, assert_ok, logged_losses, run_module
+from conftest import REPO_ROOT, assert_clear_error, assert_ok, logged_losses, run_in_process, run_module
 from PIL import Image
 
 from vlm_recipes.sft import main
@@ -87,7 +87,7 @@ def test_adapter_reloads_onto_the_base_model_and_generates(lora_run, tiny_qwen):
     )
 
 
-def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tiny_qwen, chartqa_dir, tmp_path):
+def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tiny_qwen, chartqa_dir, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText
 
     from vlm_recipes.configs import ModelArguments
@@ -99,8 +99,8 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
     # mode, after which training must go on (tests/test_four_bit_evaluation.py: bitsandbytes' CPU repacking).
     evaluation = ["--eval_strategy", "steps", "--eval_steps", "15", "--max_eval_samples", "4", "--eval_generation_rows", "2",
                   "--max_new_tokens", "2"]  # fmt: skip
-    result = run_module(
-        "vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir, *evaluation)
+    result = run_in_process(
+        "vlm_recipes.sft", *sft_args("sft_qlora.yaml", tiny_qwen, chartqa_dir, output_dir, *evaluation), capsys=capsys
     )
     assert_ok(result)
     assert_learned(logged_losses(output_dir))
@@ -125,10 +125,12 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
     assert_adapter_reloads_and_generates(output_dir, base)
 
 
-def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, chartqa_dir):
+def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, chartqa_dir, capsys):
     output_dir, _ = lora_run
     before = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
-    result = run_module("vlm_recipes.sft", *sft_args("sft_lora.yaml", tiny_qwen, chartqa_dir, output_dir))
+    result = run_in_process(
+        "vlm_recipes.sft", *sft_args("sft_lora.yaml", tiny_qwen, chartqa_dir, output_dir), capsys=capsys
+    )
     assert_clear_error(
         result, f"output_dir {output_dir} already holds files", "overwrite_output_dir", "resume_from_checkpoint"
     )
@@ -136,10 +138,10 @@ def test_existing_output_dir_is_never_overwritten_silently(lora_run, tiny_qwen, 
     assert after == before
 
 
-def test_unknown_recipe_field_gets_one_clear_message(tmp_path):
+def test_unknown_recipe_field_gets_one_clear_message(tmp_path, capsys):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text("model_name_or_path: x\ndataset_name: y\nper_device_train_batchsize: 4\n")
-    result = run_module("vlm_recipes.sft", recipe)
+    result = run_in_process("vlm_recipes.sft", recipe, capsys=capsys)
     assert_clear_error(result, "unknown field 'per_device_train_batchsize'", "per_device_train_batch_size")
 
 

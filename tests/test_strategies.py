@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_clear_error, run_module
+from conftest import REPO_ROOT, assert_clear_error, run_in_process
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from vlm_recipes.configs import ModelArguments, TuningArguments
@@ -299,14 +299,14 @@ def test_bad_strategy_settings_fail_before_any_weights_load(config_only_model, c
     assert not (tmp_path / "o" / "data_report.json").exists()  # before any data work too
 
 
-def test_sft_refuses_too_many_frozen_layers_before_any_data_work(tiny_qwen, chartqa_dir, tmp_path):
+def test_sft_refuses_too_many_frozen_layers_before_any_data_work(tiny_qwen, chartqa_dir, tmp_path, capsys):
     """Through the entry point: the clear message, and the output folder left without a data report."""
     output_dir = tmp_path / "out"
-    result = run_module(
+    result = run_in_process(
         "vlm_recipes.sft",
         REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml",
         "--model_name_or_path", tiny_qwen, "--dataset_name", chartqa_dir, "--output_dir", output_dir,
-        "--tuning_strategy", "partial_llm_full_vit", "--llm_frozen_layers", "5",
+        "--tuning_strategy", "partial_llm_full_vit", "--llm_frozen_layers", "5", capsys=capsys,
     )  # fmt: skip
     assert_clear_error(result, "llm_frozen_layers is 5, but qwen2_5_vl has 2 language-model layers")
     assert not (output_dir / "data_report.json").exists()
