@@ -85,6 +85,7 @@ def test_the_collator_adds_each_rows_source_index_and_hides_the_column():
     assert names == ("charts", "web")
     assert mixture_sources(rows.select([0, 2])) is None  # one source: nothing to split
     assert mixture_sources(rows.remove_columns(DATA_SOURCE)) is None
+    assert mixture_sources(rows.to_iterable_dataset()) is None  # a stream: its sources are not known up front
     collator = SourceIdCollator(collate, names)
     batch = collator([*rows, {"text": "w", DATA_SOURCE: "new"}])
     assert batch[SOURCE_IDS].tolist() == [1, 0, 1, -1]

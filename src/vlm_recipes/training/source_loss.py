@@ -31,8 +31,9 @@ LOSS_PREFIX = "loss/"
 
 
 def mixture_sources(dataset: Any) -> tuple[str, ...] | None:
-    """The names of the sources of a dataset's rows, sorted; None without a `data_source` column or with one source."""
-    if dataset is None or DATA_SOURCE not in (getattr(dataset, "column_names", None) or ()):
+    """The names of the sources of a dataset's rows, sorted; None without a `data_source` column, with one source, or
+    for a stream (`streaming: true`: its sources are not known before it is read)."""
+    if not hasattr(dataset, "unique") or DATA_SOURCE not in (getattr(dataset, "column_names", None) or ()):
         return None
     names = tuple(sorted(set(dataset.unique(DATA_SOURCE))))
     return names if len(names) > 1 else None

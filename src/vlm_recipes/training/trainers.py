@@ -51,6 +51,7 @@ from vlm_recipes.compat import (
 )
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
+from vlm_recipes.data.augmentation import Augmenter, AugmentingCollator
 from vlm_recipes.data.loading import DATA_SOURCE
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
@@ -164,11 +165,13 @@ class VLMTrainerHooks:
 
 
 class LengthGroupedBatches:
-    """The samplers of the trainers that batch rows themselves (SFT, DPO): packed to a token budget, grouped by true
-    length, or TRL's. Stands before TRL's trainer in the bases; the trainer sets `length_grouping` and `token_budget`."""
+    """The samplers and training loader of the trainers that batch rows themselves (SFT, DPO): packed to a token
+    budget, grouped by true length, or TRL's; training images augmented at batch time. Stands before TRL's trainer in
+    the bases; the trainer sets `length_grouping`, `token_budget` and `augmenter`."""
 
     length_grouping: LengthGrouping
     token_budget: TokenBudget | None
+    augmenter: Augmenter | None
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -182,6 +185,18 @@ class LengthGroupedBatches:
         if not groups_by_length(self.args) or eval_dataset is None:
             return super()._get_eval_sampler(eval_dataset)
         return in_dataset_order(eval_dataset, self.args)
+
+    def get_train_dataloader(self) -> Any:
+        """The training loader with the augmenting collator when the recipe augments images (`data.augmentation`);
+        evaluation loaders keep the plain collator."""
+        if self.augmenter is None:
+            return super().get_train_dataloader()
+        collator = self.data_collator
+        self.data_collator = AugmentingCollator(collator, self.augmenter)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
 
 
 class VLMSFTTrainer(VLMTrainerHooks, LengthGroupedBatches, SFTTrainer):
@@ -200,7 +215,9 @@ class VLMSFTTrainer(VLMTrainerHooks, LengthGroupedBatches, SFTTrainer):
         reliability: ReliabilityArguments,
         training_template: str | None = None,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
+        self.augmenter = augmenter  # training images augmented (`data.augmentation`), or None
         self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = TokenBudget(speed) if speed.max_tokens_per_batch is not None else None
@@ -273,7 +290,9 @@ class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
         speed: SpeedArguments,
         reliability: ReliabilityArguments,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
+        self.augmenter = augmenter  # a pair's prompt images augmented once (`data.augmentation`), or None
         self.packs_rows = padding_free  # a pair's chosen and rejected, and every pair of the batch, in one sequence
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = (
