@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from conftest import REPO_ROOT, logged_losses
 
@@ -15,8 +16,10 @@ from vlm_recipes.data.loading import load_datasets
 from vlm_recipes.data.mixture import draw_mixture, held_out_indices
 from vlm_recipes.data.registry import builtin_registry, load_registry
 from vlm_recipes.errors import DataError, RecipeError
-from vlm_recipes.sft import main
+from vlm_recipes.recipe import parse_recipe
+from vlm_recipes.sft import SFTRecipe, build_trainer, main
 from vlm_recipes.tasks import TASKS
+from vlm_recipes.training.source_loss import SOURCE_IDS
 
 
 ROWS = 200  # per source; 180 train after the 90/10 split
@@ -245,6 +248,7 @@ def test_sft_trains_on_a_3_to_1_mixture_split_90_10(tiny_qwen, two_sources, tmp_
         output_dir=str(tmp_path / "out"),
         max_steps=2,
         logging_steps=1,
+        train_sampling_strategy="sequential",  # the mixture's own order: length grouping would batch sources apart
     )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     main([str(tmp_path / "recipe.yaml")])  # in process: the entry point's own code, without a second import of torch
@@ -260,6 +264,9 @@ def test_sft_trains_on_a_3_to_1_mixture_split_90_10(tiny_qwen, two_sources, tmp_
     }
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert len(logged_losses(tmp_path / "out")) == 2
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    per_source = [{key for key in entry if key.startswith("loss/")} for entry in log if "loss" in entry]
+    assert set().union(*per_source) == {"loss/charts_csv", "loss/chats"}, log  # each source's loss, beside the loss
 
     preflight.main([str(tmp_path / "recipe.yaml"), "--preflight_report", str(tmp_path / "preflight.json")])
     assert "Padding per source" in capsys.readouterr().out
@@ -317,6 +324,44 @@ def test_preference_sources_of_two_shapes_mix_for_dpo(preference_registry):
     assert report.mixture["pairs_csv"]["formatted_rows"] == report.mixture["pairs_jsonl"]["formatted_rows"] == 30
     row = next(row for row in train if row["data_source"] == "pairs_csv")
     assert row["prompt"][0]["content"][0]["type"] == "image" and row["chosen"][0]["content"][0]["text"] == "A chart."
+
+
+def test_sft_loss_per_source_averages_to_the_loss_padded_and_packed(tiny_qwen, two_sources, tmp_path):
+    """The per-source token losses of a batch, weighted by their tokens, are the batch's loss: from TRL's own
+    per-token values, for padded rows and for the same rows packed into one sequence."""
+    recipe = {
+        "model_name_or_path": str(tiny_qwen),
+        "dataset_registry": str(two_sources / "registry.yaml"),
+        "datasets": [{"name": "charts_csv", "weight": 3}, "chats"],
+        "max_train_samples": 16,
+        "task": "conversation",
+        "output_dir": str(tmp_path / "out"),
+        "use_peft": True,
+        "lora_dropout": 0.0,
+        "use_cpu": True,
+        "bf16": False,
+        "dtype": "float32",
+        "report_to": "none",
+        "per_device_train_batch_size": 8,
+        "train_sampling_strategy": "sequential",  # the mixture's order: length grouping would batch sources apart
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    trainer = build_trainer(parse_recipe(SFTRecipe, [str(tmp_path / "recipe.yaml")]))
+    assert trainer.source_losses.names == ("charts_csv", "chats")
+    batch = next(batch for batch in trainer.get_train_dataloader() if batch[SOURCE_IDS].unique().numel() == 2)
+    batch = trainer._prepare_inputs(batch)
+    trainer.model.train()
+    for packs_rows in (False, True):
+        trainer.packs_rows = packs_rows
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+        sums, tokens = trainer.source_losses.sums, trainer.source_losses.tokens
+        assert tokens.min() > 0
+        torch.testing.assert_close(sums.sum() / tokens.sum(), loss.float(), rtol=0, atol=1e-5)
+        logs = trainer.source_losses.pop_logs(trainer.accelerator)
+        expected = {"loss/charts_csv": (sums[0] / tokens[0]).item(), "loss/chats": (sums[1] / tokens[1]).item()}
+        assert logs == pytest.approx(expected, rel=1e-6)
+        assert trainer.source_losses.sums is None  # the sums restart after a log
 
 
 @pytest.mark.e2e

@@ -15,6 +15,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `TRL_REFERENCE_ADAPTER`            | trl          | `DPOTrainer` names the frozen reference copy of an adapter "ref" |
 | `add_trained_tokens`               | trl          | the trainers' token count `_total_train_tokens`                 |
 | `count_tokens_of_global_batch`     | transformers | `Trainer.model_accepts_loss_kwargs` decides `num_items_in_batch` |
+| `keep_dataset_column`              | transformers | `Trainer._remove_unused_columns` keeps the names in `_signature_columns` (`_set_signature_columns_if_needed`) |
 | `take_over_checkpoint_rotation`    | transformers | `Trainer` rotates checkpoints by `args.save_total_limit` in `_save_checkpoint` |
 | `OVERRIDDEN_TRAINER_HOOKS`         | transformers | `Trainer._get_train_sampler`, `Trainer._get_eval_sampler`        |
 | `OVERRIDDEN_TRL_METHODS`           | trl          | `GRPOTrainer._generate_and_score_completions(inputs)`: one generation batch, generated and scored |
@@ -294,6 +295,14 @@ def count_tokens_of_global_batch(trainer: Any) -> None:
     loss would be a mean of per-process and per-accumulation-step token means. TRL computes the loss itself from the
     log-probabilities and divides by `num_items_in_batch` when it gets it, so the count is right for any model."""
     trainer.model_accepts_loss_kwargs = True
+
+
+def keep_dataset_column(trainer: Any, column: str) -> None:
+    """Have the Trainer hand `column` of its datasets to the collator: with `remove_unused_columns` (the default) it
+    drops every column outside `_signature_columns`, which TRL's trainers set to what their collators read."""
+    trainer._set_signature_columns_if_needed()
+    if column not in trainer._signature_columns:
+        trainer._signature_columns = [*trainer._signature_columns, column]
 
 
 def take_over_checkpoint_rotation(args: Any) -> int | None:

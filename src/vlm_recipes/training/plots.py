@@ -29,6 +29,7 @@ def _base(key: str) -> str:
 # In drawing order. A key is drawn by the first panel that matches it.
 PANELS = (
     Panel("loss", lambda key: key in LOSS_KEYS),
+    Panel("training loss per source (token mean)", lambda key: key.startswith("loss/")),  # a mixture's sources
     Panel("reward margin (chosen - rejected)", lambda key: _base(key) == "rewards/margins"),
     Panel("reward accuracy (chosen > rejected)", lambda key: _base(key) == "rewards/accuracies", unit_interval=True),
     Panel("learning rate", lambda key: key == "learning_rate"),
@@ -115,6 +116,8 @@ def plot_training_log(
                 label = key.removeprefix("eval_")  # loggers show eval/<set>/<metric>
             elif panel.title == "loss":
                 label = key
+            elif key.startswith("loss/"):
+                label = key.removeprefix("loss/")  # the source's name
             axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
         axis.set_title(panel.title, fontsize=10)
         axis.set_xlabel("step")

@@ -43,10 +43,16 @@ from typing import Any
 
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
-from vlm_recipes.compat import count_tokens_of_global_batch, unsharded_batch_sampler, warn_if_untested
+from vlm_recipes.compat import (
+    count_tokens_of_global_batch,
+    keep_dataset_column,
+    unsharded_batch_sampler,
+    warn_if_untested,
+)
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
 from vlm_recipes.data.augmentation import Augmenter, AugmentingCollator
+from vlm_recipes.data.loading import DATA_SOURCE
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
@@ -61,6 +67,14 @@ from vlm_recipes.training.image_features import (
 from vlm_recipes.training.memory_levers import VisionCheckpointing, check_memory_levers, encode_images_in_chunks
 from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfreezing
 from vlm_recipes.training.padding_free import pack_for_forward, packed_forward
+from vlm_recipes.training.source_loss import (
+    SOURCE_IDS,
+    SourceIdCollator,
+    SourceLosses,
+    mixture_sources,
+    packed_rows,
+    recorded_token_losses,
+)
 from vlm_recipes.training.speed import (
     LengthGrouping,
     TokenBudget,
@@ -224,11 +238,40 @@ class VLMSFTTrainer(VLMTrainerHooks, LengthGroupedBatches, SFTTrainer):
             self.data_collator.chat_template = training_template
         # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
         count_tokens_of_global_batch(self)
+        self.source_losses = self._source_losses()
+        if self.source_losses is not None:
+            keep_dataset_column(self, DATA_SOURCE)
+            self.data_collator = SourceIdCollator(self.data_collator, self.source_losses.names)
+
+    def _source_losses(self) -> SourceLosses | None:
+        """`loss/<source>` for a mixture's training rows (`training.source_loss`); None for one source."""
+        sources = mixture_sources(self.train_dataset)
+        if sources is None:
+            return None
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            print_main("Loss per source: not logged, the loss is not TRL's token mean (label smoothing, own loss)")
+            return None
+        return SourceLosses(sources, self.args.loss_type)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if self.packs_rows:
+        source_ids = inputs.pop(SOURCE_IDS, None)
+        token_rows = None
+        if self.packs_rows and "attention_mask" in inputs:
+            if source_ids is not None:  # before packing: which row each packed token comes from
+                token_rows = packed_rows(inputs["attention_mask"])
             inputs = pack_for_forward(self, model, inputs)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if source_ids is None or not self.model.training:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with recorded_token_losses(self.accelerator.unwrap_model(model)) as recorded:
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+        for log_probs, label_mask in recorded:
+            self.source_losses.add(log_probs, label_mask, source_ids, token_rows)
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.source_losses is not None and "loss" in logs:  # a training log, on every process at once
+            logs.update(self.source_losses.pop_logs(self.accelerator))
+        super().log(logs, *args, **kwargs)
 
 
 class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
