@@ -268,7 +268,8 @@ def plain_trl_trainer(spec: dict[str, Any]) -> Any:
 
 def batch_counts(inputs: dict[str, Any], packs_rows: bool) -> dict[str, int]:
     """What a training batch costs the model: its rows, the positions fed (padded, or packed into one sequence), the
-    real tokens, the attention score elements (rows x longest^2 padded; total^2 packed, which sdpa computes densely),
+    real tokens, the attention score elements (rows x longest^2 padded; packed, the sum of each row's length^2: the
+    trainers attend one packed row at a time, `modeling.segment_attention`, or with flash-attention's varlen kernels),
     the positions the LM head can score (the next-token labels that are not -100) and the vision patches."""
     mask = inputs["attention_mask"]
     lengths = mask.sum(dim=1)
@@ -280,7 +281,7 @@ def batch_counts(inputs: dict[str, Any], packs_rows: bool) -> dict[str, int]:
         "longest": int(longest),
         "real": real,
         "positions": real if packs_rows else int(rows * longest),
-        "score_elements": real * real if packs_rows else int(rows * longest * longest),
+        "score_elements": int((lengths**2).sum()) if packs_rows else int(rows * longest * longest),
         "labelled": int((labels[:, 1:] != -100).sum()) if labels is not None else 0,
         "patches": int(inputs["pixel_values"].shape[0]) if inputs.get("pixel_values") is not None else 0,
     }
