@@ -296,6 +296,8 @@ def measure(trainer: Any, warmup_steps: int, clock: Any = time.perf_counter) -> 
     import torch
     from transformers import TrainerCallback
 
+    from vlm_recipes.modeling.segment_attention import language_config
+
     gpu = torch.cuda.is_available()
     fed: list[dict[str, int]] = []
     marks: dict[str, Any] = {"ends": [], "loss_starts": [], "training_step_ends": []}
@@ -367,6 +369,7 @@ def measure(trainer: Any, warmup_steps: int, clock: Any = time.perf_counter) -> 
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_start_bytes": marks["rss_start"],
         "per_step": per_step,
+        "attention": language_config(trainer.model)._attn_implementation,  # the language model's, as trained
     }
     if gpu:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -512,14 +515,10 @@ def run_all(settings: Settings) -> dict[str, Any]:
         for name in settings.runs:
             kind, features = RUNS[name]
             features = {key: value.format(max_tokens_per_batch=budget) for key, value in features.items()}
-            if name == "token-budget packing" and torch.cuda.is_available() and not flash_attention:
-                results[precision][name] = {
-                    "error": "skipped: needs flash-attn (with sdpa a packed sequence runs a dense masked attention)"
-                }
-                continue
-            if name == "all features" and (flash_attention or not settings.gpu):
-                # On GPUs padding-free wants flash-attention's variable-length kernel (the package picks
-                # flash_attention_2 by default when flash-attn is installed); sdpa would run a dense masked attention.
+            if name == "all features":
+                # Packed rows attend apart with either kernel: flash-attention's variable-length path where flash-attn
+                # is installed on a GPU (the package's default there), else sdpa one row at a time (each run's
+                # "attention" says which).
                 features = {**features, **ALL_WITH_PADDING_FREE}
             elapsed = time.perf_counter() - started
             budget = settings.time_budget_minutes
@@ -577,7 +576,11 @@ def write_results(report: dict[str, Any], folder: Path, name: str) -> Path:
             "",
         ]
     else:
-        attention = "flash-attention installed" if report.get("flash_attention") else "no flash-attn: sdpa"
+        attention = (
+            "flash-attention installed"
+            if report.get("flash_attention")
+            else "no flash-attn: sdpa, packed rows one at a time"
+        )
         lines = [f"# GPU speed: {report['device']}, {report['model']} ({attention})", ""]
     lines += [
         f"Padding share at batch {report['settings']['padding_batch_size']} on {next(iter(report['padding'].values()))['rows']:,} rows:"
