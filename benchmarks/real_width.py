@@ -856,6 +856,9 @@ def _scored(setup: Setup, step: dict[str, float]) -> float:
 
 def run_size(spec: dict[str, Any], size: str) -> dict[str, Any]:
     path = Path(spec["workdir"]) / f"units_{size}.json"
+    if spec.get("reuse_units") and path.exists():  # a finished measurement of this work folder, written as is
+        print(f"[{size}] unit measurements reused from {path}", flush=True)
+        return json.loads(path.read_text())
     child_spec = {**spec, "size": size}
     spec_path = path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(child_spec))
@@ -1127,6 +1130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="3B,7B", help="Model sizes, of 3B, 7B (and 'test', a wiring check).")
     parser.add_argument("--check_sizes", default="3B", help="Sizes checked on a shallow model ('none' to skip).")
     parser.add_argument("--check_plain", action="store_true", help="Also check plain TRL's composition (slow).")
+    parser.add_argument(
+        "--reuse_units",
+        action="store_true",
+        help="Take each size's unit measurements from the work folder's last finished run (units_<size>.json) instead "
+        "of measuring again: the results file, or the shallow-model check, from units already measured.",
+    )
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--unique_rows", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=4)
