@@ -521,9 +521,9 @@ def run_all(settings: Settings) -> dict[str, Any]:
                 # "attention" says which).
                 features = {**features, **ALL_WITH_PADDING_FREE}
             elapsed = time.perf_counter() - started
-            budget = settings.time_budget_minutes
-            if budget is not None and elapsed + longest_run > budget * 60:
-                results[precision][name] = {"error": f"skipped: would end past the {budget:g}-minute budget"}
+            minutes = settings.time_budget_minutes  # not `budget`: that is the token budget the next runs format
+            if minutes is not None and elapsed + longest_run > minutes * 60:
+                results[precision][name] = {"error": f"skipped: would end past the {minutes:g}-minute budget"}
                 print(f"  {precision} {name}: skipped (time budget)", flush=True)
                 continue
             spec = {
