@@ -24,6 +24,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 | `sdpa_attention`                   | transformers | `integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`, their arguments |
+| `iterable_of_rows`                 | datasets     | `IterableDataset(ExamplesIterable(fn, kwargs), info)` reads `fn()`'s (key, row) pairs |
 """
 
 import functools
@@ -349,3 +350,16 @@ def sdpa_attention() -> tuple[Callable[..., Any], Callable[..., Any]]:
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_attention_forward, sdpa_mask
+
+
+def iterable_of_rows(generate: Callable[[], Iterator[dict[str, Any]]], features: Any = None) -> Any:
+    """A datasets `IterableDataset` whose rows are `generate()`'s, a fresh generator each pass. The public
+    `IterableDataset.from_generator` hashes the generator and everything it closes over (a processor, other streams:
+    seconds, or an error) to name a cache a stream never writes."""
+    from datasets import DatasetInfo, IterableDataset
+    from datasets.iterable_dataset import ExamplesIterable
+
+    def keyed() -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(generate())
+
+    return IterableDataset(ExamplesIterable(keyed, {}), info=DatasetInfo(features=features))
