@@ -15,7 +15,8 @@ composed from the parts:
   tower, which transformers' input hook makes require gradients; the package: forward only, `modeling.frozen_vision`);
   COMPOSED to 32 blocks (28 window, 4 full);
 - decoder layers: one decoder layer (with its LoRA adapters and gradient checkpointing) MEASURED on a 512-position row,
-  its attention kernel MEASURED at each setup's own batch shape (a padded batch; one packed sequence); COMPOSED per
+  its attention kernel MEASURED at each setup's own batch shape and kernel (a padded batch under sdpa; a packed
+  sequence attended one row at a time, `modeling.segment_attention`); COMPOSED per
   step as layers x (per-position time x positions fed + per-score-element time x attention score elements);
 - LM head and loss: TRL's fused LM head kernel MEASURED at two position counts (the labelled positions of a batch, and
   128), COMPOSED linearly to the positions each setup scores (on a CPU TRL scores every position; the package only the
@@ -102,8 +103,8 @@ MEASURE_THREADS = 1
 def sequence_counts(lengths: list[int], layout: str) -> dict[str, int]:
     """Positions fed and attention score elements of one batch of rows with these true lengths."""
     real = sum(lengths)
-    if layout == "packed":  # sdpa builds one dense block-diagonal mask over the packed sequence
-        return {"positions": real, "score_elements": real * real}
+    if layout == "packed":  # each packed row attends to itself alone (`modeling.segment_attention` on a CPU)
+        return {"positions": real, "score_elements": sum(length * length for length in lengths)}
     longest = max(lengths)
     return {"positions": len(lengths) * longest, "score_elements": len(lengths) * longest * longest}
 
@@ -341,13 +342,22 @@ def time_layer(language_model: Any, hidden_size: int, positions: int) -> float:
     return _cpu() - start
 
 
-def time_attention(attention: Any, text_config: Any, lengths: list[int], layout: str) -> tuple[float, int]:
-    """The attention kernel alone, as a decoder layer calls it for this batch (mask built by transformers from the
-    batch's padding or packed positions): forward twice (gradient checkpointing recomputes it) and backward. Returns
-    (seconds, score elements)."""
+def time_attention(
+    attention: Any, text_config: Any, lengths: list[int], layout: str, implementation: str
+) -> tuple[float, int]:
+    """The attention kernel alone, as a decoder layer calls it for this batch (`implementation`: the attention the
+    setup's trainer gave its language model; mask built by transformers from the batch's padding or packed positions):
+    forward twice (gradient checkpointing recomputes it) and backward. Returns (seconds, score elements)."""
+    import copy
+
     import torch
     from transformers.masking_utils import create_causal_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vlm_recipes.modeling.segment_attention import SEGMENT_SDPA
+
+    text_config = copy.copy(text_config)
+    text_config._attn_implementation = implementation
 
     if layout == "packed":
         batch, length = 1, sum(lengths)
@@ -373,7 +383,10 @@ def time_attention(attention: Any, text_config: Any, lengths: list[int], layout:
     forward = _cpu() - start
     start = _cpu()
     output.backward(torch.randn_like(output))
-    elements = length * length * batch
+    if layout == "packed" and implementation == SEGMENT_SDPA:
+        elements = sum(n * n for n in lengths)  # each row against itself
+    else:
+        elements = length * length * batch
     return 2 * forward + (_cpu() - start), elements
 
 
@@ -539,6 +552,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
     from vlm_recipes.console import setup_console
     from vlm_recipes.modeling.families import FAMILIES
     from vlm_recipes.modeling.frozen_vision import frozen_vision_backward
+    from vlm_recipes.modeling.segment_attention import language_config
     from vlm_recipes.training.padding_free import pack_rows
 
     setup_console()
@@ -567,6 +581,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
     trainers: dict[tuple, Any] = {}
     loaders: dict[tuple, Any] = {}
     batches_of: dict[tuple, list[list[int]]] = {}
+    kernels: dict[tuple, str] = {}
     model = None
     signatures = {}
     for setup in SETUPS:
@@ -585,6 +600,7 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
         )
         loaders[key] = iter(trainer.get_train_dataloader())
         signatures[setup.name] = model_signature(trainer.model)
+        kernels[key] = language_config(trainer.model)._attn_implementation  # packing: one row at a time
         if model is None and setup.trainer == "vlm":
             model = trainer.model
     keys = {setup.name: (setup.trainer, tuple(sorted(_unit_spec(spec, setup, unit_folder)["features"].items())))
@@ -666,11 +682,16 @@ def measure_units(spec: dict[str, Any]) -> dict[str, Any]:
         with PeakMemory() as memory:
             layer_seconds = time_layer(language_model, text_config.hidden_size, UNIT_POSITIONS)
         units["memory"]["decoder layer per position"] = memory.rise / UNIT_POSITIONS
-        core_seconds, _ = time_attention(attention, text_config, [UNIT_POSITIONS], "padded")
+        core_seconds, _ = time_attention(
+            attention, text_config, [UNIT_POSITIONS], "padded", text_config._attn_implementation
+        )
         units["layer"] = {"seconds": layer_seconds, "core_seconds": core_seconds, "positions": UNIT_POSITIONS}
         for setup in SETUPS:
-            seconds, elements = time_attention(attention, text_config, representative[setup.name], setup.layout)
-            units["attention"][setup.name] = {"seconds": seconds, "elements": elements}
+            kernel = kernels[keys[setup.name]]
+            seconds, elements = time_attention(
+                attention, text_config, representative[setup.name], setup.layout, kernel
+            )
+            units["attention"][setup.name] = {"seconds": seconds, "elements": elements, "kernel": kernel}
         laps.done("decoder layer and attention")
         labelled = max(8, int(statistics.median(s["labelled"] for s in sampled["package defaults"])))
         points = []
@@ -835,6 +856,9 @@ def _scored(setup: Setup, step: dict[str, float]) -> float:
 
 def run_size(spec: dict[str, Any], size: str) -> dict[str, Any]:
     path = Path(spec["workdir"]) / f"units_{size}.json"
+    if spec.get("reuse_units") and path.exists():  # a finished measurement of this work folder, written as is
+        print(f"[{size}] unit measurements reused from {path}", flush=True)
+        return json.loads(path.read_text())
     child_spec = {**spec, "size": size}
     spec_path = path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(child_spec))
@@ -1106,6 +1130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="3B,7B", help="Model sizes, of 3B, 7B (and 'test', a wiring check).")
     parser.add_argument("--check_sizes", default="3B", help="Sizes checked on a shallow model ('none' to skip).")
     parser.add_argument("--check_plain", action="store_true", help="Also check plain TRL's composition (slow).")
+    parser.add_argument(
+        "--reuse_units",
+        action="store_true",
+        help="Take each size's unit measurements from the work folder's last finished run (units_<size>.json) instead "
+        "of measuring again: the results file, or the shallow-model check, from units already measured.",
+    )
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--unique_rows", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=4)

@@ -73,6 +73,7 @@ def test_augmentation_is_seeded_changes_pixels_and_never_adds_image_tokens(tiny_
 def test_only_training_batches_are_augmented_and_a_pair_once():
     seen = []
     plain = seen.append  # a collator that records what it is given
+
     class TRLTrainer:  # stands in for TRL's: its training loader is built with the collator it holds
         def get_train_dataloader(self):
             return self.data_collator

@@ -10,6 +10,7 @@ from conftest import REPO_ROOT, trainer_for
 
 from vlm_recipes.data.lengths import TokenCounter, dataset_token_lengths
 from vlm_recipes.errors import RecipeError
+from vlm_recipes.modeling.segment_attention import SEGMENT_SDPA, language_config, segment_sdpa_forward
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.training.padding_free import unpack_positions
 from vlm_recipes.training.sampling import TokenBudgetBatchSampler, first_fit_decreasing, token_budget_sampler
@@ -84,12 +85,57 @@ def test_unpacking_puts_each_prediction_back_at_its_padded_position():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Attention over a packed sequence without flash-attention: each row alone
+
+
+class _Attention(torch.nn.Module):
+    is_causal, num_key_value_groups = True, 2  # grouped-query attention, as the Qwen-VL language models have
+
+
+@pytest.mark.parametrize("within_row", ["causal", "sliding window of 3"])
+def test_packed_attention_runs_each_row_alone_and_equals_the_masked_sequence(within_row, monkeypatch):
+    lengths = [5, 1, 7, 3]
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    total, heads, size = sum(lengths), 4, 8
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, heads, total, size, generator=generator)
+    key, value = (torch.randn(1, heads // 2, total, size, generator=generator) for _ in range(2))
+    # transformers' mask for a packed sequence: within-row pattern on the diagonal blocks, nothing across rows
+    row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    query_at, key_at = position_ids[0][:, None], position_ids[0][None, :]
+    allowed = (row[:, None] == row[None, :]) & (key_at <= query_at)
+    if within_row != "causal":
+        allowed &= query_at - key_at < 3
+    mask = allowed[None, None]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask
+    ).transpose(1, 2)
+
+    scored = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, *args, **kwargs):
+        scored.append(q.shape[-2] * k.shape[-2])
+        return sdpa(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    output, _ = segment_sdpa_forward(_Attention(), query, key, value, mask, position_ids=position_ids)
+    torch.testing.assert_close(output, dense, rtol=0, atol=1e-5)
+    assert sum(scored) == sum(length**2 for length in lengths)  # each row against itself: no cross-row work
+    # A padded batch (no packed positions) runs transformers' sdpa as it is: one call over the whole sequence
+    scored.clear()
+    segment_sdpa_forward(_Attention(), query, key, value, mask)
+    assert scored == [total**2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # SFT: the trainer's batches and loss
 
 
 def test_sft_batches_fill_the_budget_and_score_rows_as_unpacked(tiny_qwen, chartqa_dir, tmp_path):
     trainer = trainer_for(tiny_qwen, chartqa_dir, tmp_path / "out", "--max_tokens_per_batch", "1200")
     assert trainer.packs_rows and trainer.token_budget is not None
+    assert language_config(trainer.model)._attn_implementation == SEGMENT_SDPA  # sdpa on a CPU: one row at a time
     lengths = dataset_token_lengths(trainer.train_dataset, TokenCounter(trainer.processing_class))
     loader = trainer.get_train_dataloader()
     batches = list(loader)

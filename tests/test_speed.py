@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler
 from vlm_recipes.data.lengths import TokenCounter, padding_share, random_batching_padding_share
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.modeling.families import FAMILIES
+from vlm_recipes.modeling.segment_attention import SEGMENT_SDPA, attend_per_segment, language_config
 from vlm_recipes.recipe import parse_recipe
 from vlm_recipes.sft import SFTRecipe
 from vlm_recipes.training.padding_free import check_padding_free, pack_rows
@@ -196,6 +197,9 @@ def test_packed_rows_score_as_the_rows_run_alone(family, tiny_models):
     assert packed["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
     with torch.no_grad():
         alone = torch.cat([_answer_log_probs(model, collator([dict(example)])) for example in examples])
+        torch.testing.assert_close(_answer_log_probs(model, packed), alone, rtol=0, atol=1e-5)
+        # sdpa without flash-attention (a CPU): the trainers switch to attending one packed row at a time
+        assert attend_per_segment(model) and language_config(model)._attn_implementation == SEGMENT_SDPA
         torch.testing.assert_close(_answer_log_probs(model, packed), alone, rtol=0, atol=1e-5)
         if family in MULTIMODAL_ROPE:
             # Why the text row matters: with the three RoPE rows alone, packed rows attend to each other.

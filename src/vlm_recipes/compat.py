@@ -24,6 +24,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
+| `sdpa_attention`                   | transformers | `integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`, their arguments |
 | `iterable_of_rows`                 | datasets     | `IterableDataset(ExamplesIterable(fn, kwargs), info)` reads `fn()`'s (key, row) pairs |
 """
 
@@ -348,6 +349,16 @@ def keep_4bit_weights_trainable(model: Any) -> int:
 def dataset_fingerprint(dataset: Any) -> str:
     """The datasets library's fingerprint of a dataset's current state (the key of its cache files)."""
     return dataset._fingerprint
+
+
+def sdpa_attention() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """transformers' sdpa attention function and its mask builder (`integrations.sdpa_attention.sdpa_attention_forward`
+    and `masking_utils.sdpa_mask`): a function registered with their signatures under a new name in
+    `AttentionInterface` / `AttentionMaskInterface` gets exactly sdpa's masks and calls (transformers 5.24)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_attention_forward, sdpa_mask
 
 
 def iterable_of_rows(generate: Callable[[], Iterator[dict[str, Any]]], features: Any = None) -> Any:

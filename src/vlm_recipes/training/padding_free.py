@@ -12,8 +12,8 @@ only when:
 - no KV cache is built (`use_cache=False`; TRL's `compute_loss` sets it).
 
 Then flash-attention takes its variable-length path, and sdpa and eager build a block-diagonal causal mask (correct,
-but dense: with sdpa the attention of a long packed sequence does masked work, so pair packing with
-`attn_implementation: flash_attention_2` on GPUs). `pack_rows` builds exactly that form from the collator's padded
+but dense: masked work across rows). The trainers switch sdpa to attending one packed row at a time
+(`modeling.segment_attention`), which does no work across rows. `pack_rows` builds exactly that form from the collator's padded
 batch (right or left padding), on the device, just before the forward. Each family's per-row log-probabilities are
 tested against its rows run alone (tests/test_speed.py). Families whose forward cannot keep packed rows apart carry a
 `padding_free_refusal` in the family table, and asking for padding-free or token-budget packing there stops the run at

@@ -16,7 +16,8 @@ What each trainer adds to TRL's, and where the feature lives:
   when training starts (`training.distributed`);
 - TRL's collator replaced by one with the same output, faster (`training.collators`); length-grouped batches
   (`training.sampling`) or rows packed to a token budget; the LM head at labelled positions only; padding-free packed
-  rows, DPO's chosen and rejected in one sequence (`training.speed`, `training.padding_free`);
+  rows, DPO's chosen and rejected in one sequence (`training.speed`, `training.padding_free`), attended one row at a
+  time under sdpa (`modeling.segment_attention`);
 - SFT: the family's training chat template swapped into the processor while TRL builds its collator, then handed to
   the collator; the processor keeps (and saves) its own (`modeling.chat_templates`);
 - memory levers checked where they cannot work (activation offloading, Liger kernels), the vision tower checkpointed
@@ -54,6 +55,7 @@ from vlm_recipes.console import print_main
 from vlm_recipes.data.augmentation import Augmenter, AugmentingCollator
 from vlm_recipes.data.loading import DATA_SOURCE
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
+from vlm_recipes.modeling.segment_attention import attend_per_segment
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
 from vlm_recipes.training.distributed import LaunchSummaryCallback, set_unused_parameter_search
@@ -93,6 +95,14 @@ def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments)
     set_unused_parameter_search(args, model, setup.family)
 
 
+def attend_packed_rows_apart(trainer: Any) -> None:
+    """Packed rows under sdpa: each row attends to itself alone (`modeling.segment_attention`), not the whole packed
+    sequence under a block-diagonal mask; flash-attention keeps its variable-length kernels."""
+    switched = [attend_per_segment(model) for model in (trainer.model, getattr(trainer, "ref_model", None))]
+    if switched[0]:
+        print_main("Attention: packed rows attended one row at a time (sdpa per row; no cross-row work)")
+
+
 def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
     """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
@@ -101,6 +111,8 @@ def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArgu
         trainer.add_callback(VisionCheckpointing(trainer.family, speed.vision_gradient_checkpointing))
     if speed.vision_chunk_images is not None:
         encode_images_in_chunks(trainer.model, trainer.family, speed.vision_chunk_images)
+    if getattr(trainer, "packs_rows", False):
+        attend_packed_rows_apart(trainer)
     trainer.add_callback(LaunchSummaryCallback(trainer, trainer.family))
     return install_fault_guards(trainer, reliability)
 
