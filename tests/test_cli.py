@@ -100,7 +100,7 @@ def test_option_commands_describe_every_option_and_use_one_boolean_style():
         assert text.startswith(f"usage: vlm-recipes {name}")
         assert "[{true,false}]" in text or name == "launch-check"
     chat = cli.stored_help("chat")
-    assert "--question QUESTION" in chat and "The question about the image" in chat
+    assert "--question QUESTION" in chat and "Answer this one question" in chat
     assert "(default: 128)" in chat
 
 

@@ -450,3 +450,38 @@ def test_help_lists_the_evaluation_fields(capsys):
               "--prompt_preset", "--eval_datasets")  # fmt: skip
     for field in fields:
         assert field in out
+
+
+def test_chat_web_page_answers_through_gradios_client(chat_session, tmp_path, monkeypatch):
+    """The page (`chat --ui`) on localhost, driven headless through gradio_client: an uploaded image and a message,
+    base and adapter each answering in their column, then a new conversation."""
+    gradio_client = pytest.importorskip("gradio_client", reason="the `ui` extra (gradio) is not installed")
+    import socket
+
+    from PIL import Image
+
+    from vlm_recipes.chat_ui import launch
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    chat_session.reset()
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = launch(chat_session, port=port, block=False)
+    try:
+        image = tmp_path / "upload.png"
+        Image.new("RGB", (64, 48), "red").save(image)
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        base, adapter, image_box, message_box = client.predict(
+            "How many bars?", gradio_client.handle_file(str(image)), api_name="/ask"
+        )
+        for side, column in (("base", base), ("adapter", adapter)):
+            assert [turn["role"] for turn in column] == ["user", "assistant"]
+            assert column[0]["content"][0]["text"] == "[1 image] How many bars?"
+            reply = chat_session.messages[side][-1]["content"][0]["text"]
+            assert [block.get("text") for block in column[1]["content"]] in ([reply], [])  # an empty reply shows none
+        assert len(chat_session.images) == 1 and image_box is None and message_box == ""
+        assert client.predict(api_name="/reset")[:2] == ([], [])
+        assert chat_session.images == []
+    finally:
+        app.close()

@@ -220,7 +220,7 @@ def build_parser():
     parser = command_parser("vlm-recipes chat", __doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Base or merged model: a Hub id or a folder.")
     parser.add_argument("--adapter", default=None, help="A trained adapter folder; alone, it loads the base it names.")
-    parser.add_argument("--image", action="append", default=[], help="An image file for the first message (repeat).")
+    parser.add_argument("--image", action="append", default=None, help="An image file for the first message (repeat).")
     parser.add_argument("--question", default=None, help="Answer this one question (with --image) and exit.")
     parser.add_argument("--system_prompt", default=None, help="Default: the trained model's, from its recipe.yaml.")
     for name, option in Sampling.__dataclass_fields__.items():
@@ -257,13 +257,13 @@ def main(argv: list[str] | None = None) -> str | None:
         trust_remote_code=args.trust_remote_code,
     )
     if args.question is not None:
-        replies = answer(args.question, args.image, **options)
+        replies = answer(args.question, args.image or [], **options)
         for side, reply in replies.items():
             print(f"{side}> {reply}" if args.compare else reply, flush=True)
             if not reply:
                 print(f"({side}: the model ended its answer at once, an empty reply)", file=sys.stderr, flush=True)
         return replies if args.compare else replies["model"]
-    pictures = [load_image(path) for path in args.image]
+    pictures = [load_image(path) for path in args.image or []]
     session = load_session(**options)
     session.pending = pictures
     if args.ui:
