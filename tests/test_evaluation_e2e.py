@@ -328,7 +328,9 @@ def test_chat_holds_a_conversation_with_images(chat_session, tmp_path):
 
     session.model.generate = recording_generate
     try:
-        script = f"/image {tmp_path / 'missing.png'}\n/image {image}\nHow many bars?\n\nAnd the tallest?\n/quit\nnot read\n"
+        script = (
+            f"/image {tmp_path / 'missing.png'}\n/image {image}\nHow many bars?\n\nAnd the tallest?\n/quit\nnot read\n"
+        )
         out = io.StringIO()
         chat_loop(session, io.StringIO(script), out)
     finally:

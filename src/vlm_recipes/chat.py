@@ -113,7 +113,9 @@ class ChatSession:
         base_only = self.model.disable_adapter() if side == "base" else contextlib.nullcontext()
         with torch.no_grad(), base_only:
             output = self.model.generate(
-                **inputs, generation_config=self.sampling.generation_config(self.model, self.processor), streamer=streamer
+                **inputs,
+                generation_config=self.sampling.generation_config(self.model, self.processor),
+                streamer=streamer,
             )
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
@@ -168,12 +170,26 @@ def answer(question: str, images: list[str], **options: Any) -> dict[str, str]:
     return session.ask(question)
 
 
+class SidePrinter:
+    """Streamed text, each side's answer under its name (`base> ...`), the next side's on a new line."""
+
+    def __init__(self, write: Any):
+        self.write, self.side = write, None
+
+    def __call__(self, side: str, text: str) -> None:
+        if side != self.side:
+            self.write(("" if self.side is None else "\n") + f"{side}> ")
+            self.side = side
+        self.write(text)
+
+
 COMMANDS_HELP = "/image PATH adds an image to your next message, /reset starts over, /quit ends (or Ctrl-D)."
 
 
-def chat_loop(session: ChatSession, lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
-    """The terminal conversation: a line is a message, or a command (`/image PATH`, `/reset`, `/quit`); answers are
-    printed as they are generated, each side's under its name."""
+def chat_loop(session: ChatSession, lines: TextIO | None = None, out: TextIO | None = None) -> None:
+    """The terminal conversation (`lines`: stdin, `out`: stdout by default): a line is a message, or a command
+    (`/image PATH`, `/reset`, `/quit`); answers are printed as they are generated, each side's under its name."""
+    lines, out = lines or sys.stdin, out or sys.stdout
 
     def write(text: str) -> None:
         out.write(text)
@@ -204,15 +220,7 @@ def chat_loop(session: ChatSession, lines: TextIO = sys.stdin, out: TextIO = sys
         elif command.startswith("/"):
             write(f"error: unknown command {command}. {COMMANDS_HELP}\n")
         else:
-            shown = {"side": None}
-
-            def stream(side: str, chunk: str) -> None:
-                if side != shown["side"]:  # each side's answer under its name, the next one on a new line
-                    write(("" if shown["side"] is None else "\n") + f"{side}> ")
-                    shown["side"] = side
-                write(chunk)
-
-            session.ask(text, stream)
+            session.ask(text, SidePrinter(write))
             write("\n")
 
 

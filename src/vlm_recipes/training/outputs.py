@@ -2,9 +2,9 @@
 (What may be written into the folder, and replaced: `training.output_folder`.)"""
 
 import json
+import os
 import platform
 from importlib import metadata
-import os
 from pathlib import Path
 from typing import Any
 

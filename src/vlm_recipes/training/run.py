@@ -21,6 +21,7 @@ from vlm_recipes.modeling.setup import ModelSetup, resolve_model_setup
 from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
 from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
+from vlm_recipes.training.callbacks import use_log_lines
 from vlm_recipes.training.distributed import (
     check_launch,
     describe_launch,
@@ -263,6 +264,7 @@ def train_and_save(
     when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
     checkpoint = resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    use_log_lines(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except ReachedMaxSteps as reached:
