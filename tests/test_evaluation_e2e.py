@@ -454,6 +454,7 @@ def test_help_lists_the_evaluation_fields(capsys):
         assert field in out
 
 
+@pytest.mark.extended  # ~10 s more on 2 cores (Gradio's import and server start), 38 s on a loaded machine
 def test_chat_web_page_answers_through_gradios_client(chat_session, tmp_path, monkeypatch):
     """The page (`chat --ui`) on localhost, driven headless through gradio_client: an uploaded image and a message,
     base and adapter each answering in their column, then a new conversation."""

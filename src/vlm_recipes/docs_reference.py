@@ -279,11 +279,13 @@ def render() -> str:
 
 HELP_DIR = Path(__file__).parent / "help"  # the package's stored `--help` texts
 
+
 def option_parser(command: str) -> argparse.ArgumentParser:
     """The parser of a command that takes options rather than a recipe (chat, merge, push, launch-check, tiny): its
     module's `build_parser`, found through the command table (the tiny-model builder lives in `testing`, which no
     product module imports)."""
     return importlib.import_module(COMMANDS[command].module).build_parser()
+
 
 HELP_WIDTH = 100
 
