@@ -66,6 +66,7 @@ def build_app(session: ChatSession) -> Any:
         send.click(ask, [message, image], outputs, api_name="ask")
         message.submit(ask, [message, image], outputs, api_name=False)
         new.click(reset, [], outputs, api_name="reset")
+        app.load(histories, [], columns, api_name=False)  # a reloaded page shows the conversation so far
     return app
 
 
