@@ -7,7 +7,6 @@ column, and "New conversation" starts over. The session is one per server: the p
 
 from typing import Any
 
-from vlm_recipes.chat import ChatSession
 from vlm_recipes.errors import RecipeError
 
 
@@ -33,9 +32,10 @@ def shown_history(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return shown
 
 
-def build_app(session: ChatSession) -> Any:
-    """The page: a column per side, an image upload and a message box; `ask` and `reset` are also the app's API
-    (what `gradio_client` calls)."""
+def build_app(session: Any) -> Any:
+    """The page for `session` (a `chat.ChatSession`; not imported here: `chat` imports this module for `--ui`): a
+    column per side, an image upload and a message box; `ask` and `reset` are also the app's API (what
+    `gradio_client` calls)."""
     import gradio as gr
 
     def histories() -> list[list[dict[str, str]]]:
@@ -70,7 +70,7 @@ def build_app(session: ChatSession) -> Any:
     return app
 
 
-def launch(session: ChatSession, port: int = 7860, block: bool = True) -> Any:
+def launch(session: Any, port: int = 7860, block: bool = True) -> Any:
     """Serve the page on this machine only (127.0.0.1); `block=False` returns the running app (tests)."""
     import os
 
