@@ -79,11 +79,13 @@ test-extended: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests -m extended $(XDIST)
 
 # Plain TRL against the package at the real width of Qwen2.5-VL-3B and -7B (the parts of a step measured, the full
-# depth composed; benchmarks/results/cpu_real_width.md), then the tiny-model plumbing check (cpu.md). On 2 CPU cores
-# shared with other work: about 25 minutes (see the results files for when and how they were measured).
+# depth composed; benchmarks/results/cpu_real_width.md), then the tiny-model plumbing check (cpu.md), then GRPO's
+# image encodings per generation batch with and without the images-once cache (cpu_grpo_images.md, ~6 minutes). On 2
+# CPU cores shared with other work: about 30 minutes (see the results files for when and how they were measured).
 bench: $(INSTALLED)
 	$(OFFLINE) $(PY) benchmarks/real_width.py
 	$(OFFLINE) $(PY) benchmarks/speed.py --steps 2
+	$(OFFLINE) $(PY) benchmarks/grpo_images.py
 
 # The GPU check, on a machine that reaches no registry: `make gpu-wheels` here first (about 60 MB into .whl/, which a
 # device run carries), then `make bench-gpu` there (installs from .whl/, then benchmarks/results/gpu.md).

@@ -2,8 +2,10 @@
 (prompt + completion within max_length, counted as the trainer renders the prompt), recipes that cannot work, and one
 short run through the real entry point."""
 
+import io
 import json
 import math
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 from conftest import REPO_ROOT
@@ -200,19 +202,60 @@ def test_recipes_that_cannot_work_are_explained(capsys, tiny_qwen, chartqa_dir, 
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
+def test_vllm_settings_pass_through_to_trl_and_are_checked(monkeypatch, tiny_qwen, chartqa_dir, tmp_path):
+    import importlib.util
+
+    import torch
+
+    from vlm_recipes.errors import RecipeError
+    from vlm_recipes.grpo import GRPORecipe, check_generation_backend
+    from vlm_recipes.recipe import parse_recipe
+
+    def recipe(*extra):
+        return parse_recipe(
+            GRPORecipe, grpo_args(tiny_qwen, chartqa_dir, tmp_path / "o", "--use_vllm", "true", *extra)
+        )
+
+    shared = recipe("--vllm_gpu_memory_utilization", "0.45", "--vllm_tensor_parallel_size", "2")
+    whole_gpu = recipe("--vllm_gpu_memory_utilization", "1.5")
+    with pytest.raises(RecipeError, match="needs vLLM, which is not installed"):  # this machine: no vLLM, no GPU
+        check_generation_backend(shared.training)
+    # Where vLLM and a GPU are there, the recipe's settings reach TRL's config unchanged (colocate: TRL's default)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a)
+    )
+    with pytest.raises(RecipeError, match="needs a CUDA GPU"):
+        check_generation_backend(shared.training)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_generation_backend(shared.training)
+    assert shared.training.vllm_mode == "colocate"
+    assert (shared.training.vllm_gpu_memory_utilization, shared.training.vllm_tensor_parallel_size) == (0.45, 2)
+    with pytest.raises(RecipeError, match="give it a share between 0 and 1"):
+        check_generation_backend(whole_gpu.training)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end, through the real entry point: a few steps on the tiny model with the KL term (the reference pass)
 
 
-def test_grpo_run_logs_each_reward_and_saves_an_adapter(capsys, tiny_qwen, chartqa_dir, tmp_path):
-    # In process: `main` as `python -m vlm_recipes.grpo` calls it, without a second import of torch and TRL (~35 s CPU)
-    output_dir = tmp_path / "grpo"
-    main([
-        *grpo_args(tiny_qwen, chartqa_dir, output_dir),
-        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
-        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
-    ])  # fmt: skip
-    console = "".join(capsys.readouterr())
+@pytest.fixture(scope="module")
+def grpo_run(tiny_qwen, chartqa_dir, tmp_path_factory):
+    """One short GRPO run (2 steps, the KL term on) through `main` in process, as `python -m vlm_recipes.grpo` runs it
+    (no second import of torch and TRL, ~35 s CPU): (its output folder, its console)."""
+    output_dir = tmp_path_factory.mktemp("grpo") / "run"
+    console = io.StringIO()
+    with redirect_stdout(console), redirect_stderr(console):
+        main([
+            *grpo_args(tiny_qwen, chartqa_dir, output_dir),
+            "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+        ])  # fmt: skip
+    return output_dir, console.getvalue()
+
+
+def test_grpo_run_logs_each_reward_and_saves_an_adapter(grpo_run):
+    output_dir, console = grpo_run
     assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
     assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
@@ -229,6 +272,169 @@ def test_grpo_run_logs_each_reward_and_saves_an_adapter(capsys, tiny_qwen, chart
     assert "group relative policy optimization" in card
     for key in ("reward", "rewards/relaxed_accuracy/mean", "rewards/answer_format/mean", "reward_std", "kl"):
         assert f"- {key}: " in card and " at step 1 -> " in card, key
+
+
+def test_evaluate_takes_the_grpo_runs_own_recipe(capsys, grpo_run):
+    # `vlm-recipes evaluate RUN/recipe.yaml --adapter RUN`: the run's data, model and task; its rewards, generation
+    # and KL settings are named once and skipped
+    from vlm_recipes.evaluate import main as evaluate
+
+    output_dir, _ = grpo_run
+    results = evaluate([
+        str(output_dir / "recipe.yaml"), "--adapter", str(output_dir), "--dataset_test_split", "test",
+        "--max_eval_samples", "2", "--max_new_tokens", "2", "--evaluate_base", "false",
+    ])  # fmt: skip
+    console = capsys.readouterr().out
+    skipped = console[console.index("its method's own fields are not used here: ") :].splitlines()[0]
+    for name in ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "beta"):
+        assert name in skipped, name
+    for name in ("dataset_name", "model_name_or_path", "task", "max_length"):
+        assert name not in skipped.split(": ", 1)[1].split(", "), name  # read, not skipped
+    scores = results["eval_sets"]["chartqa"]["results"]["adapter"]
+    assert results["adapter"] == str(output_dir) and 0 <= scores["relaxed_accuracy"] <= 1
+    assert (output_dir / "eval_results.json").is_file()
+
+
+def test_evaluate_still_refuses_a_field_no_entry_point_knows(capsys, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(DEMO_RECIPE.read_text() + "reward_function: [answer_format]\n")  # a typo of reward_functions
+    from vlm_recipes.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit) as info:
+        evaluate([str(recipe), "--output_dir", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "unknown field 'reward_function'" in capsys.readouterr().err
+
+
+def sft_adapter(model_dir, output_dir):
+    """An SFT run's adapter as the package saves one (the strategy's LoRA targets), with non-zero weights: a fresh
+    LoRA adapter's B matrices are zero, a trained one's are not."""
+    import torch
+
+    from vlm_recipes.configs import ModelArguments, TuningArguments
+    from vlm_recipes.modeling.loading import load_for_training
+    from vlm_recipes.modeling.setup import resolve_model_setup
+
+    model_args = ModelArguments(model_name_or_path=str(model_dir), dtype="float32", lora_dropout=0.0, lora_r=8)
+    model = load_for_training(resolve_model_setup(model_args, TuningArguments(tuning_strategy="lora"), 1e-4))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    model.save_pretrained(output_dir)
+    return output_dir
+
+
+@pytest.mark.extended  # a second GRPO run (4-bit, ~40 s on 2 CPU cores): the start adapter and 4 bit, end to end
+def test_grpo_in_4bit_from_an_sft_adapter_trains_it_further(tiny_qwen, chartqa_dir, tmp_path, monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from safetensors.torch import load_file
+
+    from vlm_recipes.configs import ModelArguments
+    from vlm_recipes.grpo import GRPORecipe, build_trainer, reward_keys
+    from vlm_recipes.modeling.loading import load_for_inference
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.training.run import train_and_save
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as tests/test_four_bit_evaluation.py explains
+    start = sft_adapter(tiny_qwen, tmp_path / "sft")
+    start_weights = load_file(start / "adapter_model.safetensors")
+    output_dir = tmp_path / "grpo"
+    recipe = parse_recipe(GRPORecipe, grpo_args(
+        tiny_qwen, chartqa_dir, output_dir, "--tuning_strategy", "qlora", "--sft_adapter_path", start,
+        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+        "--learning_rate", "0.05",
+    ))  # fmt: skip
+    trainer = build_trainer(recipe)
+    assert any(isinstance(module, Linear4bit) for module in trainer.model.modules())
+    # Before training the policy is the SFT adapter (not a new adapter, whose B matrices are zero)
+    policy = {
+        name: parameter.detach().float()
+        for name, parameter in trainer.model.named_parameters()
+        if "lora_" in name and ".default." in name
+    }
+    assert len(policy) == len(start_weights) and any("lora_B" in name for name in policy)
+    for name, weight in start_weights.items():
+        loaded = policy[name.replace(".weight", ".default.weight")]
+        # bf16's tolerance: the recipe's 16-bit dtype rounds the float32 SFT adapter as it loads (peft 0.21.2)
+        torch.testing.assert_close(loaded, weight.float(), rtol=1.6e-2, atol=1e-5)
+    assert recipe.policy.reference == "sft_adapter"  # the frozen copy of the SFT adapter is the reference
+
+    train_and_save(trainer, recipe, summary_keys=("reward", *reward_keys(recipe.rewards.reward_functions)))
+    log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
+    assert len(log) == 2 and all(math.isfinite(entry["reward"]) and math.isfinite(entry["kl"]) for entry in log)
+    trained = load_file(output_dir / "adapter_model.safetensors")
+    assert trained.keys() == start_weights.keys()  # the SFT adapter trained further, no second adapter saved
+    assert any(not torch.equal(trained[name], start_weights[name]) for name in trained)
+
+    # The saved adapter loads back onto the 4-bit base, with the weights it was saved with
+    model, _, _ = load_for_inference(
+        ModelArguments(model_name_or_path=str(tiny_qwen), dtype="bfloat16", load_in_4bit=True), output_dir
+    )
+    assert any(isinstance(module, Linear4bit) for module in model.modules())
+    reloaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    for name, weight in trained.items():
+        torch.testing.assert_close(reloaded[name.replace(".weight", ".default.weight")].float().cpu(), weight.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preflight: the same model, data and length checks as the run, and a memory estimate that counts the generations
+
+
+def test_preflight_checks_a_grpo_recipe_and_counts_its_generations(capsys, tiny_qwen, chartqa_dir, tmp_path):
+    from vlm_recipes import preflight
+
+    report_file = tmp_path / "preflight.json"
+    preflight.main(
+        grpo_args(tiny_qwen, chartqa_dir, tmp_path / "o", "--max_train_samples", "8", "--beta", "0.04",
+                  "--preflight_report", report_file)
+    )  # fmt: skip
+    console = capsys.readouterr().out
+    assert "prompt, " in console and "max_length 1024, each prompt + 4 completion tokens" in console
+    assert "generation: KV cache, logits" in console and "16 sequences at once" in console
+    assert "GRPO: 2 prompt(s) x 8 generations per generation batch" in console
+    assert "reference: the policy with its adapter disabled, no extra weights" in console
+    assert "Preflight passed" in console and not (tmp_path / "o").exists()
+    report = json.loads(report_file.read_text())
+    memory = report["memory_estimate_bytes"]
+    assert memory["generation"] > 0 and memory["generation_sequences"] == 16 and memory["reference_weights"] == 0
+    assert report["data_report"]["train"]["rows"] == 8
+
+
+def grpo_estimate(model, data, *extra):
+    from vlm_recipes.grpo import GRPORecipe, apply_defaults
+    from vlm_recipes.modeling.memory import estimate_peak_memory, method_load
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.training.run import resolve_model
+
+    recipe = parse_recipe(GRPORecipe, grpo_args(model, data, "unused", *extra))
+    apply_defaults(recipe)
+    setup = resolve_model(recipe)
+    prompt, image = 300, 120  # tokens of the longest prompt, of its image
+    method = method_load(recipe.training, setup.plan, recipe.policy, prompt)
+    completion = recipe.training.max_completion_length
+    return estimate_peak_memory(setup, recipe.training, prompt + completion, image, 1, recipe.speed, method)
+
+
+def test_the_grpo_estimate_grows_with_the_generations_per_prompt(tiny_qwen, chartqa_dir):
+    # Two prompts per batch at 2, 4 and 8 generations each: more sequences to generate and to train on
+    estimates = [
+        grpo_estimate(tiny_qwen, chartqa_dir, "--num_generations", n, "--per_device_train_batch_size", 2 * n)
+        for n in (2, 4, 8)
+    ]
+    assert [e.generation_sequences for e in estimates] == [4, 8, 16]
+    for smaller, larger in zip(estimates, estimates[1:]):
+        assert larger.generation > smaller.generation and larger.peak(False) > smaller.peak(False)
+    longer = grpo_estimate(tiny_qwen, chartqa_dir, "--max_completion_length", 64, "--max_length", 1024)
+    assert longer.generation > grpo_estimate(tiny_qwen, chartqa_dir).generation  # the cache holds the completions
+    # A full fine-tune with a KL term keeps a frozen copy of the model: its weights once more
+    full = grpo_estimate(tiny_qwen, chartqa_dir, "--tuning_strategy", "full", "--beta", "0.04")
+    assert full.reference_weights == full.weights
+    assert grpo_estimate(tiny_qwen, chartqa_dir, "--tuning_strategy", "full").reference_weights == 0  # beta 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

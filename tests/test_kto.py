@@ -1,8 +1,10 @@
 """KTO: unpaired rows (a user's rows with a boolean label, or preference pairs split into a desirable and an
 undesirable row), recipes that cannot work, and one short run through the real entry point."""
 
+import io
 import json
 import math
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 from conftest import REPO_ROOT
@@ -106,18 +108,40 @@ def test_rows_of_one_label_only_are_refused(capsys, tiny_qwen, tmp_path):
     assert "needs desirable and undesirable answers" in capsys.readouterr().err
 
 
+def test_preflight_checks_a_kto_recipe(capsys, tiny_qwen, preference_dir, tmp_path):
+    from vlm_recipes import preflight
+
+    report_file = tmp_path / "preflight.json"
+    preflight.main(kto_args(tiny_qwen, preference_dir, tmp_path / "o", "--preflight_report", report_file))
+    console = capsys.readouterr().out
+    assert "unpaired, " in console and "Peak GPU memory per device" in console
+    assert "KTO: the KL batch runs without a graph" in console
+    assert "reference: the policy with its adapter disabled" in console and "Preflight passed" in console
+    report = json.loads(report_file.read_text())
+    assert report["task"] == "unpaired" and report["memory_estimate_bytes"]["reference_weights"] == 0
+    assert report["lengths"]["train"]["tokens"]["max"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end, through the real entry point
 
 
-def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(capsys, tiny_qwen, preference_dir, tmp_path):
-    # In process: `main` as `python -m vlm_recipes.kto` calls it, without a second import of torch and TRL (~35 s CPU)
-    output_dir = tmp_path / "kto"
-    main([
-        *kto_args(tiny_qwen, preference_dir, output_dir),
-        "--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "4", "--dataset_test_split", "none",
-    ])  # fmt: skip
-    console = "".join(capsys.readouterr())
+@pytest.fixture(scope="module")
+def kto_run(tiny_qwen, preference_dir, tmp_path_factory):
+    """One short KTO run through `main` in process, as `python -m vlm_recipes.kto` runs it (no second import of torch
+    and TRL, ~35 s CPU): (its output folder, its console)."""
+    output_dir = tmp_path_factory.mktemp("kto") / "run"
+    console = io.StringIO()
+    with redirect_stdout(console), redirect_stderr(console):
+        main([
+            *kto_args(tiny_qwen, preference_dir, output_dir),
+            "--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "4", "--dataset_test_split", "none",
+        ])  # fmt: skip
+    return output_dir, console.getvalue()
+
+
+def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(kto_run):
+    output_dir, console = kto_run
     assert "KTO rows: 4 desirable, 4 undesirable" in console
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
     assert len(log) == 2
@@ -127,3 +151,20 @@ def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(capsys
         assert (output_dir / name).is_file(), name
     card = model_card(SavedRun.read(output_dir), "me/kto", None)  # what a push writes
     assert "Kahneman-Tversky optimization" in card and "- rewards/margins: " in card and "- kl: " in card
+
+
+def test_evaluate_takes_the_kto_runs_own_recipe(capsys, kto_run, chartqa_dir):
+    # The run's model and adapter; KTO's own fields skipped. Its preference data is no evaluation task: the set to
+    # score on is named, as for any recipe whose data has no task.
+    from vlm_recipes.evaluate import main as evaluate
+
+    output_dir, _ = kto_run
+    eval_set = {"name": "charts", "dataset": str(chartqa_dir), "task": "chartqa", "split": "test", "max_samples": 2}
+    results = evaluate([
+        str(output_dir / "recipe.yaml"), "--adapter", str(output_dir), "--task", "chartqa",
+        "--eval_datasets", json.dumps(eval_set), "--max_new_tokens", "2", "--evaluate_base", "false",
+    ])  # fmt: skip
+    skipped = capsys.readouterr().out.split("its method's own fields are not used here: ")[1].splitlines()[0]
+    assert "beta" in skipped.split(", ")
+    assert "dataset_name" not in skipped and "model_name_or_path" not in skipped
+    assert 0 <= results["eval_sets"]["charts"]["results"]["adapter"]["relaxed_accuracy"] <= 1

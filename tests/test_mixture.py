@@ -288,7 +288,9 @@ def test_the_docs_registry_example_parses():
     assert turns == [{"role": "assistant", "content": "Hi."}]
 
 
-def test_preference_sources_of_two_shapes_mix_for_dpo(two_sources, tmp_path):
+@pytest.fixture
+def preference_registry(two_sources, tmp_path):
+    """A registry of two differently shaped preference sources of 30 pairs each: a CSV and a JSONL file."""
     with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["img", "q", "good", "bad"])
@@ -305,9 +307,70 @@ def test_preference_sources_of_two_shapes_mix_for_dpo(two_sources, tmp_path):
         "pairs_jsonl": {"source": "pairs.jsonl", "formatter": "preference"},
     }
     (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
-    args = DataArguments(dataset_registry=str(tmp_path / "registry.yaml"), datasets=["pairs_csv", "pairs_jsonl"])
+    return tmp_path / "registry.yaml"
+
+
+def test_preference_sources_of_two_shapes_mix_for_dpo(preference_registry):
+    args = DataArguments(dataset_registry=str(preference_registry), datasets=["pairs_csv", "pairs_jsonl"])
     train, _, report = load_datasets(args, seed=0, task="preference")
     assert {"images", "prompt", "chosen", "rejected", "data_source"} <= set(train.column_names)
     assert report.mixture["pairs_csv"]["formatted_rows"] == report.mixture["pairs_jsonl"]["formatted_rows"] == 30
     row = next(row for row in train if row["data_source"] == "pairs_csv")
     assert row["prompt"][0]["content"][0]["type"] == "image" and row["chosen"][0]["content"][0]["text"] == "A chart."
+
+
+@pytest.mark.e2e
+@pytest.mark.extended  # ~20 s on 2 cores; the SFT mixture run is the default suite's end-to-end mixture
+def test_dpo_trains_on_a_3_to_1_mixture_of_preference_sources(preference_registry, tiny_qwen, tmp_path):
+    from vlm_recipes import dpo
+
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "dpo_lora.yaml").read_text())
+    for key in ("dataset_name", "formatter", "dataset_train_split", "dataset_test_split", "max_train_samples"):
+        recipe.pop(key)
+    recipe.update(
+        model_name_or_path=str(tiny_qwen),
+        dataset_registry=str(preference_registry),
+        datasets=[{"name": "pairs_csv", "weight": 3}, {"name": "pairs_jsonl", "weight": 1}],
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+    )
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
+    dpo.main([str(tmp_path / "dpo.yaml")])
+    mixture = json.loads((tmp_path / "out" / "data_report.json").read_text())["mixture"]
+    assert mixture["pairs_csv"]["train_rows"] == 30  # the weight-3 source, whole
+    assert 0 < mixture["pairs_jsonl"]["train_rows"] < 30 and mixture["pairs_jsonl"]["weight"] == 1
+    assert len(logged_losses(tmp_path / "out")) == 2
+
+
+def test_a_second_process_reads_the_checked_mixture_from_the_cache(two_sources, tiny_qwen, tmp_path, monkeypatch):
+    """What another process does under `main_process_first` (the same calls, the cache now present): the same draw, and
+    no row checked again. The JSONL source is built in memory; its fingerprint comes from the files, not at random."""
+    import datasets
+    from transformers import AutoProcessor
+
+    from vlm_recipes.configs import ReliabilityArguments
+    from vlm_recipes.data import checks
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    check_row = checks.check_row
+    monkeypatch.setattr(checks, "check_row", lambda *args, **kwargs: calls.append(1) or check_row(*args, **kwargs))
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+
+    def prepare(sources):
+        args = mixture_args(two_sources, datasets=sources)
+        train, evaluation, report = load_datasets(args, seed=3, need_eval=True, task="sft")
+        return checks.check_training_data(train, evaluation, report, processor, ReliabilityArguments(), None)
+
+    # the JSONL source alone (every dataset in memory), and mixed 3:1 with the CSV one (read from files)
+    chats = {"name": "chats", "weight": 1, "max_samples": 40}  # 40 of its rows: enough to see, quick to check
+    for sources in ([chats], [{"name": "charts_csv", "weight": 3, "max_samples": 40}, chats]):
+        before = len(calls)
+        first_train, first_eval = prepare(sources)
+        assert len(calls) - before == len(first_train) + len(first_eval) > 0
+        second_train, second_eval = prepare(sources)
+        assert len(calls) - before == len(first_train) + len(first_eval)  # read from the cache, not checked again
+        for first, second in ((first_train, second_train), (first_eval, second_eval)):
+            assert first["source_row"] == second["source_row"] and first["data_source"] == second["data_source"]

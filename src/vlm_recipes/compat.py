@@ -23,6 +23,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `is_packed_4bit`                   | bitsandbytes | 4-bit weights are `Params4bit` parameters, two weights per byte |
 | `keep_4bit_weights_trainable`      | bitsandbytes | `Linear4bit.support_avx512bf16_for_cpu` turns on its CPU inference repacking |
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
+| `iterable_of_rows`                 | datasets     | `IterableDataset(ExamplesIterable(fn, kwargs), info)` reads `fn()`'s (key, row) pairs |
 """
 
 import functools
@@ -338,3 +339,16 @@ def keep_4bit_weights_trainable(model: Any) -> int:
 def dataset_fingerprint(dataset: Any) -> str:
     """The datasets library's fingerprint of a dataset's current state (the key of its cache files)."""
     return dataset._fingerprint
+
+
+def iterable_of_rows(generate: Callable[[], Iterator[dict[str, Any]]], features: Any = None) -> Any:
+    """A datasets `IterableDataset` whose rows are `generate()`'s, a fresh generator each pass. The public
+    `IterableDataset.from_generator` hashes the generator and everything it closes over (a processor, other streams:
+    seconds, or an error) to name a cache a stream never writes."""
+    from datasets import DatasetInfo, IterableDataset
+    from datasets.iterable_dataset import ExamplesIterable
+
+    def keyed() -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(generate())
+
+    return IterableDataset(ExamplesIterable(keyed, {}), info=DatasetInfo(features=features))

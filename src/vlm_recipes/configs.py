@@ -89,6 +89,31 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N training rows (quick runs, debugging)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training rows as a stream (for data larger than memory or disk): each row is formatted "
+            "and checked when the trainer reaches it, bad rows are skipped and counted in a running data_report.json "
+            "(written at each save and at the end). Needs a positive `max_steps`. A mixture entry may set "
+            "`streaming: true` for itself. Evaluation rows are read into memory (docs/your-data.md)."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "Streaming: rows held at once; each full buffer is shuffled (seeded) and, with length grouping, cut "
+            "into batches of similar length."
+        },
+    )
+    augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Augment training images (off by default; evaluation rows never): a mapping of brightness, "
+            "contrast, saturation, crop (fractions), jpeg_quality ([low, high]), resolution (a downscale fraction), "
+            "probability and seed; on the command line a JSON object. No flips or rotations (they change what a chart "
+            "says). See docs/your-data.md; `preflight --show_augmentation grid.png` draws examples."
+        },
+    )
     max_bad_fraction: float = field(
         default=0.05,
         metadata={

@@ -20,6 +20,7 @@ from trl import DPOConfig
 
 from vlm_recipes.configs import PolicyArguments
 from vlm_recipes.console import setup_console
+from vlm_recipes.data.augmentation import build_augmenter
 from vlm_recipes.errors import RecipeError, exit_on_recipe_error
 from vlm_recipes.hub.token import prepare_training_push
 from vlm_recipes.modeling.strategies import TuningPlan
@@ -102,6 +103,9 @@ def build_trainer(recipe: DPORecipe) -> VLMDPOTrainer:
         speed=recipe.speed,
         reliability=recipe.reliability,
         padding_free=padding_free,
+        augmenter=build_augmenter(
+            recipe.data.augmentation, training_args.seed, processor, recipe.reliability.min_image_side
+        ),  # training images only
     )
     form_reference(trainer, recipe)  # the new adapter's "ref" copy dropped; sft_merged: the SFT adapter kept beside
     title = plot_title(recipe.model.model_name_or_path, "preference", recipe.source)

@@ -217,7 +217,9 @@ def evaluate(recipe: EvaluateRecipe) -> dict[str, Any]:
 @exit_on_recipe_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_console()
-    recipe = parse_recipe(EvaluateRecipe, argv, prog="python -m vlm_recipes.evaluate")
+    # A task recipe, or any training run's recipe.yaml (its data, model and evaluation parts; GRPO's rewards and the
+    # like are skipped)
+    recipe = parse_recipe(EvaluateRecipe, argv, prog="python -m vlm_recipes.evaluate", ignore_method_fields=True)
     return evaluate(recipe)
 
 

@@ -95,9 +95,17 @@ def apply_defaults(recipe: GRPORecipe) -> Task:
 
 
 def check_generation_backend(training_args: GRPOConfig) -> None:
-    """vLLM only where it can run: installed, and a CUDA GPU."""
+    """vLLM only where it can run: installed, and a CUDA GPU. TRL's own fields set it up and pass through unchanged:
+    `vllm_mode` (colocate by default: vLLM shares each training GPU; server: `trl vllm-serve` on other GPUs),
+    `vllm_gpu_memory_utilization` (the share of each GPU vLLM takes in colocate mode), `vllm_tensor_parallel_size`."""
     if not training_args.use_vllm:
         return
+    utilization = training_args.vllm_gpu_memory_utilization
+    if training_args.vllm_mode == "colocate" and not 0 < utilization < 1:
+        raise RecipeError(
+            f"`vllm_gpu_memory_utilization` is {utilization:g}: in colocate mode vLLM shares each GPU with training, "
+            "so give it a share between 0 and 1 (TRL's default 0.3)."
+        )
     if importlib.util.find_spec("vllm") is None:
         raise RecipeError(
             "`use_vllm: true` needs vLLM, which is not installed: `pip install 'vlm-recipes[vllm]'` on a GPU machine, "

@@ -6,7 +6,9 @@ Runs the same data checks as training (every train and eval row: images decode a
 processor takes, text, placeholders, token length against `max_length`) and prints, for the recipe as configured:
 the rows kept, fixed and rejected by reason; the token-length distribution (p50, p95, max) with image tokens per row;
 the share of padding the configured batch size carries grouped by length and under random batching; and an ESTIMATE
-of peak GPU memory per device for the model and tuning strategy. It reads the model's config and processor only. Exit code 0 when training
+of peak GPU memory per device for the model and tuning strategy (GRPO: with its generation batch; DPO, GRPO, KTO: with
+a reference that costs weights). SFT, DPO, GRPO and KTO recipes (the `# entry point:` line). It reads the model's
+config and processor only. Exit code 0 when training
 would start, 2 (with the same message training would give) when too many rows are rejected or the recipe is wrong.
 Nothing is written to the recipe's `output_dir`.
 """
@@ -19,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_recipes import dpo, sft
+from vlm_recipes import dpo, grpo, kto, sft
 from vlm_recipes.console import setup_console
+from vlm_recipes.data.augmentation import augmentation_grid, build_augmenter
 from vlm_recipes.data.checks import CheckedSplit, check_datasets, check_policy, default_num_proc
 from vlm_recipes.data.lengths import TokenCounter, padding_share, percentile, random_batching_padding_share
 from vlm_recipes.data.loading import DATA_SOURCE, load_datasets
 from vlm_recipes.errors import DataError, RecipeError, exit_on_recipe_error
-from vlm_recipes.modeling.memory import estimate_peak_memory
+from vlm_recipes.modeling.memory import estimate_peak_memory, method_load
 from vlm_recipes.recipe import entry_point_of, parse_recipe
-from vlm_recipes.training.run import resolve_model
+from vlm_recipes.training.run import data_processes, resolve_model
 from vlm_recipes.training.sampling import LengthGroupedSampler
 
 
@@ -41,6 +44,17 @@ class PreflightArguments:
     preflight_report: str | None = field(
         default=None, metadata={"help": "Also write everything the preflight prints as JSON to this file."}
     )
+    show_augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write a PNG grid of the recipe's `augmentation` to this file: `augmentation_samples` training "
+            "images, each as it is and in `augmentation_variants` augmented versions, to look at before training."
+        },
+    )
+    augmentation_samples: int = field(default=4, metadata={"help": "--show_augmentation: training images (rows)."})
+    augmentation_variants: int = field(
+        default=4, metadata={"help": "--show_augmentation: augmented versions of each (columns)."}
+    )
 
 
 @dataclass
@@ -53,19 +67,31 @@ class DPOPreflightRecipe(dpo.DPORecipe):
     preflight: PreflightArguments
 
 
+@dataclass
+class GRPOPreflightRecipe(grpo.GRPORecipe):
+    preflight: PreflightArguments
+
+
+@dataclass
+class KTOPreflightRecipe(kto.KTORecipe):
+    preflight: PreflightArguments
+
+
 @dataclass(frozen=True)
 class PreflightTarget:
     """How the preflight reads a recipe of one training entry point: as it parses it, with its defaults, for its task."""
 
     recipe_class: type
     apply_defaults: Callable[[Any], None]
-    task: str  # the formatters' task: "sft" or "preference"
+    task: str  # the formatters' task: "sft", "preference", "prompt" (GRPO) or "unpaired" (KTO)
 
 
 # A recipe's `# entry point:` line (SFT when it has none) -> how the preflight checks it.
 TARGETS = {
     "vlm_recipes.sft": PreflightTarget(SFTPreflightRecipe, sft.apply_defaults, "sft"),
     "vlm_recipes.dpo": PreflightTarget(DPOPreflightRecipe, dpo.apply_defaults, "preference"),
+    "vlm_recipes.grpo": PreflightTarget(GRPOPreflightRecipe, grpo.apply_defaults, "prompt"),
+    "vlm_recipes.kto": PreflightTarget(KTOPreflightRecipe, kto.apply_defaults, "unpaired"),
 }
 
 
@@ -134,7 +160,31 @@ def verify_counts(dataset: Any, counter: TokenCounter, processor: Any, rows: int
     return sum(a == b for a, b in zip(counted, expected)), len(sample)
 
 
-def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: PreflightTarget) -> dict[str, Any]:
+def write_augmentation_grid(recipe: Any, processor: Any, dataset: Any, path: str) -> Path:
+    """`--show_augmentation`: the first training images with their augmentations, as a PNG grid."""
+    options = recipe.preflight
+    augmenter = build_augmenter(
+        recipe.data.augmentation, recipe.training.seed, processor, recipe.reliability.min_image_side
+    )
+    if augmenter is None:
+        raise RecipeError("--show_augmentation: the recipe sets no `augmentation` (see docs/your-data.md).")
+    if options.augmentation_samples < 1 or options.augmentation_variants < 1:
+        raise RecipeError("--show_augmentation: augmentation_samples and augmentation_variants should be at least 1.")
+    images = []
+    for row in dataset:
+        images += [image for image in row.get("images") or [] if hasattr(image, "size")]
+        if len(images) >= options.augmentation_samples:
+            break
+    if not images:
+        raise RecipeError("--show_augmentation: the training rows have no images to augment.")
+    grid = augmentation_grid(images[: options.augmentation_samples], augmenter, options.augmentation_variants)
+    grid.save(path)
+    print(f"Augmentation grid: {path} ({len(images[: options.augmentation_samples])} images x "
+          f"{options.augmentation_variants} augmentations, originals first)")  # fmt: skip
+    return Path(path)
+
+
+def preflight(recipe: Any, target: PreflightTarget) -> dict[str, Any]:
     """Everything the preflight reports, as a dict; prints it as it goes. Raises `DataError` if training would stop."""
     task = target.task
     target.apply_defaults(recipe)  # the entry point's own defaults over TRL's (SFT: the task's formatter), as training
@@ -144,9 +194,11 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
     # The recipe's model side first, from the config alone: a wrong family or strategy fails before the data.
     setup = resolve_model(recipe)
     family, plan = setup.family, setup.plan
+    max_length, reserved_tokens = recipe.length_limit()  # GRPO: each prompt leaves room for its completion
     processor = setup.load_processor()
+    room = f", each prompt + {reserved_tokens} completion tokens" if reserved_tokens else ""
     print(f"Preflight of {recipe.source or 'the recipe'}: {task}, {model_args.model_name_or_path} ({family.name}), "
-          f"tuning strategy '{plan.strategy.name}', max_length {training_args.max_length}")  # fmt: skip
+          f"tuning strategy '{plan.strategy.name}', max_length {max_length}{room}")  # fmt: skip
 
     started = time.perf_counter()
     need_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
@@ -155,15 +207,15 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
         seed=training_args.seed,
         need_eval=need_eval,
         task=task,
-        num_proc=training_args.dataset_num_proc,
+        num_proc=data_processes(training_args),
     )
     counter = TokenCounter(processor)
-    num_proc = reliability.check_num_proc or training_args.dataset_num_proc
+    num_proc = reliability.check_num_proc or data_processes(training_args)
     checked = check_datasets(
         {"train": train, "eval": evaluation},
         report,
         counter,
-        check_policy(processor, reliability, training_args.max_length),
+        check_policy(processor, reliability, max_length, reserved_tokens=reserved_tokens),
         num_proc,
     )
     seconds = time.perf_counter() - started
@@ -177,7 +229,7 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
     for name, split in per_source(checked["train"]).items():  # a mixture: each source's rows as they would train
         lengths[f"train:{name}"] = length_summary(split, batch_size, group_batches)
     width = max(6, *(len(name) + 1 for name in lengths))
-    print(f"\nTokens per row (text + image tokens; max_length {training_args.max_length})")
+    print(f"\nTokens per row (text + image tokens; max_length {max_length}{room})")
     print(f"  {'split':<{width}}{'rows':>9}{'p50':>8}{'p95':>8}{'max':>8}   image tokens p50 / p95 / max (mean)")
     for name, summary in lengths.items():
         t, i = summary["tokens"], summary["image_tokens_per_row"]
@@ -202,8 +254,15 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
     longest = max(lengths["train"]["tokens"]["max"], lengths.get("eval", {}).get("tokens", {}).get("max", 0))
     longest_image = max(split.image_tokens and max(split.image_tokens) or 0 for split in checked.values())
     pairs = 2 if task == "preference" else 1  # chosen and rejected run together
-    memory = estimate_peak_memory(setup, training_args, longest, longest_image, pairs, recipe.speed)
+    # GRPO trains on sequences of prompt + completion; what a method adds (generation, a reference) is counted apart
+    method = method_load(training_args, plan, getattr(recipe, "policy", None), longest)
+    memory = estimate_peak_memory(
+        setup, training_args, longest + reserved_tokens, longest_image, pairs, recipe.speed, method
+    )
     print("", *memory.lines(), sep="\n")
+
+    if recipe.preflight.show_augmentation:
+        write_augmentation_grid(recipe, processor, checked["train"].dataset, recipe.preflight.show_augmentation)
 
     result = {
         "recipe": recipe.source,
@@ -222,6 +281,9 @@ def preflight(recipe: SFTPreflightRecipe | DPOPreflightRecipe, target: Preflight
             "activations_checkpointed": memory.activations_checkpointed,
             "activations_without_checkpointing": memory.activations_full,
             "logits": memory.logits,
+            "generation": memory.generation,
+            "generation_sequences": memory.generation_sequences,
+            "reference_weights": memory.reference_weights,
             "peak_with_checkpointing": memory.peak(True),
             "peak_without_checkpointing": memory.peak(False),
             "is_estimate": True,

@@ -18,6 +18,7 @@ Each entry point declares its recipe as a dataclass whose fields are its parts, 
 
 import argparse
 import difflib
+import importlib
 import os
 import typing
 from dataclasses import dataclass, fields
@@ -38,6 +39,7 @@ from vlm_recipes.configs import (
     SpeedArguments,
     TuningArguments,
 )
+from vlm_recipes.console import print_main
 from vlm_recipes.errors import RecipeError
 
 
@@ -182,9 +184,43 @@ def _has_accelerator() -> bool:
 RecipeType = typing.TypeVar("RecipeType", bound=Recipe)
 
 
-def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, prog: str | None = None) -> RecipeType:
+def recipe_class_of(entry_point: str) -> type[TrainingRecipe] | None:
+    """The recipe class a training entry point parses: the `TrainingRecipe` subclass its module defines."""
+    try:
+        module = importlib.import_module(entry_point)
+    except ImportError:
+        return None
+    return next(
+        (
+            value
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, TrainingRecipe) and value.__module__ == module.__name__
+        ),
+        None,
+    )
+
+
+def method_fields(recipe_text: str, known: set[str]) -> set[str]:
+    """The fields of the recipe file's own entry point (its `# entry point:` line) that a parser knowing `known` does
+    not: a training method's own parts (GRPO's rewards, DPO's beta, where a policy starts, ...)."""
+    recipe_class = recipe_class_of(entry_point_of(recipe_text))
+    if recipe_class is None:
+        return set()
+    return {f.name for part in recipe_class.parts().values() for f in fields(part)} - known
+
+
+def parse_recipe(
+    recipe_class: type[RecipeType],
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    ignore_method_fields: bool = False,
+) -> RecipeType:
     """Parse `argv` (default `sys.argv[1:]`: a recipe path and field overrides) into `recipe_class`, one instance of
-    each of its parts."""
+    each of its parts.
+
+    `ignore_method_fields`: a command that reads the data, model and evaluation parts of any training run's recipe
+    (`evaluate` on `RUN/recipe.yaml`) skips the fields that belong to the file's own method only, saying so in one line;
+    any other unknown field is still an error."""
     import sys
 
     from trl import TrlParser
@@ -207,6 +243,15 @@ def parse_recipe(recipe_class: type[RecipeType], argv: list[str] | None = None, 
             raise RecipeError(f"{recipe_path}: `env` should be a mapping of variable: value, got {env!r:.60}.")
         for key, value in env.items():
             os.environ[str(key)] = str(value)
+        if ignore_method_fields:
+            text = Path(recipe_path).read_text(encoding="utf-8")
+            skipped = [key for key in content if key in method_fields(text, set(actions))]
+            if skipped:
+                content = {key: value for key, value in content.items() if key not in skipped}
+                print_main(
+                    f"{recipe_path}: a {entry_point_of(text).removeprefix('vlm_recipes.')} recipe; its method's own "
+                    f"fields are not used here: {', '.join(skipped)}"
+                )
         for key, value in content.items():
             if key not in actions:
                 raise RecipeError(_unknown_field_message(key, known, recipe_path))

@@ -15,6 +15,7 @@ from trl import SFTConfig
 
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import setup_console
+from vlm_recipes.data.augmentation import build_augmenter
 from vlm_recipes.errors import exit_on_recipe_error
 from vlm_recipes.evaluation.sets import apply_task_defaults, headline_keys, resolve_eval_sets
 from vlm_recipes.hub.token import prepare_training_push
@@ -85,6 +86,9 @@ def build_trainer(recipe: SFTRecipe) -> VLMSFTTrainer:
         # The family's training chat template for assistant-only loss, where TRL has none (None: TRL's own handling)
         training_template=choose_training_template(processor, setup.family, training_args),
         padding_free=padding_free,
+        augmenter=build_augmenter(
+            recipe.data.augmentation, training_args.seed, processor, recipe.reliability.min_image_side
+        ),  # training images only
     )
     title = plot_title(recipe.model.model_name_or_path, recipe.evaluation.task or recipe.data.formatter, recipe.source)
     add_evaluation_callbacks(trainer, recipe.evaluation, generation_sets, title)  # eval/<set>/<metric>, the plot

@@ -23,8 +23,10 @@ Rows are task-agnostic: anything `row_conversations` understands (SFT `messages`
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import datasets
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
@@ -43,7 +45,7 @@ from vlm_recipes.data.images import (
     with_image_decoding,
 )
 from vlm_recipes.data.lengths import COMPLETION_COLUMNS, TokenCounter, row_conversations
-from vlm_recipes.data.loading import DATA_SOURCE, SOURCE_ROW
+from vlm_recipes.data.loading import DATA_SOURCE, SOURCE_ROW, has_stable_fingerprint
 from vlm_recipes.data.report import DataReport
 from vlm_recipes.data.special_tokens import escape_special_tokens, find_special_token, special_token_texts
 from vlm_recipes.errors import DataError
@@ -333,6 +335,18 @@ def _fingerprint(dataset: Dataset, counter: TokenCounter, policy: CheckPolicy, t
     return Hasher.hash(settings)
 
 
+def _cache_file(dataset: Dataset, fingerprint: str) -> str | None:
+    """Where a check's result on `dataset` is cached: datasets' own place for a dataset read from files (None); for one
+    built in memory with a fingerprint derived from its sources (`data.loading.has_stable_fingerprint`: a JSONL file's
+    rows), a file of that fingerprint in the datasets cache, so another process or the next run reads it instead of
+    checking again; None (not cached) for other in-memory datasets."""
+    if dataset.cache_files or not has_stable_fingerprint(dataset):
+        return None
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes_checks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{fingerprint}.arrow")
+
+
 def check_split(
     dataset: Dataset,
     split: str,
@@ -344,7 +358,6 @@ def check_split(
     """Check every row of `split`: rejections and fixes go into `report`; returns the kept rows with fixes applied."""
     if len(dataset) == 0:
         return CheckedSplit(dataset)
-    source = report.splits[split].source
     column = image_column(dataset)
     raw = with_image_decoding(dataset, column, decode=False)
     num_proc = default_num_proc(len(dataset), num_proc)
@@ -354,7 +367,8 @@ def check_split(
             _escape_row,
             fn_kwargs={"tokens": (IMAGE_PLACEHOLDER, *policy.special_tokens)},
             num_proc=num_proc if num_proc > 1 else None,
-            new_fingerprint=_fingerprint(raw, counter, policy, "escaped"),
+            new_fingerprint=(fingerprint := _fingerprint(raw, counter, policy, "escaped")),
+            cache_file_name=_cache_file(raw, fingerprint),
             desc=f"Escaping special tokens in the text of {split} rows",
         )
         escaped = raw[ESCAPED_COLUMN]
@@ -364,7 +378,8 @@ def check_split(
         fn_kwargs={"counter": counter, "policy": policy, "image_column": column},
         remove_columns=raw.column_names,
         num_proc=num_proc if num_proc > 1 else None,
-        new_fingerprint=_fingerprint(raw, counter, policy, "verdicts"),
+        new_fingerprint=(fingerprint := _fingerprint(raw, counter, policy, "verdicts")),
+        cache_file_name=_cache_file(raw, fingerprint),
         desc=f"Checking {split} rows (images, text, placeholders, lengths)",
     )
     labels = dataset[SOURCE_ROW] if SOURCE_ROW in dataset.column_names else [None] * len(dataset)
@@ -375,26 +390,10 @@ def check_split(
     checked = CheckedSplit(dataset)
     for index, (label, origin) in enumerate(zip(labels, origins, strict=True)):
         verdict = {name: values[index] for name, values in columns.items()}
-        where, number = _where(label, index)
-        row_label = where.split(" ")[0]
-        if origin is not None:
-            where = f"{origin}: {where}"
-        if verdict["reason"] is not None:
-            message = DataError(
-                verdict["message"],
-                source=report.sources.get(origin, source),
-                row=number,
-                column=verdict["column"],
-                row_label=row_label,
-            )
-            report.reject(split, where, verdict["reason"], str(message))
+        if not report_verdict(report, split, verdict, label, index, origin, escaped[index] if escaped else ()):
             continue
         if any(verdict["rewrites"]):
             fixes[len(kept)] = (verdict["targets"], verdict["rewrites"])
-        for note in verdict["notes"]:
-            report.fix(split, where, note)
-        for token in escaped[index] if escaped else ():
-            report.fix(split, where, f"special token {token} escaped as plain text")
         kept.append(index)
         checked.tokens.append(verdict["tokens"])
         checked.image_tokens.append(verdict["image_tokens"])
@@ -407,11 +406,65 @@ def check_split(
             with_indices=True,
             input_columns=[column],
             num_proc=num_proc if num_proc > 1 and len(fixes) >= PARALLEL_FROM_ROWS else None,
-            new_fingerprint=_fingerprint(result, counter, policy, "fixes"),
+            new_fingerprint=(fingerprint := _fingerprint(result, counter, policy, "fixes")),
+            cache_file_name=_cache_file(result, fingerprint),
             desc=f"Converting and resizing {len(fixes)} {split} row(s) whose images needed it",
         )
     checked.dataset = with_image_decoding(result, column, decode=True)
     return checked
+
+
+def report_verdict(
+    report: DataReport,
+    split: str,
+    verdict: dict[str, Any],
+    label: str | None,
+    index: int,
+    origin: str | None,
+    escaped: Any = (),
+) -> bool:
+    """Count one row's verdict in `report` under `split` (a rejection naming its source, row and column, or its fixes);
+    whether the row is kept. `label` is its `SOURCE_ROW` ("line 18"), `origin` its mixture source or None."""
+    where, number = _where(label, index)
+    row_label = where.split(" ")[0]
+    if origin is not None:
+        where = f"{origin}: {where}"
+    if verdict["reason"] is not None:
+        message = DataError(
+            verdict["message"],
+            source=report.sources.get(origin, report.splits[split].source),
+            row=number,
+            column=verdict["column"],
+            row_label=row_label,
+        )
+        report.reject(split, where, verdict["reason"], str(message))
+        return False
+    for note in verdict["notes"]:
+        report.fix(split, where, note)
+    for token in escaped:
+        report.fix(split, where, f"special token {token} escaped as plain text")
+    return True
+
+
+def check_streamed_row(
+    row: dict[str, Any], counter: TokenCounter, policy: CheckPolicy
+) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+    """One streamed row through the checks `check_split` runs on a whole split (`check_row`, the same escaping and
+    fixes): (the row with its fixes applied and its images decoded, or None when rejected; the verdict; the special
+    tokens escaped). `report_verdict` counts the verdict."""
+    column = next((name for name in ("images", "image") if name in row), None)
+    escaped: list[str] = []
+    if policy.escape_special_tokens and policy.special_tokens:
+        changed = _escape_row(row, (IMAGE_PLACEHOLDER, *policy.special_tokens))
+        escaped = changed.pop(ESCAPED_COLUMN)
+        row = {**row, **changed}
+    verdict = check_row(row, counter, policy, column)
+    if verdict["reason"] is not None or column is None or row[column] is None:
+        return (None if verdict["reason"] is not None else row), verdict, escaped
+    fixes = {0: (verdict["targets"], verdict["rewrites"])} if any(verdict["rewrites"]) else {}
+    values = _apply_fixes(row[column], 0, fixes, column)[column]
+    decoded = [decode_image(value) for value in values] if isinstance(values, list) else decode_image(values)
+    return {**row, column: decoded}, verdict, escaped
 
 
 ESCAPED_COLUMN = "_escaped_special_tokens"

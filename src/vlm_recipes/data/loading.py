@@ -7,6 +7,8 @@ splits in TRL's vision format (see `vlm_recipes.data.formatters`) with `images` 
 import glob
 import json
 import logging
+import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from datasets import (
     load_from_disk,
 )
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+from datasets.fingerprint import Hasher
 
 from vlm_recipes.configs import DataArguments
 from vlm_recipes.console import quiet_progress
@@ -211,6 +214,38 @@ def _without_decoding(feature: Any) -> Any:
     return feature
 
 
+# Marks a dataset (in its `info.description`, which datasets carries through map, select, casts and concatenation)
+# whose fingerprint is derived from its sources, not drawn at random: `data.checks` may cache results for it.
+STABLE_FINGERPRINT = "vlm_recipes: fingerprint derived from the source files"
+
+
+def has_stable_fingerprint(dataset: Dataset) -> bool:
+    return STABLE_FINGERPRINT in (dataset.info.description or "")
+
+
+def _file_stamp(path: Any) -> tuple[str, int, int] | None:
+    """(resolved path, size, modification time) of a local file; None when it is not one."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _rows_fingerprint(source: str, lines: list[Any], formatted: list[dict[str, Any]], settings: Any) -> str | None:
+    """A fingerprint of formatted rows from a local file: the file's and every image file's path, size and modification
+    time, the rows taken (their line numbers) and `settings` (the recipe's data part, formatter, split, task); None for
+    rows not read from a local file. Datasets built in memory otherwise get a random one, so other processes, and the
+    next run, could not find the checks' cached results (`data.checks`)."""
+    stamp = _file_stamp(source)
+    if stamp is None:
+        return None
+    images = [
+        _file_stamp(image) or image for row in formatted for image in row.get("images") or [] if isinstance(image, str)
+    ]
+    return Hasher.hash(("formatted rows v1", stamp, lines, images, settings))
+
+
 def _format_rows(
     rows: list[dict[str, Any]],
     spec: FormatterSpec,
@@ -218,8 +253,10 @@ def _format_rows(
     report: SplitReport,
     split: str,
     data_report: DataReport,
+    settings: Any = None,
 ) -> Dataset:
     formatted = []
+    lines = [row.get("_line", index) for index, row in enumerate(rows)]
     for index, row in enumerate(rows):
         number = row.pop("_line", index)
         try:
@@ -234,7 +271,13 @@ def _format_rows(
                 DataError(str(error), source=report.source, row=number, column=error.column, row_label="line")
             )
             data_report.reject(split, f"line {number}", error.reason, message)
-    return Dataset.from_list(formatted)
+    dataset = Dataset.from_list(formatted)
+    fingerprint = _rows_fingerprint(report.source, lines, formatted, settings)
+    if fingerprint is None:
+        return dataset
+    info = dataset.info.copy()
+    info.description = STABLE_FINGERPRINT
+    return Dataset(dataset.data, info=info, fingerprint=fingerprint)
 
 
 def _format_dataset(
@@ -316,7 +359,8 @@ def format_split(
     if isinstance(rows, Dataset):
         formatted = _format_dataset(rows, spec, options, report, split, data_report, num_proc)
     else:
-        formatted = _format_rows([dict(row) for row in rows], spec, options, report, split, data_report)
+        settings = (asdict(data_args), spec.name, split, task, str(image_root))
+        formatted = _format_rows([dict(row) for row in rows], spec, options, report, split, data_report, settings)
     return _cast_images(formatted)
 
 

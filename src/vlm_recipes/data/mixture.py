@@ -27,7 +27,7 @@ from vlm_recipes.data.registry import ENTRY_FIELDS, DatasetEntry, check_weight, 
 from vlm_recipes.errors import RecipeError
 
 
-MIXTURE_FIELDS = ("name", "max_samples", *ENTRY_FIELDS)
+MIXTURE_FIELDS = ("name", "max_samples", "streaming", *ENTRY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class MixtureSource:
     entry: DatasetEntry
     weighted: bool  # drawn with probability weight / sum; False: all its rows (up to max_samples) join
     max_samples: int | None
+    streaming: bool = False  # read lazily, row by row (`data.streaming`)
 
     @property
     def name(self) -> str:
@@ -70,7 +71,9 @@ def resolve_mixture(items: list[Any], registry: dict[str, DatasetEntry], registr
         unknown = sorted(set(values) - set(MIXTURE_FIELDS))
         if unknown:
             raise RecipeError(f"{where}: unknown field '{unknown[0]}'. Its fields: {', '.join(MIXTURE_FIELDS)}.")
-        inline = {key: value for key, value in values.items() if key not in ("name", "max_samples", "weight")}
+        inline = {
+            key: value for key, value in values.items() if key not in ("name", "max_samples", "weight", "streaming")
+        }
         if name in registry and not inline:
             entry = registry[name]
         elif name in registry:
@@ -96,7 +99,10 @@ def resolve_mixture(items: list[Any], registry: dict[str, DatasetEntry], registr
         if "weight" in values:
             entry = replace(entry, weight=check_weight(values["weight"], where))
         weighted = "weight" in values or max_samples is None
-        sources.append(MixtureSource(entry=entry, weighted=weighted, max_samples=max_samples))
+        streaming = values.get("streaming", False)
+        if not isinstance(streaming, bool):
+            raise RecipeError(f"{where}: `streaming` should be true or false, got {streaming!r}.")
+        sources.append(MixtureSource(entry=entry, weighted=weighted, max_samples=max_samples, streaming=streaming))
     names = [source.name for source in sources]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:

@@ -209,15 +209,16 @@ class DataReport:
                 )
         return "\n".join(lines)
 
-    def stop_if_too_many_rejected(self, max_bad_fraction: float) -> None:
-        """Raise a `DataError` naming the reasons and example rows when a split loses more than `max_bad_fraction`."""
+    def stop_if_too_many_rejected(self, max_bad_fraction: float, when: str = "before loading the model") -> None:
+        """Raise a `DataError` naming the reasons and example rows when a split loses more than `max_bad_fraction`;
+        `when` says where the run stops."""
         for name, split in self.splits.items():
             if split.rejected and split.bad_fraction > max_bad_fraction:  # as `stops` says
                 worst = max(split.rejections.values(), key=lambda rejection: rejection.count)
                 raise DataError(
                     f"{split.rejected} of {split.rows} rows of the '{name}' split were rejected "
-                    f"({split.bad_fraction:.0%} > max_bad_fraction {max_bad_fraction:.0%}), so the run stops before "
-                    f"loading the model. Most common: {worst.reason} ({worst.count} rows, e.g. "
+                    f"({split.bad_fraction:.0%} > max_bad_fraction {max_bad_fraction:.0%}), so the run stops {when}. "
+                    f"Most common: {worst.reason} ({worst.count} rows, e.g. "
                     f"{', '.join(worst.examples)}): {worst.message}.\n{self.table()}",
                     source=split.source,
                 )

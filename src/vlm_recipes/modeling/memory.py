@@ -23,6 +23,14 @@ also holds one block's working activations for the patches encoded at once (a ba
 row, or at `max_tokens_per_batch` tokens in one packed sequence, under DDP (ZeRO-3 and FSDP shard weights and optimizer
 states over the devices; this does not).
 
+Methods that generate or keep a reference (`method_load`): GRPO generates `num_generations` completions per prompt for
+its whole generation batch (per device: `per_device_train_batch_size` x `steps_per_generation` sequences of prompt +
+`max_completion_length` tokens) without a graph, holding the KV cache (2 x layers x kv width per token) and each
+sequence's last-position logits; that pass and the training pass (which stores activations) do not run at once, so the
+peak takes the larger. A reference that is not the policy with its adapter disabled costs its weights: a full
+fine-tune's frozen copy of the model, or `reference: sft_adapter`'s frozen copy of the adapter. KTO's KL batch (each
+row with its neighbour's completion) runs without a graph before the policy's pass: it adds no stored activations.
+
 Memory levers: `activation_offloading` keeps the stored activations in CPU memory, so the GPU holds about two layers'
 worth at a time (the rest is named in a note, as host memory); Liger's layer kernels store somewhat less per layer,
 which is not counted (the estimate stays an upper bound for them).
@@ -71,11 +79,21 @@ class MemoryEstimate:
     tokens: int  # batch x longest row, or the packing budget
     gradient_checkpointing: bool
     vision_encoding: int = 0  # one vision block's working activations for the patches encoded at once
+    generation: int = 0  # GRPO: the generation batch's KV cache and last-position logits (no graph)
+    generation_sequences: int = 0
+    reference_weights: int = 0  # a reference that is not the policy with its adapter disabled
     notes: list[str] = field(default_factory=list)
 
     def peak(self, gradient_checkpointing: bool) -> int:
         activations = self.activations_checkpointed if gradient_checkpointing else self.activations_full
-        return self.weights + self.training_states + activations + self.logits + self.vision_encoding + OVERHEAD_BYTES
+        training_pass = activations + self.logits + self.vision_encoding
+        return (
+            self.weights
+            + self.reference_weights
+            + self.training_states
+            + max(training_pass, self.generation)  # generation holds no graph and runs before the training pass
+            + OVERHEAD_BYTES
+        )
 
     def lines(self) -> list[str]:
         configured = "on" if self.gradient_checkpointing else "off"
@@ -90,6 +108,15 @@ class MemoryEstimate:
             f"  activations, no checkpoint.  {gib(self.activations_full):>10}",
             f"  logits and loss              {gib(self.logits):>10}",
             f"  vision encoding (transient)  {gib(self.vision_encoding):>10}",
+            *(
+                [
+                    f"  generation: KV cache, logits {gib(self.generation):>10}   ({self.generation_sequences:,} "
+                    "sequences at once, no graph; the peak takes the larger of this and the training pass)"
+                ]
+                if self.generation_sequences
+                else []
+            ),
+            *([f"  reference weights            {gib(self.reference_weights):>10}"] if self.reference_weights else []),
             f"  CUDA context, allocator      {gib(OVERHEAD_BYTES):>10}",
             f"  total with gradient checkpointing {gib(self.peak(True))}, without {gib(self.peak(False))} "
             f"(configured: {configured})",
@@ -122,6 +149,11 @@ def _optimizer_factor(optim: str) -> tuple[float, str]:
         if optim.startswith(key) or key in optim:
             return factor, optim
     return 2.0, optim
+
+
+def trained_weight_bytes(model: Any) -> int:
+    """Bytes of the trained weights themselves (an adapter's, for a frozen copy of it)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def _linear_weight_names(model: Any) -> set[str]:
@@ -172,6 +204,46 @@ def _activation_bytes(
     return int(checkpoint_input * layers_on_device + per_layer), int(per_layer * layers_on_device)
 
 
+@dataclass(frozen=True)
+class MethodLoad:
+    """What a preference or reward method adds to a training pass (`method_load` builds it from a recipe)."""
+
+    generation_sequences: int = 0  # GRPO: sequences generated at once per device
+    generation_tokens: int = 0  # prompt + max_completion_length
+    reference: str | None = None  # "model": a frozen copy of the model; "adapter": a frozen copy of the adapter
+    notes: tuple[str, ...] = ()
+
+
+def method_load(training_args: Any, plan: Any, policy: Any = None, longest_prompt_tokens: int = 0) -> MethodLoad:
+    """GRPO's generation batch and the reference a DPO, GRPO or KTO recipe keeps (`training_args`: its TRL config;
+    `policy`: its `PolicyArguments`). SFT: nothing."""
+    notes = []
+    generations = getattr(training_args, "num_generations", None)
+    sequences = tokens = 0
+    if generations:
+        steps = training_args.steps_per_generation or training_args.gradient_accumulation_steps
+        sequences = training_args.per_device_train_batch_size * steps
+        tokens = longest_prompt_tokens + (training_args.max_completion_length or 0)
+        notes.append(
+            f"GRPO: {sequences // generations} prompt(s) x {generations} generations per generation batch, "
+            f"{longest_prompt_tokens:,} + {training_args.max_completion_length} tokens each"
+        )
+    if getattr(training_args, "beta", None) is None:  # SFT: no reference
+        return MethodLoad(sequences, tokens, None, tuple(notes))
+    if hasattr(training_args, "desirable_weight"):
+        notes.append("KTO: the KL batch runs without a graph before the policy's pass (no stored activations)")
+    reference = None
+    if generations and not training_args.beta:
+        notes.append("no reference: beta is 0 (no KL term)")
+    elif not plan.strategy.uses_lora:
+        reference = "model"
+    elif policy is not None and policy.sft_adapter_path is not None and policy.reference in (None, "sft_adapter"):
+        reference = "adapter"
+    else:
+        notes.append("reference: the policy with its adapter disabled, no extra weights")
+    return MethodLoad(sequences, tokens, reference, tuple(notes))
+
+
 def estimate_peak_memory(
     setup: Any,
     training_args: Any,
@@ -179,12 +251,14 @@ def estimate_peak_memory(
     longest_row_image_tokens: int = 0,
     sequences_per_row: int = 1,
     speed: Any = None,
+    method: MethodLoad | None = None,
 ) -> MemoryEstimate:
     """The estimate for a run's `ModelSetup` (config, family, tuning plan) at the recipe's batch size.
 
     `sequences_per_row`: 2 for preference pairs, whose chosen and rejected sequences run in one forward pass (the
     reference pass runs without a graph and adds no stored activations). `speed`: the recipe's `SpeedArguments`
-    (token-budget packing, the vision tower's checkpointing, chunked image encoding)."""
+    (token-budget packing, the vision tower's checkpointing, chunked image encoding). `method`: GRPO's generation
+    batch and a reference that costs weights (`method_load`)."""
     from vlm_recipes.modeling.strategies import apply_strategy
 
     config, family, plan, model_args = setup.config, setup.family, setup.plan, setup.model_args
@@ -258,6 +332,16 @@ def estimate_peak_memory(
     vocab = config.get_text_config().vocab_size
     if "8bit" not in optim and state_factor != 2.0:
         notes.append(f"optimizer '{optim}': states counted as {state_factor:g}x the trained weights")
+    method = method or MethodLoad()
+    notes.extend(method.notes)
+    generation = 0
+    if method.generation_sequences:
+        kv_cache = 2 * _text_shape(config).layers * _text_shape(config).kv_width * element
+        # the cache for every sequence's tokens, and each sequence's last-position logits (16-bit and a float32 copy)
+        generation = method.generation_sequences * (method.generation_tokens * kv_cache + vocab * 6)
+    reference_weights = {None: 0, "model": sum(by_precision.values()), "adapter": trained_weight_bytes(model)}[
+        method.reference
+    ]
     return MemoryEstimate(
         weights=sum(by_precision.values()),
         weights_by_precision=by_precision,
@@ -268,6 +352,9 @@ def estimate_peak_memory(
         logits=tokens * vocab * LOGIT_BYTES,
         tokens=tokens,
         vision_encoding=vision_encoding,
+        generation=generation,
+        generation_sequences=method.generation_sequences,
+        reference_weights=reference_weights,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
         notes=notes,
     )

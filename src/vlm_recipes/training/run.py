@@ -5,13 +5,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from vlm_recipes.cli import command_of_module
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.console import print_main, print_summary
-from vlm_recipes.data.checks import check_training_data
+from vlm_recipes.data.augmentation import parse_augmentation
+from vlm_recipes.data.checks import check_policy, check_training_data
+from vlm_recipes.data.lengths import TokenCounter
 from vlm_recipes.data.loading import data_folder, load_datasets, mixture_sources, source_folder
+from vlm_recipes.data.streaming import StreamReport, check_streaming_settings, checked_stream, stream_datasets, streams
 from vlm_recipes.errors import RecipeError
 from vlm_recipes.evaluation.sets import EvalSet, load_eval_set
 from vlm_recipes.hub.push import push_output_dir
@@ -23,6 +26,7 @@ from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
 from vlm_recipes.training.callbacks import use_log_lines
 from vlm_recipes.training.distributed import (
+    TEXT_ONLY_REASON,
     check_launch,
     describe_launch,
     drop_text_only_rows,
@@ -31,6 +35,7 @@ from vlm_recipes.training.distributed import (
 from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, resume_checkpoint
 from vlm_recipes.training.output_folder import plan_output_dir
 from vlm_recipes.training.outputs import next_commands, resume_requested, save_outputs, summary_lines
+from vlm_recipes.training.speed import groups_by_length
 
 
 # `report_to` loggers that need a package the base install lacks: (transformers' availability check, the package, the
@@ -111,6 +116,8 @@ def check_run_settings(recipe: TrainingRecipe) -> None:
     check_loggers(recipe.training)
     name_tracking_project(recipe)
     check_training_length(recipe.training)
+    check_streaming_settings(recipe.data, recipe.training)
+    parse_augmentation(recipe.data.augmentation)  # a flip or a wrong strength refused before any data loads
 
 
 def resolve_model(recipe: TrainingRecipe) -> ModelSetup:
@@ -154,6 +161,8 @@ def prepare_output_and_data(
     # cache it wrote. Checks that stop the run stop every process with the same message.
     max_length, reserved_tokens = recipe.length_limit()
     num_proc = data_processes(training_args)
+    if streams(data_args):
+        return _prepare_stream(recipe, processor, task, folder, launch)
     with main_process_first():
         train_dataset, eval_dataset, data_report = load_datasets(
             data_args,
@@ -185,6 +194,63 @@ def prepare_output_and_data(
     # recipe's `seed` whatever the launch (one process or many) consumed from the random generators before.
     set_seed(training_args.seed)
     return train_dataset, eval_dataset
+
+
+STREAMED_TASKS = ("sft", "preference")  # GRPO's and KTO's steps after the checks need the rows in full
+
+
+def _prepare_stream(recipe: TrainingRecipe, processor: Any, task: str, folder: Any, launch: Any) -> tuple[Any, Any]:
+    """`prepare_output_and_data` for streamed training rows (`data.streaming`): the evaluation rows are read and checked
+    now; the training rows are checked as the trainer reads them, into a report written at each save and at the end."""
+    data_args, training_args = recipe.data, recipe.training
+    if task not in STREAMED_TASKS:
+        raise RecipeError(
+            f"streaming: {recipe.entry_point or task} reads its rows in full (SFT and DPO stream); set "
+            "`streaming: false`, or train on a sample of the data (`max_train_samples`)."
+        )
+    max_length, reserved_tokens = recipe.length_limit()
+    num_proc = data_processes(training_args)
+    with main_process_first():
+        mixed, eval_dataset, running = stream_datasets(
+            data_args, seed=training_args.seed, need_eval=training_args.eval_strategy != "no", task=task,
+            num_proc=num_proc,
+        )  # fmt: skip
+        report = running.report
+        _, eval_dataset = check_training_data(
+            None, eval_dataset, report, processor, recipe.reliability, max_length, num_proc, reserved_tokens
+        )
+        eval_dataset = drop_text_only_rows(eval_dataset, "eval", report, launch)
+        output_dir = folder.apply(is_main_process())
+        if is_main_process():
+            running.path = output_dir / DATA_REPORT_FILE
+        report.publish(running.path, data_args.max_bad_fraction)
+    checks = recipe.reliability.check_data
+    world = max(1, getattr(training_args, "world_size", 1))
+    train_dataset = checked_stream(
+        mixed,
+        running,
+        TokenCounter(processor) if checks else None,
+        check_policy(processor, recipe.reliability, max_length, reserved_tokens=reserved_tokens) if checks else None,
+        seed=training_args.seed,
+        buffer_size=data_args.shuffle_buffer_size,
+        global_batch=training_args.per_device_train_batch_size * world if groups_by_length(training_args) else None,
+        skip_text_only=TEXT_ONLY_REASON if launch.shards_parameters else None,
+    )
+    set_seed(training_args.seed)
+    return train_dataset, eval_dataset
+
+
+class StreamReportWriter(TrainerCallback):
+    """Writes a stream's running data report (`data.streaming.StreamReport`) at each save and at the end of training."""
+
+    def __init__(self, running: StreamReport):
+        self.running = running
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.running.write()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.running.write()
 
 
 def protected_folders(recipe: TrainingRecipe, reads: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -263,6 +329,9 @@ def train_and_save(
     outputs, print where they are and how the metrics moved, and push the output folder once, from the main process,
     when `hub_target` (from `prepare_training_push`) is set."""
     output_dir = recipe.training.output_dir
+    running = getattr(trainer.train_dataset, "stream_report", None)
+    if running is not None:
+        trainer.add_callback(StreamReportWriter(running))
     checkpoint = resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
     use_log_lines(trainer)
     try:

@@ -31,7 +31,11 @@ What each trainer adds to TRL's, and where the feature lives:
 - KTO: TRL's own vision collator and sequential sampling (its KL estimate pairs neighbouring rows), the same optimizer
   groups and guards.
 
-A new method gets a class of the same shape: `_before_trl`, TRL's `__init__`, `_after_trl`, and the same overrides.
+The hooks every method shares live in one base, `VLMTrainerHooks` (its `__init__` runs what comes before and after
+TRL's; `create_optimizer`, `create_scheduler`, `train`, `compute_loss`, `training_step`), and the samplers of the
+methods that batch rows themselves in `LengthGroupedBatches`; both stand before TRL's trainer in the bases, each
+override calling TRL's own (`super()`). A new method gets `class VLMXTrainer(VLMTrainerHooks, XTrainer)` and only what
+is its own.
 """
 
 from contextlib import nullcontext
@@ -42,6 +46,7 @@ from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 from vlm_recipes.compat import count_tokens_of_global_batch, unsharded_batch_sampler, warn_if_untested
 from vlm_recipes.configs import ReliabilityArguments, SpeedArguments
 from vlm_recipes.console import print_main
+from vlm_recipes.data.augmentation import Augmenter, AugmentingCollator
 from vlm_recipes.modeling.chat_templates import processor_template_swapped
 from vlm_recipes.modeling.setup import ModelSetup
 from vlm_recipes.training.collators import faster_collator
@@ -74,16 +79,6 @@ def _before_trl(args: Any, model: Any, setup: ModelSetup, speed: SpeedArguments)
     set_unused_parameter_search(args, model, setup.family)
 
 
-def _train_sampler(trainer: Any, train_dataset: Any, default: Any) -> Any:
-    """The train sampler: packed to a token budget (a batch sampler), grouped by length, or TRL's (`default()`)."""
-    dataset = trainer.train_dataset if train_dataset is None else train_dataset
-    if trainer.token_budget is not None:
-        return unsharded_batch_sampler(trainer.token_budget.sampler(dataset, trainer.processing_class, trainer.args))
-    if not groups_by_length(trainer.args):
-        return default()
-    return trainer.length_grouping.sampler(dataset, trainer.processing_class, trainer.args)
-
-
 def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArguments) -> FaultGuards:
     """What replaces or joins the pieces TRL's `__init__` built; returns the fault guards the overrides feed."""
     if speed.fast_collator:
@@ -96,7 +91,101 @@ def _after_trl(trainer: Any, speed: SpeedArguments, reliability: ReliabilityArgu
     return install_fault_guards(trainer, reliability)
 
 
-class VLMSFTTrainer(SFTTrainer):
+class VLMTrainerHooks:
+    """What every trainer here adds to TRL's, as overrides that each call TRL's own (`super()`). It stands before TRL's
+    trainer in the bases (`class VLMSFTTrainer(VLMTrainerHooks, SFTTrainer)`), so TRL's trainer stays the only real
+    base and a trainer class keeps only what is its own method's.
+
+    `__init__` takes TRL's five common arguments, the run's `setup`, `speed` and `reliability`, and hands any other
+    keyword (GRPO's `reward_funcs`) to TRL's `__init__`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any,
+        *,
+        setup: ModelSetup,
+        speed: SpeedArguments,
+        reliability: ReliabilityArguments,
+        **trl_arguments: Any,
+    ):
+        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        _before_trl(args, model, setup, speed)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **trl_arguments,
+        )
+        self.fault_guards = _after_trl(self, speed, reliability)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
+        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.fault_guards.training_starts(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        with lm_head_positions(self.speed):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        self.fault_guards.loss_computed(loss)
+        return loss
+
+
+class LengthGroupedBatches:
+    """The samplers and training loader of the trainers that batch rows themselves (SFT, DPO): packed to a token
+    budget, grouped by true length, or TRL's; training images augmented at batch time. Stands before TRL's trainer in
+    the bases; the trainer sets `length_grouping`, `token_budget` and `augmenter`."""
+
+    length_grouping: LengthGrouping
+    token_budget: TokenBudget | None
+    augmenter: Augmenter | None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.token_budget is not None:
+            return unsharded_batch_sampler(self.token_budget.sampler(dataset, self.processing_class, self.args))
+        if not groups_by_length(self.args):
+            return super()._get_train_sampler(train_dataset)
+        return self.length_grouping.sampler(dataset, self.processing_class, self.args)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        if not groups_by_length(self.args) or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return in_dataset_order(eval_dataset, self.args)
+
+    def get_train_dataloader(self) -> Any:
+        """The training loader with the augmenting collator when the recipe augments images (`data.augmentation`);
+        evaluation loaders keep the plain collator."""
+        if self.augmenter is None:
+            return super().get_train_dataloader()
+        collator = self.data_collator
+        self.data_collator = AugmentingCollator(collator, self.augmenter)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+
+class VLMSFTTrainer(VLMTrainerHooks, LengthGroupedBatches, SFTTrainer):
     """TRL's `SFTTrainer` for a vision-language model (see the module docstring for what it adds)."""
 
     def __init__(
@@ -112,66 +201,37 @@ class VLMSFTTrainer(SFTTrainer):
         reliability: ReliabilityArguments,
         training_template: str | None = None,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
-        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.augmenter = augmenter  # training images augmented (`data.augmentation`), or None
         self.packs_rows = padding_free  # not `padding_free`: TRL's trainer sets its own
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = TokenBudget(speed) if speed.max_tokens_per_batch is not None else None
-        _before_trl(args, model, setup, speed)
         # TRL accepts a processor for assistant-only loss only when its template has generation markers: ours is in
         # the processor while TRL builds its collator, which then renders with it; the processor keeps its own.
         with processor_template_swapped(processing_class, training_template):
             super().__init__(
-                model=model,
-                args=args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
+                model,
+                args,
+                train_dataset,
+                eval_dataset,
+                processing_class,
+                setup=setup,
+                speed=speed,
+                reliability=reliability,
             )
         if training_template is not None:
             self.data_collator.chat_template = training_template
-        self.fault_guards = _after_trl(self, speed, reliability)
         # One token mean over the global batch: one process, gradient accumulation and N processes give the same loss
         count_tokens_of_global_batch(self)
-
-    def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is not None:
-            return super().create_optimizer(model)
-        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
-        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
-
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        self.fault_guards.training_starts(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        return _train_sampler(
-            self, train_dataset, lambda: super(VLMSFTTrainer, self)._get_train_sampler(train_dataset)
-        )
-
-    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        if not groups_by_length(self.args) or eval_dataset is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return in_dataset_order(eval_dataset, self.args)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.packs_rows:
             inputs = pack_for_forward(self, model, inputs)
-        with lm_head_positions(self.speed):
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
-        self.fault_guards.loss_computed(loss)
-        return loss
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-class VLMDPOTrainer(DPOTrainer):
+class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
     """TRL's `DPOTrainer` for a vision-language model (see the module docstring for what it adds). DPO has no
     assistant-only loss, so no training chat template: TRL's collator renders prompts with the model's own."""
 
@@ -187,8 +247,9 @@ class VLMDPOTrainer(DPOTrainer):
         speed: SpeedArguments,
         reliability: ReliabilityArguments,
         padding_free: bool = False,
+        augmenter: Augmenter | None = None,
     ):
-        self.family, self.plan, self.speed = setup.family, setup.plan, speed
+        self.augmenter = augmenter  # a pair's prompt images augmented once (`data.augmentation`), or None
         self.packs_rows = padding_free  # a pair's chosen and rejected, and every pair of the batch, in one sequence
         self.length_grouping = LengthGrouping(speed)
         self.token_budget = (
@@ -196,40 +257,16 @@ class VLMDPOTrainer(DPOTrainer):
         )
         self.image_reuse_blocker: str | None = None  # why image features cannot be reused; decided at the first loss
         self._image_reuse_decided = False
-        _before_trl(args, model, setup, speed)
         super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
+            model,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            setup=setup,
+            speed=speed,
+            reliability=reliability,
         )
-        self.fault_guards = _after_trl(self, speed, reliability)
-
-    def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is not None:
-            return super().create_optimizer(model)
-        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
-        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
-
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        self.fault_guards.training_starts(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        return _train_sampler(
-            self, train_dataset, lambda: super(VLMDPOTrainer, self)._get_train_sampler(train_dataset)
-        )
-
-    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        if not groups_by_length(self.args) or eval_dataset is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return in_dataset_order(eval_dataset, self.args)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.speed.reuse_image_features:
@@ -246,16 +283,11 @@ class VLMDPOTrainer(DPOTrainer):
         packing = (
             packed_forward(self.accelerator.unwrap_model(model), self.ref_model) if self.packs_rows else nullcontext()
         )
-        with lm_head_positions(self.speed), packing:
+        with packing:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
-        self.fault_guards.loss_computed(loss)
-        return loss
 
-
-class VLMGRPOTrainer(GRPOTrainer):
+class VLMGRPOTrainer(VLMTrainerHooks, GRPOTrainer):
     """TRL's `GRPOTrainer` for a vision-language model (see the module docstring for what it adds). TRL samples its own
     batches (each prompt repeated once per generation), so no length grouping; it collates nothing (the processor runs
     at generation), so no collator swap."""
@@ -273,35 +305,20 @@ class VLMGRPOTrainer(GRPOTrainer):
         speed: SpeedArguments,
         reliability: ReliabilityArguments,
     ):
-        self.family, self.plan, self.speed = setup.family, setup.plan, speed
         self.image_features = ImageFeatureCache()
         self.image_reuse_blocker: str | None = None  # why image features cannot be reused; decided at first use
         self._image_reuse_decided = False
-        _before_trl(args, model, setup, speed)
         super().__init__(
-            model=model,
+            model,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
             reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
+            setup=setup,
+            speed=speed,
+            reliability=reliability,
         )
-        self.fault_guards = _after_trl(self, speed, reliability)
-
-    def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is not None:
-            return super().create_optimizer(model)
-        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
-        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
-
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        self.fault_guards.training_starts(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _reuses_image_features(self, model: Any) -> bool:
         if not self.speed.reuse_image_features:
@@ -330,62 +347,10 @@ class VLMGRPOTrainer(GRPOTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         serving = self.image_features.serving(model) if self._reuses_image_features(model) else nullcontext()
-        with serving, lm_head_positions(self.speed):
+        with serving:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
-        self.fault_guards.loss_computed(loss)
-        return loss
 
-
-class VLMKTOTrainer(KTOTrainer):
+class VLMKTOTrainer(VLMTrainerHooks, KTOTrainer):
     """TRL's `KTOTrainer` for a vision-language model (see the module docstring for what it adds). TRL takes the rows
     in order (its KL estimate pairs each row with its neighbour's completion), so no length grouping."""
-
-    def __init__(
-        self,
-        model: Any,
-        args: Any,
-        train_dataset: Any,
-        eval_dataset: Any,
-        processing_class: Any,
-        *,
-        setup: ModelSetup,
-        speed: SpeedArguments,
-        reliability: ReliabilityArguments,
-    ):
-        self.family, self.plan, self.speed = setup.family, setup.plan, speed
-        _before_trl(args, model, setup, speed)
-        super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-        )
-        self.fault_guards = _after_trl(self, speed, reliability)
-
-    def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is not None:
-            return super().create_optimizer(model)
-        self.optimizer = part_optimizer(self, self.model if model is None else model, self.plan, self.family)
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.fault_guards.scheduler_created(scheduler)  # the recipe's rates, before a checkpoint's state loads
-        return stage_vision_unfreezing(scheduler, self.plan, num_training_steps, self.args.lr_scheduler_type)
-
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        self.fault_guards.training_starts(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        with lm_head_positions(self.speed):
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
-        self.fault_guards.loss_computed(loss)
-        return loss

@@ -1,0 +1,123 @@
+"""Streamed training data (`data.streaming`): rows formatted and checked as the trainer reads them, bad rows counted in
+a running report, `max_steps` required, a mixture interleaved by weight; one short SFT run through the entry point."""
+
+import json
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, logged_losses
+from PIL import Image
+
+from vlm_recipes import preflight
+from vlm_recipes.configs import DataArguments
+from vlm_recipes.data.report import DataReport
+from vlm_recipes.data.streaming import StreamReport, checked_stream, stream_datasets
+from vlm_recipes.errors import DataError
+from vlm_recipes.sft import main
+
+
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def chat_lines(tmp_path_factory):
+    """A JSONL file of 40 chart conversations; line 2 has an empty answer and line 3 an image that does not exist."""
+    from vlm_recipes.data.synthetic import make_chartqa_rows
+
+    root = tmp_path_factory.mktemp("stream")
+    charts = make_chartqa_rows(4, seed=3)
+    for index, chart in enumerate(charts):
+        chart["image"].save(root / f"chart{index}.png")
+    lines = []
+    for index in range(ROWS):
+        chart = charts[index % 4]
+        answer = "" if index == 1 else chart["label"][0]
+        image = "missing.png" if index == 2 else f"chart{index % 4}.png"
+        lines.append({"images": [image], "messages": [
+            {"role": "user", "content": "<image>" + chart["query"]}, {"role": "assistant", "content": answer}]})  # fmt: skip
+    (root / "chats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return root
+
+
+def test_stream_counts_each_row_once_groups_within_the_buffer_and_stops_on_bad_rows(chat_lines, tiny_qwen):
+    from transformers import AutoProcessor
+
+    from vlm_recipes.configs import ReliabilityArguments
+    from vlm_recipes.data.checks import check_policy
+    from vlm_recipes.data.lengths import TokenCounter
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    args = DataArguments(dataset_name=str(chat_lines / "chats.jsonl"), formatter="conversations", streaming=True,
+                         eval_split_size=1, max_bad_fraction=0.1)  # fmt: skip
+    mixed, evaluation, running = stream_datasets(args, seed=0, need_eval=True, task="sft")
+    assert evaluation["source_row"] == ["line 1"]  # the stream's first row, held out
+    counter, policy = TokenCounter(processor), check_policy(processor, ReliabilityArguments(), None)
+    stream = checked_stream(mixed, running, counter, policy, seed=0, buffer_size=8, global_batch=2)
+    first = list(stream)
+    assert len(first) == ROWS - 1 - 2  # line 2's answer is empty, line 3's image missing
+    assert [row["source_row"] for row in first] == [row["source_row"] for row in stream]  # the same order every pass
+    assert running.report.splits["train"].rows == ROWS - 1  # counted once, not once per pass
+    assert "line 1" not in [row["source_row"] for row in first]
+    assert "line 3" in json.dumps(running.report.to_dict()["train"]["rejected_by_reason"])
+    lengths = [counter.count(row["messages"], [image.size for image in row["images"]]).total for row in first[:8]]
+    pairs = [sorted(lengths[index : index + 2]) for index in range(0, 8, 2)]
+    assert all(a[1] <= b[0] or b[1] <= a[0] for a in pairs for b in pairs if a is not b)  # batches do not overlap
+
+    strict = StreamReport(DataReport(), max_bad_fraction=0.0, stop_after_rows=3)
+    strict.report.split("train", "chats.jsonl", 0)
+    again, _, _ = stream_datasets(DataArguments(**{**vars(args), "eval_split_size": None, "dataset_test_split": "none"}),
+                                  seed=0, need_eval=False, task="sft")  # fmt: skip
+    with pytest.raises(DataError, match=r"max_bad_fraction 0%\), so the run stops after 3 rows"):
+        list(checked_stream(again, strict, counter, policy, seed=0, buffer_size=8, global_batch=None))
+    assert strict.report.splits["train"].rows == 3  # stopped as soon as 3 rows were read
+
+
+def test_a_mixture_streams_by_weight(chat_lines, tmp_path):
+    registry = {"a": {"source": str(chat_lines / "chats.jsonl"), "formatter": "conversations"}}
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({**registry, "b": registry["a"]}))
+    args = DataArguments(dataset_registry=str(tmp_path / "registry.yaml"), streaming=True,
+                         datasets=[{"name": "a", "weight": 3}, {"name": "b", "weight": 1}])  # fmt: skip
+    mixed, _, running = stream_datasets(args, seed=1, need_eval=False, task="sft")
+    rows = list(checked_stream(mixed, running, None, None, seed=1, buffer_size=1000, global_batch=None))
+    assert {row["data_source"] for row in rows} == {"a", "b"}
+    counts = running.report.to_dict()["mixture"]
+    assert counts["a"]["train_rows"] == ROWS - 1  # the weight-3 source runs out first; only its empty answer is out
+    assert 0 < counts["b"]["train_rows"] < counts["a"]["train_rows"]
+
+
+@pytest.mark.e2e
+def test_sft_streams_an_augmented_jsonl_source_and_refuses_a_run_without_max_steps(
+    tiny_qwen, chat_lines, tmp_path, capsys
+):
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml").read_text())
+    for key in ("dataset_train_split", "dataset_test_split", "max_train_samples"):
+        recipe.pop(key)
+    recipe.update(
+        model_name_or_path=str(tiny_qwen),
+        dataset_name=str(chat_lines / "chats.jsonl"),
+        formatter="conversations",
+        dataset_test_split="none",
+        streaming=True,
+        shuffle_buffer_size=8,
+        max_bad_fraction=0.1,
+        augmentation={"brightness": 0.2, "crop": 0.05, "resolution": 0.2},  # training batches only
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    main([str(tmp_path / "recipe.yaml")])
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["train"]["rejected"] == 2, report["train"]  # lines 2 and 3, read before the buffer filled
+    assert 10 <= report["train"]["rows"] < ROWS  # a stream is read only as far as training needs
+    assert len(logged_losses(tmp_path / "out")) == 2
+
+    preflight.main([str(tmp_path / "recipe.yaml"), "--show_augmentation", str(tmp_path / "grid.png"),
+                    "--augmentation_samples", "2", "--augmentation_variants", "3"])  # fmt: skip
+    assert Image.open(tmp_path / "grid.png").size == (4 * 256, 2 * (256 + 18))  # originals + 3 augmentations
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "recipe.yaml"), "--max_steps", "-1", "--output_dir", str(tmp_path / "out2")])
+    assert stopped.value.code == 2
+    assert "max_steps" in capsys.readouterr().err and not (tmp_path / "out2").exists()
