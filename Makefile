@@ -24,11 +24,12 @@ install: $(INSTALLED)
 
 # Re-runs only when pyproject.toml changes. uv installs in ~30 s where pip takes ~200 s. The deepspeed extra makes the
 # ZeRO-2/ZeRO-3 tests run for real. DeepSpeed builds a small shared-memory op for CPU processes on first use (~50 s on
-# 2 cores, cached in ~/.cache/torch_extensions): built here once rather than inside the first run that needs it.
+# 2 cores, cached in ~/.cache/torch_extensions): built here once rather than inside the first run that needs it. The ui,
+# tensorboard and wandb extras let the web chat and each logger be tested (offline).
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev,deepspeed]"
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev,deepspeed,ui,tensorboard,wandb]"
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
 		|| echo "DeepSpeed's CPU communication op was not prebuilt; it builds on first use."
 	touch $@

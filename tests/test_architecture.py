@@ -37,6 +37,7 @@ LAYERS = {
         "vlm_recipes.preflight",
         "vlm_recipes.merge",
         "vlm_recipes.chat",
+        "vlm_recipes.chat_ui",  # `chat --ui`: the chat session in a Gradio page
         "vlm_recipes.push",
         "vlm_recipes.launch_check",
         "vlm_recipes.docs_reference",  # writes docs/reference.md from the entry points' recipes

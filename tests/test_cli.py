@@ -95,12 +95,12 @@ def test_recipe_help_is_grouped_with_the_package_parts_first_and_defaults_shown(
 
 
 def test_option_commands_describe_every_option_and_use_one_boolean_style():
-    for name in ("chat", "merge", "push", "launch-check"):
+    for name in ("chat", "merge", "push", "launch-check", "tiny"):
         text = cli.stored_help(name)
         assert text.startswith(f"usage: vlm-recipes {name}")
         assert "[{true,false}]" in text or name == "launch-check"
     chat = cli.stored_help("chat")
-    assert "--question QUESTION" in chat and "The question about the image" in chat
+    assert "--question QUESTION" in chat and "Answer this one question" in chat
     assert "(default: 128)" in chat
 
 

@@ -290,11 +290,82 @@ def test_chat_answers_like_the_evaluation(evaluated, trained, tiny_qwen, chartqa
     common = ["--image", str(image), "--question", question, "--max_new_tokens", "4", "--dtype", "float32"]
 
     base_reply = main(["--model", str(tiny_qwen), "--system_prompt", SYSTEM_PROMPT, *common])
-    adapter_reply = main(["--adapter", str(trained[0]), *common])  # the base and system prompt from the adapter
+    # The base and system prompt from the adapter; --compare answers with the adapter switched off and on
+    replies = main(["--adapter", str(trained[0]), "--compare", *common])
     expected = {name: read_jsonl(results_dir / f"predictions_chartqa_{name}.jsonl")[0] for name in ("base", "adapter")}
     assert expected["base"]["question"] == question
-    assert base_reply == expected["base"]["prediction"] and adapter_reply == expected["adapter"]["prediction"]
-    assert capsys.readouterr().out.splitlines()[0] == base_reply
+    assert base_reply == expected["base"]["prediction"] == replies["base"]
+    assert replies["adapter"] == expected["adapter"]["prediction"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == base_reply and out[-2:] == [f"base> {replies['base']}", f"adapter> {replies['adapter']}"]
+
+
+@pytest.fixture(scope="module")
+def chat_session(trained):
+    """The trained adapter loaded once for a conversation, base and adapter answering each turn."""
+    from vlm_recipes.chat import Sampling, load_session
+
+    return load_session(adapter=str(trained[0]), compare=True, sampling=Sampling(max_new_tokens=4), dtype="float32")
+
+
+def test_chat_holds_a_conversation_with_images(chat_session, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vlm_recipes.chat import chat_loop
+
+    session = chat_session
+    session.reset()
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (96, 64), "orange").save(image)
+    inputs = []
+    generate = session.model.generate
+
+    def recording_generate(**kwargs):
+        inputs.append(kwargs)
+        return generate(**kwargs)
+
+    session.model.generate = recording_generate
+    try:
+        script = (
+            f"/image {tmp_path / 'missing.png'}\n/image {image}\nHow many bars?\n\nAnd the tallest?\n/quit\nnot read\n"
+        )
+        out = io.StringIO()
+        chat_loop(session, io.StringIO(script), out)
+    finally:
+        del session.model.generate
+    shown = out.getvalue()
+    assert f"error: --image {tmp_path / 'missing.png'}: the image" in shown  # one line, and the loop went on
+    assert f"(image {image} goes with your next message)" in shown
+    # Two turns, each answered by both sides, streamed under their names; the image went with the first turn only
+    assert len(inputs) == 4 and all("pixel_values" in call for call in inputs)
+    first, second = session.messages["adapter"][1], session.messages["adapter"][3]
+    assert [block["type"] for block in first["content"]] == ["image", "text"]
+    assert [block["type"] for block in second["content"]] == ["text"]
+    assert inputs[2]["input_ids"].shape[1] > inputs[0]["input_ids"].shape[1]  # the history went into the prompt
+    for side in ("base", "adapter"):
+        roles = [message["role"] for message in session.messages[side]]
+        assert roles == ["system", "user", "assistant", "user", "assistant"]
+        for turn in (2, 4):
+            assert f"{side}> {session.messages[side][turn]['content'][0]['text']}" in shown
+    assert "not read" not in shown and shown.count("you> ") == 6  # the empty line asks again
+
+    chat_loop(session, io.StringIO("/reset\n"), io.StringIO())
+    assert [message["role"] for message in session.messages["adapter"]] == ["system"] and session.images == []
+
+
+def test_chat_sampling_options(tiny_qwen):
+    from transformers import AutoProcessor
+
+    from vlm_recipes.chat import Sampling
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    model = type("Model", (), {"generation_config": None})()
+    greedy = Sampling(max_new_tokens=7).generation_config(model, processor)
+    assert greedy.do_sample is False and greedy.max_new_tokens == 7
+    sampled = Sampling(temperature=0.7, top_p=0.9).generation_config(model, processor)
+    assert sampled.do_sample is True and sampled.temperature == 0.7 and sampled.top_p == 0.9
 
 
 def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, tiny_qwen, tmp_path, capsys):
@@ -381,3 +452,39 @@ def test_help_lists_the_evaluation_fields(capsys):
               "--prompt_preset", "--eval_datasets")  # fmt: skip
     for field in fields:
         assert field in out
+
+
+@pytest.mark.extended  # ~10 s more on 2 cores (Gradio's import and server start), 38 s on a loaded machine
+def test_chat_web_page_answers_through_gradios_client(chat_session, tmp_path, monkeypatch):
+    """The page (`chat --ui`) on localhost, driven headless through gradio_client: an uploaded image and a message,
+    base and adapter each answering in their column, then a new conversation."""
+    gradio_client = pytest.importorskip("gradio_client", reason="the `ui` extra (gradio) is not installed")
+    import socket
+
+    from PIL import Image
+
+    from vlm_recipes.chat_ui import launch
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    chat_session.reset()
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = launch(chat_session, port=port, block=False)
+    try:
+        image = tmp_path / "upload.png"
+        Image.new("RGB", (64, 48), "red").save(image)
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        base, adapter, image_box, message_box = client.predict(
+            "How many bars?", gradio_client.handle_file(str(image)), api_name="/ask"
+        )
+        for side, column in (("base", base), ("adapter", adapter)):
+            assert [turn["role"] for turn in column] == ["user", "assistant"]
+            assert column[0]["content"][0]["text"] == "[1 image] How many bars?"
+            reply = chat_session.messages[side][-1]["content"][0]["text"]
+            assert [block.get("text") for block in column[1]["content"]] in ([reply], [])  # an empty reply shows none
+        assert len(chat_session.images) == 1 and image_box is None and message_box == ""
+        assert client.predict(api_name="/reset")[:2] == ([], [])
+        assert chat_session.images == []
+    finally:
+        app.close()

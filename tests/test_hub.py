@@ -274,12 +274,26 @@ def test_card_for_a_local_base_model_names_its_license_and_no_hub_metadata(tmp_p
     metadata = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in metadata  # a local path is not a Hub id; the Hub would reject it
     assert metadata["license"] == "mit" and "License: `mit`" in card
-    assert "Not evaluated yet" in card
+    assert "Not evaluated yet: `vlm-recipes evaluate RECIPE.yaml --adapter DIR`" in card
     # Not evaluated by the command: model-index holds the last evaluation during training, and says so.
     (result,) = metadata["model-index"][0]["results"]
     assert result["dataset"]["type"] == "HuggingFaceM4/ChartQA" and result["dataset"]["split"] == "test"
     assert [(m["type"], m["value"]) for m in result["metrics"]] == [("relaxed_accuracy", 0.61), ("exact_match", 0.55)]
     assert result["metrics"][0]["args"] == {"prompt_preset": "recipe", "during_training_at_step": 200}
+
+
+def test_card_reduces_relative_local_paths_like_absolute_ones(output_dir):
+    """A recipe run from the repository names its model and data relative to it (`.cache/tiny/...`): the card shows
+    their last part only, as it does absolute paths."""
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = ".cache/tiny/qwen2_5_vl"
+    (output_dir / "adapter_config.json").write_text(json.dumps(config))
+    recipe = yaml.safe_load((output_dir / "recipe.yaml").read_text())
+    recipe.update(dataset_name="./data/chartqa_synthetic", model_name_or_path=".cache/tiny/qwen2_5_vl")
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    card = model_card(SavedRun.read(output_dir), "me/run", None)
+    assert ".cache/" not in card and "./data" not in card
+    assert "`qwen2_5_vl`" in card and "`chartqa_synthetic`" in card
 
 
 def test_model_index_names_local_data_without_its_path_and_skips_results_of_another_model(tmp_path, output_dir):
@@ -395,7 +409,7 @@ def test_a_dpo_run_on_a_merged_sft_adapter_pushes_it_and_its_card_says_how_to_lo
         'model = PeftModel.from_pretrained(base, "me/dpo")'
     )
     evaluate = (
-        "python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct "
+        "vlm-recipes evaluate recipes/chartqa.yaml --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct "
         "--tuning_strategy lora --adapter DIR"
     )
     assert evaluate in card and "not this DPO recipe" in card and "RECIPE.yaml" not in card

@@ -50,6 +50,22 @@ def test_lora_sft_learns_and_saves_an_adapter(lora_run):
     assert "language_model" in str(adapter_config["target_modules"])  # LoRA on the language model only
 
 
+# What a run used to print that tells the user nothing: transformers' raw log dicts, datasets' cast and map bars,
+# DeepSpeed's CPU notice (not in use), bitsandbytes' CPU kernel hint, TRL's renamed-field warning.
+KNOWN_NOISE = ("{'loss'", "{'train_runtime'", "Casting the dataset", "Map:", "Map (num_proc", "Setting accelerator to CPU",
+               "gemm_4bit_forward", "`gradient_checkpointing` is deprecated")  # fmt: skip
+
+
+def test_the_console_shows_one_line_per_log_and_no_known_noise(lora_run):
+    _, result = lora_run
+    shown = result.stdout + result.stderr
+    assert [fragment for fragment in KNOWN_NOISE if fragment in shown] == []
+    # The package's own line per log, above the progress bar; the end-of-training dict left to the summary
+    assert "step 1/30  loss " in shown and "step 30/30  loss " in shown and "grad_norm " in shown
+    bars = shown.replace("\r", "\n").splitlines()
+    assert sum(line.startswith("Loading weights:   0%") for line in bars) == 1  # one model, one loading bar
+
+
 def assert_adapter_reloads_and_generates(output_dir, base):
     """The adapter saved in `output_dir` loads onto `base` (with the processor saved next to it), changes its logits,
     and generates."""

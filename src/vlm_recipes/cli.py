@@ -34,7 +34,9 @@ COMMANDS = {
     "kto": Command("vlm_recipes.kto", "Preference tuning on unpaired good/bad answers (KTO)."),
     "evaluate": Command("vlm_recipes.evaluate", "Score a model (and an adapter) on the recipe's evaluation sets."),
     "preflight": Command("vlm_recipes.preflight", "Check data, lengths and memory before a run; loads no weights."),
-    "chat": Command("vlm_recipes.chat", "Ask a model (or a base + adapter) about an image."),
+    "chat": Command(
+        "vlm_recipes.chat", "Chat about images with a model, or base vs adapter; in a web page with --ui."
+    ),
     "merge": Command("vlm_recipes.merge", "Merge an adapter into its 16/32-bit base and save a full model."),
     "push": Command("vlm_recipes.push", "Push an output folder with its model card to the Hugging Face Hub."),
     "launch-check": Command("vlm_recipes.launch_check", "Check that every process of a launch joins and can talk."),

@@ -13,6 +13,7 @@ text: the package's own dataclasses (`vlm_recipes.configs`, the evaluate and pre
 import argparse
 import dataclasses
 import enum
+import importlib
 import re
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from typing import Any
 
 import trl
 
-from vlm_recipes import chat, dpo, evaluate, grpo, kto, launch_check, merge, preflight, push, sft
+from vlm_recipes import dpo, evaluate, grpo, kto, preflight, sft
 from vlm_recipes.cli import COMMANDS, help_file
 from vlm_recipes.training.speed import MAX_DEFAULT_WORKERS, SPEED_DEFAULTS
 
@@ -278,14 +279,13 @@ def render() -> str:
 
 HELP_DIR = Path(__file__).parent / "help"  # the package's stored `--help` texts
 
-# Commands that take options rather than a recipe: their argparse parser prints their help. (`tiny` lives in
-# `testing`, which nothing imports; it imports no trainer, so its own parser answers `--help` at once.)
-OPTION_PARSERS = {
-    "chat": chat.build_parser,
-    "merge": merge.build_parser,
-    "push": push.build_parser,
-    "launch-check": launch_check.build_parser,
-}
+
+def option_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of a command that takes options rather than a recipe (chat, merge, push, launch-check, tiny): its
+    module's `build_parser`, found through the command table (the tiny-model builder lives in `testing`, which no
+    product module imports)."""
+    return importlib.import_module(COMMANDS[command].module).build_parser()
+
 
 HELP_WIDTH = 100
 
@@ -359,8 +359,8 @@ def render_help() -> dict[str, str]:
             if command.module == "vlm_recipes.preflight":
                 parts = {"command": preflight.PreflightArguments}
             texts[help_file(name)] = _recipe_help(name, command.module, parts)
-        elif name in OPTION_PARSERS:
-            texts[help_file(name)] = OPTION_PARSERS[name]().format_help()
+        else:
+            texts[help_file(name)] = option_parser(name).format_help()
     return texts
 
 

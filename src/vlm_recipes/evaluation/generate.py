@@ -32,7 +32,7 @@ def _batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[list[dict[st
         yield [rows[index] for index in range(start, min(start + size, len(rows)))]
 
 
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     return next(parameter.device for parameter in model.parameters())
 
 
@@ -88,7 +88,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     generation_config = greedy_generation_config(model, processor, max_new_tokens)
-    device = _model_device(model)
+    device = model_device(model)
     answers: list[str] = []
     try:
         with tqdm(total=len(rows), desc=description, unit="row", disable=not progress) as bar:

@@ -83,7 +83,7 @@ def _training_section(run: SavedRun) -> list[str]:
     if recipe.get("dataset_name"):
         split = recipe.get("dataset_train_split", "train")
         lines.append(
-            f"- data: `{recipe['dataset_name']}` (split `{split}`, formatter `{recipe.get('formatter', '?')}`)"
+            f"- data: `{dataset_label(recipe['dataset_name'])}` (split `{split}`, formatter `{recipe.get('formatter', '?')}`)"
         )
     for key in (
         "lora_r",
@@ -165,14 +165,14 @@ def _evaluation_command(run: SavedRun) -> list[str]:
     run names one with the run's base model and precision, not the DPO recipe (whose fields evaluate refuses)."""
     if run.entry_point != "vlm_recipes.dpo":
         option = "--adapter DIR" if run.is_adapter else "--model_name_or_path DIR"
-        return [f"Not evaluated yet: `python -m vlm_recipes.evaluate RECIPE.yaml {option}`."]
+        return [f"Not evaluated yet: `vlm-recipes evaluate RECIPE.yaml {option}`."]
     if not run.is_adapter:
-        command = "python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path DIR"
+        command = "vlm-recipes evaluate recipes/chartqa.yaml --model_name_or_path DIR"
         folder = "the model's folder"
     else:
         strategy = "qlora" if loads_in_4bit(run.recipe) else "lora"
         command = (
-            f"python -m vlm_recipes.evaluate recipes/chartqa.yaml --model_name_or_path {run.base_model or 'BASE'} "
+            f"vlm-recipes evaluate recipes/chartqa.yaml --model_name_or_path {dataset_label(run.base_model or 'BASE')} "
             f"--tuning_strategy {strategy} --adapter DIR"
         )
         folder = "the adapter's folder" + (" (with its `sft_adapter/`)" if run.sft_adapter else "")
@@ -263,7 +263,7 @@ def model_card(run: SavedRun, repo_id: str, license_name: str | None) -> str:
     index = model_index(repo_id.split("/")[-1], run.eval_results, run.log_history, _eval_sets(run), run.is_adapter)
     if index:
         metadata["model-index"] = index  # the Hub shows these results on the model page
-    base = run.base_model or "an unknown base model"
+    base = dataset_label(run.base_model) if run.base_model else "an unknown base model"
     base_link = f"[{base}](https://huggingface.co/{base})" if "base_model" in metadata else f"`{base}`"
     kind = "A LoRA adapter for" if run.is_adapter else "A fine-tune of"
     if run.sft_adapter:

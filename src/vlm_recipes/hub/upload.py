@@ -65,12 +65,15 @@ PATH_SCRUBBED_FILES = (
     ADAPTER_CONFIG,
 )
 
-# An absolute POSIX path (or one from the home folder) with at least one folder: not inside a URL or a relative path.
-LOCAL_PATH = re.compile(r"(?<![\w.:/~@+-])~?/(?:[\w.@+-]+/)+[\w.@+-]*")
+# A local path with at least one folder, not inside a URL: absolute (or from the home folder), or relative from a
+# folder that starts with a dot (`./data/x`, `../models/y`, `.cache/tiny/qwen2_5_vl`), which no Hub id does. Other
+# relative paths (`outputs/run`) cannot be told from a Hub id (`org/model`) or a logged key (`rewards/chosen`).
+LOCAL_PATH = re.compile(r"(?<![\w.:/~@+-])(?:~?/|\.\.?/|\.[\w@+-]+/)(?:[\w.@+-]+/)*[\w.@+-]*")
 
 
 def without_local_paths(text: str) -> tuple[str, int]:
-    """`text` with every local absolute path replaced by its last part, and how many were replaced."""
+    """`text` with every local absolute (or dot-led relative) path replaced by its last part, and how many were
+    replaced."""
     return LOCAL_PATH.subn(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 

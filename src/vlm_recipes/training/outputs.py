@@ -2,6 +2,7 @@
 (What may be written into the folder, and replaced: `training.output_folder`.)"""
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -152,6 +153,12 @@ def next_commands(recipe: TrainingRecipe, output_dir: str | Path, pushed: bool =
     commands.append(f"vlm-recipes chat --adapter {folder} --image IMAGE --question QUESTION")
     if not pushed:
         commands.append(f"vlm-recipes push {folder} --dry_run   # then without --dry_run, with --hub_model_id")
+    loggers = recipe.training.report_to or []
+    if "trackio" in loggers:
+        commands.append(f"trackio show --project {recipe.training.project}   # the run's dashboard, offline")
+    if "tensorboard" in loggers:
+        # transformers' TensorBoard callback writes under <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR says where
+        commands.append(f"tensorboard --logdir {os.environ.get('TENSORBOARD_LOGGING_DIR') or Path(folder) / 'runs'}")
     return commands
 
 

@@ -1,6 +1,7 @@
 """The steps every training entry point takes around its trainer: output folder and data before any weights load;
 train, save and summarise after. Each entry point builds its own trainer in between."""
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from vlm_recipes.modeling.setup import ModelSetup, resolve_model_setup
 from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
 from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
+from vlm_recipes.training.callbacks import use_log_lines
 from vlm_recipes.training.distributed import (
     TEXT_ONLY_REASON,
     check_launch,
@@ -94,10 +96,25 @@ def check_training_length(training_args: Any) -> None:
         )
 
 
+DEFAULT_PROJECT = "huggingface"  # TrainingArguments.project's default: every run in one trackio project
+
+
+def name_tracking_project(recipe: TrainingRecipe) -> None:
+    """A run logs to a project named after its recipe file (recipes/chartqa.yaml -> chartqa) unless the recipe or the
+    command line sets `project`: trackio reads `TrainingArguments.project`, wandb the WANDB_PROJECT variable (set
+    here only where the user has not set it)."""
+    args = recipe.training
+    if "project" not in recipe.settings and recipe.source and args.project == DEFAULT_PROJECT:
+        args.project = Path(recipe.source).stem
+    if "wandb" in (args.report_to or []):
+        os.environ.setdefault("WANDB_PROJECT", args.project)
+
+
 def check_run_settings(recipe: TrainingRecipe) -> None:
     """What the Trainer would only find out late (a logger not installed) or silently misread (a training length that
     trains nothing): checked first, before the model config, the data and any weights."""
     check_loggers(recipe.training)
+    name_tracking_project(recipe)
     check_training_length(recipe.training)
     check_streaming_settings(recipe.data, recipe.training)
     parse_augmentation(recipe.data.augmentation)  # a flip or a wrong strength refused before any data loads
@@ -316,6 +333,7 @@ def train_and_save(
     if running is not None:
         trainer.add_callback(StreamReportWriter(running))
     checkpoint = resume_checkpoint(output_dir, resume_requested(recipe.training.resume_from_checkpoint))
+    use_log_lines(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except ReachedMaxSteps as reached:
