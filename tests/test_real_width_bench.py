@@ -22,7 +22,8 @@ ALL_POSITIONS = Setup("all", "trl", layout="padded", head="all")
 
 def test_sequence_counts_padded_and_packed():
     assert real_width.sequence_counts([3, 5], "padded") == {"positions": 10, "score_elements": 50}
-    assert real_width.sequence_counts([3, 5], "packed") == {"positions": 8, "score_elements": 64}
+    # packed rows attend one row at a time (modeling.segment_attention): 3^2 + 5^2 score elements, not 8^2
+    assert real_width.sequence_counts([3, 5], "packed") == {"positions": 8, "score_elements": 34}
 
 
 def test_epoch_steps_count_each_batch_of_the_order():
@@ -35,7 +36,11 @@ def test_epoch_steps_count_each_batch_of_the_order():
         "rows": 2, "real": 60, "positions": 100, "score_elements": 5000, "scored": 98, "patches": 4 * 6,
     }  # fmt: skip
     labelled = real_width.epoch_steps([[4, 0]], lengths, image_tokens, PACKED, labelled_per_row=3)
-    assert labelled[0]["scored"] == 6 and labelled[0]["positions"] == 60 and labelled[0]["score_elements"] == 3600
+    assert (
+        labelled[0]["scored"] == 6
+        and labelled[0]["positions"] == 60
+        and labelled[0]["score_elements"] == 50**2 + 10**2
+    )
 
 
 def test_head_line_through_two_points_and_proportional_when_noise_inverts_it():

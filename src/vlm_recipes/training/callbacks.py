@@ -125,6 +125,12 @@ class ProgressWithLogLines(ProgressCallback):
             if line:
                 self.training_bar.write(line)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # A resume at max_steps ends training before this callback's on_train_begin made a bar (the fault guards stop
+        # it first): nothing to close.
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
 
 class LogLines(PrinterCallback):
     """`disable_tqdm: true`: no bar, each log as `log_line`."""
