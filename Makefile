@@ -71,7 +71,7 @@ demo-%: $(INSTALLED) $(DEMO_DATA)/data/train-00000-of-00001.parquet
 # (the rest of the strategy x family matrix, DPO of every family, ZeRO-2, ZeRO-3 DPO, the Slurm script, the
 # benchmarks' wiring) are left out to keep `make test` under 20 minutes on 2 cores; `make test-extended` runs them.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 test: $(INSTALLED)
 	$(OFFLINE) $(PY) -m pytest tests -m "not extended" $(XDIST)
 

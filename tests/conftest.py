@@ -178,15 +178,24 @@ def labelled_spans(labels):
     return spans + ([current] if current else [])
 
 
-# Under `pytest -n` (`make test`, `--dist loadgroup`): a file's tests stay on one worker, so its module fixtures (the DDP
-# and ZeRO runs, the families' training runs) run once; the files below hold many independent tests, and are spread
-# test by test so that both workers finish together.
+# Under `pytest -n` (`make test`: `-n 2 --dist loadscope`): a file's tests run on one worker, one after the other, so
+# its module fixtures (the DDP and ZeRO runs, the families' training runs, the e2e runs several tests read) run once;
+# the files below hold many independent tests and are spread test by test so that both workers finish together.
+# A scheduler of our own rather than `xdist_group` marks: xdist 3.8 writes a group into `item._nodeid`, which pytest 9
+# no longer reads (the marks were silently ignored and every module fixture ran on both workers).
 SPREAD_OVER_WORKERS = {"test_strategies.py", "test_task_metrics.py", "test_properties.py"}
 
 
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.path.name not in SPREAD_OVER_WORKERS:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        """Each test file is one unit of work, except the SPREAD_OVER_WORKERS files, whose tests are one unit each."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if Path(path).name in SPREAD_OVER_WORKERS else path
+
+    return FileScheduling(config, log)
