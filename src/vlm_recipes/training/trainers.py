@@ -43,7 +43,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from vlm_recipes.compat import (
