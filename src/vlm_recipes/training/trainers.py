@@ -27,6 +27,7 @@ What each trainer adds to TRL's, and where the feature lives:
   `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
   `train` loads) and no step past `max_steps`, a warning for a run that does not learn;
 - DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`);
+- SFT and DPO: a mixture's loss per source in each training log (`training.source_loss`);
 - GRPO: the rewards (`tasks.rewards`) handed to TRL; each prompt's images encoded once per generation batch for all its
   generations, the reference and the policy passes (`training.image_features.ImageFeatureCache`);
 - KTO: TRL's own vision collator and sequential sampling (its KL estimate pairs neighbouring rows), the same optimizer
