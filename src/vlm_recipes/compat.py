@@ -26,7 +26,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 | `sdpa_attention`                   | transformers | `integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`, their arguments |
 | `iterable_of_rows`                 | datasets     | `IterableDataset(ExamplesIterable(fn, kwargs), info)` reads `fn()`'s (key, row) pairs |
-| `recorded_pair_results`            | trl          | `DPOTrainer._compute_loss` adds `per_sequence_loss.mean() * loss_weight` per loss type and compares `chosen_rewards > rejected_rewards` |
+| `recorded_pair_results`            | trl          | `DPOTrainer._compute_loss`: policy forward, reference forward, then `loss += per_sequence_loss.mean() * loss_weight` per loss type, then `chosen_rewards > rejected_rewards` |
 """
 
 import functools
@@ -232,8 +232,11 @@ class PairResults:
     reward_accuracies: list[Any] = field(default_factory=list)  # chosen reward > rejected reward, as TRL compares them
 
 
+DPO_FORWARDS_BEFORE_LOSS = 2  # `DPOTrainer._compute_loss`: the policy's forward, then the reference's, then the loss
+
+
 @contextmanager
-def recorded_pair_results() -> Iterator[PairResults]:
+def recorded_pair_results(*models: Any) -> Iterator[PairResults]:
     """Within the block, TRL 1.16's DPO loss of each pair and its reward comparison, as `DPOTrainer._compute_loss`
     computes them before its means, without rewriting either:
     - losses: every `per_sequence_loss` it averages and weighs (`loss += per_sequence_loss.mean() * loss_weight`, WPO
@@ -241,7 +244,10 @@ def recorded_pair_results() -> Iterator[PairResults]:
       `mark_dpo_loss_weights`: the product with a marked weight is what tells this mean from the metrics' means);
     - reward_accuracies: `chosen_rewards > rejected_rewards`, the one comparison of two tensors of one value per pair
       it makes after the loss (the model's forward makes others).
-    A torch function mode sees these calls go by; every other call passes through unchanged."""
+    A torch function mode sees these calls go by; every other call passes through unchanged. With `models` (the policy
+    as TRL calls it, unwrapped, and a separate reference model or None), the mode starts only once the policy and the
+    reference forwards are done (`DPO_FORWARDS_BEFORE_LOSS`), so the models' thousands of calls do not pass through
+    it; without, it sees the whole block."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -268,8 +274,28 @@ def recorded_pair_results() -> Iterator[PairResults]:
                     results.reward_accuracies.append(result.detach().float())
             return result
 
-    with PairResultsMode():
+    mode = PairResultsMode()
+    if not models:
+        with mode:
+            yield results
+        return
+    forwards, handles = [], []
+
+    def forward_done(module: Any, args: tuple, output: Any) -> None:
+        forwards.append(module)
+        if len(forwards) == DPO_FORWARDS_BEFORE_LOSS:
+            mode.__enter__()  # left in the `finally` below: nothing else enters a mode within TRL's loss
+
+    for model in models:
+        if model is not None:
+            handles.append(model.register_forward_hook(forward_done))
+    try:
         yield results
+    finally:
+        for handle in handles:
+            handle.remove()
+        if len(forwards) >= DPO_FORWARDS_BEFORE_LOSS:
+            mode.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -352,7 +352,7 @@ class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
         source_ids = inputs.pop(SOURCE_IDS, None)
         if source_ids is None or not self.model.training:
             return self._dpo_loss(model, inputs, *args, **kwargs)
-        with recorded_pair_results() as results:
+        with recorded_pair_results(self.accelerator.unwrap_model(model), self.ref_model) as results:
             loss = self._dpo_loss(model, inputs, *args, **kwargs)
         if len(results.losses) != len(self.loss_types):  # TRL's loss no longer as compat expects: stop logging it
             print_main("Loss per source: TRL's per-pair DPO losses were not found; not logged from here on")
