@@ -8,7 +8,7 @@ import math
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, console_log_lines, shown_keys
 from test_task_metrics import (
     DERIVED_LABELS,
     _is_float,
@@ -258,6 +258,10 @@ def test_grpo_run_logs_each_reward_and_saves_an_adapter(grpo_run):
     output_dir, console = grpo_run
     assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
     assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
+    lines = console_log_lines(console)  # GRPO's headline keys, the KL term on
+    assert [shown_keys(line) for line in lines] == [
+        ["reward", "reward_std", "kl", "completions/mean_length", "learning_rate"]
+    ] * 2
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
     assert len(log) == 2
     for entry in log:

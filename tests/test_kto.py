@@ -7,7 +7,7 @@ import math
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, console_log_lines, shown_keys
 from PIL import Image
 
 from vlm_recipes.configs import DataArguments
@@ -143,6 +143,8 @@ def kto_run(tiny_qwen, preference_dir, tmp_path_factory):
 def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(kto_run):
     output_dir, console = kto_run
     assert "KTO rows: 4 desirable, 4 undesirable" in console
+    lines = console_log_lines(console)  # KTO's headline keys
+    assert [shown_keys(line) for line in lines] == [["loss", "rewards/margins", "kl", "learning_rate"]] * 2
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
     assert len(log) == 2
     for entry in log:
