@@ -180,3 +180,6 @@ def test_a_resumed_streamed_run_trains_the_rows_an_uninterrupted_run_trains(
     assert state["global_step"] == 4
     # ...trained from the checkpoint's weights and optimizer: the same losses as the uninterrupted run
     assert logged_losses(tmp_path / "stopped") == pytest.approx(logged_losses(tmp_path / "whole"), abs=1e-5)
+    # The running report counts the rows the skip reads again once: it reads as the uninterrupted run's
+    reports = [json.loads((tmp_path / run / "data_report.json").read_text())["train"] for run in ("stopped", "whole")]
+    assert reports[0]["rows"] == reports[1]["rows"] > 8 and reports[0]["rejected"] == reports[1]["rejected"] == 0
