@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny models and generated data are built once per test session; entry points run in subprocesses."""
+"""Shared fixtures: tiny models and generated data are built once per test session; entry points run in subprocesses
+(`run_module`) or in this process (`run_in_process`)."""
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -95,31 +99,77 @@ def run_module(module: str, *args: str, cwd: Path = REPO_ROOT, timeout: int = 60
     )
 
 
-def run_in_process(module: str, *args: str, capsys) -> subprocess.CompletedProcess:
+class _CurrentStderr(logging.StreamHandler):
+    """Writes each record to `sys.stderr` as it is at that moment (a capture's), where a subprocess's logging writes.
+    A handler made earlier holds the stream of its time; under pytest, `logging.basicConfig` adds none (pytest's own
+    handlers are on the root logger), so without this the package's log messages would reach no captured stderr."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))  # console.setup_console's format
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ sets it; the stream is always the current stderr
+        pass
+
+
+def run_in_process(module: str, *args: str, capsys=None) -> subprocess.CompletedProcess:
     """Run an entry point's `main(argv)` in this process, as `python -m module args...` would run it, and return what a
-    subprocess would (exit code, stdout, stderr) - without paying for a new interpreter's imports (~10 s on 2 cores).
-    For the runs whose subject is the command's behaviour, not the process (a kill, several processes)."""
+    subprocess would (exit code, stdout, stderr with the package's log messages) - without paying for a new
+    interpreter's imports (~10 s on 2 cores). For the runs whose subject is the command's behaviour, not the process
+    (a kill, several processes). `capsys`: a test's capture; without one (a module-scoped fixture cannot take it),
+    stdout and stderr are redirected into strings for the run."""
     import importlib
     import traceback
 
-    capsys.readouterr()  # what earlier steps of the test printed is not this command's output
     main = importlib.import_module(module).main
-    try:
-        main([str(arg) for arg in args])
-        returncode = 0
-    except SystemExit as stop:
-        returncode = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except Exception:  # an unexpected error: a traceback on stderr and exit code 1, as the interpreter does
-        traceback.print_exc()
-        returncode = 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess([module, *map(str, args)], returncode, captured.out, captured.err)
+    argv = [str(arg) for arg in args]
+
+    def exit_code() -> int:
+        handler, package_logger = _CurrentStderr(), logging.getLogger("vlm_recipes")
+        package_logger.addHandler(handler)
+        try:
+            main(argv)
+            return 0
+        except SystemExit as stop:
+            return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except Exception:  # an unexpected error: a traceback on stderr and exit code 1, as the interpreter does
+            traceback.print_exc()
+            return 1
+        finally:
+            package_logger.removeHandler(handler)
+
+    if capsys is not None:
+        capsys.readouterr()  # what earlier steps of the test printed is not this command's output
+        returncode = exit_code()
+        out, err = capsys.readouterr()
+    else:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            returncode = exit_code()
+        out, err = stdout.getvalue(), stderr.getvalue()
+    return subprocess.CompletedProcess([module, *argv], returncode, out, err)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (
         f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
     )
+
+
+def console_log_lines(console: str, start: str = "step ") -> list[str]:
+    """The lines a run printed for its logs (`step N/M  loss 1.2  ...`; an evaluation's: start="eval step ")."""
+    lines = (line.strip() for line in console.replace("\r", "\n").splitlines())
+    return [line for line in lines if line.startswith(start)]
+
+
+def shown_keys(line: str) -> list[str]:
+    """The keys a log line shows, in its order: `step 3/4  loss 1.2  learning_rate 5e-05` -> [loss, learning_rate]."""
+    return [part.split(" ")[0] for part in line.split("  ")[1:]]
 
 
 def logged_losses(output_dir):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_ok, run_in_process, run_module
+from conftest import REPO_ROOT, assert_ok, console_log_lines, run_in_process, run_module, shown_keys
 from PIL import Image
 
 from vlm_recipes.dpo import DPORecipe, build_trainer, main, train
@@ -214,6 +214,13 @@ def test_lora_dpo_margin_grows_above_zero(tiny_qwen, preference_dir, tmp_path):
     assert mean(margins[-5:]) > 0.3, margins
     assert mean(accuracies[-5:]) >= 0.7 and mean(accuracies[-5:]) > mean(accuracies[:5]), accuracies
     assert "rewards/margins: 0.0000 at step 1 ->" in result.stdout and "rewards/accuracies:" in result.stdout
+    # Each log's console line: DPO's headline keys only (TRL logs 14; logps and logits stay in training_log.json)
+    lines = console_log_lines(result.stdout + result.stderr)
+    assert len(lines) == 20
+    assert all(
+        shown_keys(line) == ["loss", "rewards/margins", "rewards/accuracies", "learning_rate"] for line in lines
+    )
+    assert "logps/chosen" in json.loads((output_dir / "training_log.json").read_text())[0]
     files = {path.name for path in output_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "training_log.json", "recipe.yaml"} <= files
     assert "ref" not in files  # the reference was the base: no adapter copy to save

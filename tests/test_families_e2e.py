@@ -2,14 +2,12 @@
 DPO through `python -m vlm_recipes.dpo` on the issues' families (Qwen2.5-VL: test_dpo.py)."""
 
 import json
-import logging
 import math
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_ok, logged_losses, run_module
+from conftest import REPO_ROOT, assert_ok, logged_losses, run_in_process, run_module
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -64,24 +62,11 @@ def run_two_at_a_time(module, root, runs):
         return {family: (root / family, future.result()) for family, future in results.items()}
 
 
-class LogLines(logging.Handler):
-    """The package's log messages of one run (its stderr in a subprocess), kept as lines."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def sft_runs(tiny_models, chartqa_dir, tmp_path_factory):
     """family -> (output_dir, finished run): each family's demo recipe through `vlm_recipes.sft`'s main, in this
     process one after the other (a subprocess each spends most of its time importing; test_sft_e2e.py runs the command
     as a subprocess). The run's stderr holds the package's log messages."""
-    from vlm_recipes import sft
-
     root = tmp_path_factory.mktemp("families_sft")
     runs = {}
     for family in E2E_FAMILIES:
@@ -91,16 +76,7 @@ def sft_runs(tiny_models, chartqa_dir, tmp_path_factory):
             "--output_dir", root / family, "--overwrite_output_dir", "false", "--max_train_samples", "4",
             "--per_device_train_batch_size", "2", "--max_steps", STEPS, "--logging_steps", "1",
         ]  # fmt: skip
-        handler, package_logger = LogLines(), logging.getLogger("vlm_recipes")
-        package_logger.addHandler(handler)
-        try:
-            sft.main([str(arg) for arg in args])
-            returncode = 0
-        except SystemExit as stop:
-            returncode = stop.code
-        finally:
-            package_logger.removeHandler(handler)
-        runs[family] = (root / family, subprocess.CompletedProcess(args, returncode, "", "\n".join(handler.lines)))
+        runs[family] = (root / family, run_in_process("vlm_recipes.sft", *args))
     return runs
 
 

@@ -2,13 +2,11 @@
 (prompt + completion within max_length, counted as the trainer renders the prompt), recipes that cannot work, and one
 short run through the real entry point."""
 
-import io
 import json
 import math
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_ok, console_log_lines, run_in_process, shown_keys
 from test_task_metrics import (
     DERIVED_LABELS,
     _is_float,
@@ -244,20 +242,24 @@ def grpo_run(tiny_qwen, chartqa_dir, tmp_path_factory):
     """One short GRPO run (2 steps, the KL term on) through `main` in process, as `python -m vlm_recipes.grpo` runs it
     (no second import of torch and TRL, ~35 s CPU): (its output folder, its console)."""
     output_dir = tmp_path_factory.mktemp("grpo") / "run"
-    console = io.StringIO()
-    with redirect_stdout(console), redirect_stderr(console):
-        main([
-            *grpo_args(tiny_qwen, chartqa_dir, output_dir),
-            "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
-            "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
-        ])  # fmt: skip
-    return output_dir, console.getvalue()
+    result = run_in_process(
+        "vlm_recipes.grpo",
+        *grpo_args(tiny_qwen, chartqa_dir, output_dir),
+        "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "3", "--max_train_samples", "8", "--beta", "0.04", "--dataset_test_split", "none",
+    )  # fmt: skip
+    assert_ok(result)
+    return output_dir, result.stdout + result.stderr
 
 
 def test_grpo_run_logs_each_reward_and_saves_an_adapter(grpo_run):
     output_dir, console = grpo_run
     assert "GRPO rewards (chartqa): relaxed_accuracy x 1, answer_format x 1; 4 generations per prompt" in console
     assert "reward: " in console and " at step 1 -> " in console  # the mean reward at the start and the end
+    lines = console_log_lines(console)  # GRPO's headline keys, the KL term on
+    assert [shown_keys(line) for line in lines] == [
+        ["reward", "reward_std", "kl", "completions/mean_length", "learning_rate"]
+    ] * 2
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "reward" in entry]
     assert len(log) == 2
     for entry in log:

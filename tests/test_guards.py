@@ -1,6 +1,7 @@
 """Fault guards: checkpoints are complete or visibly not, resume takes the last complete one, NaN stops the run."""
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from vlm_recipes.training.guards import (
     ReachedMaxSteps,
     ResumeCheck,
     TrainingDiverged,
+    data_order_settings,
     incomplete_reason,
     last_complete_checkpoint,
     mark_complete,
@@ -173,11 +175,13 @@ def test_the_checkpoint_whose_weights_gave_the_nan_is_not_recommended(tmp_path):
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
 
 
-def resumed(tmp_path, learning_rate, *, loaded_rate, scheduled_rate, step=2, max_steps=10):
+def resumed(tmp_path, learning_rate, *, loaded_rate, scheduled_rate, step=2, max_steps=10, batch_sizes=(4, 4)):
     """A ResumeCheck at the start of a resumed run: the optimizer and scheduler as transformers leaves them after
-    loading a checkpoint saved with `loaded_rate`, and the recipe now asking for `scheduled_rate`."""
+    loading a checkpoint saved with `loaded_rate`, and the recipe now asking for `scheduled_rate`; `batch_sizes`: the
+    checkpoint's per_device_train_batch_size and the recipe's now."""
     checkpoint = write_checkpoint(tmp_path, step, complete=False)
-    mark_complete(checkpoint, step, {"learning_rate": loaded_rate, "lr_scheduler_type": "linear"})
+    saved_order = data_order_settings(SimpleNamespace(seed=42, per_device_train_batch_size=batch_sizes[0]))
+    mark_complete(checkpoint, step, {"learning_rate": loaded_rate, "lr_scheduler_type": "linear"}, saved_order)
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=loaded_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda current: 1 - current / max_steps)
@@ -188,7 +192,8 @@ def resumed(tmp_path, learning_rate, *, loaded_rate, scheduled_rate, step=2, max
     guards.scheduler_created(SimpleNamespace(base_lrs=[scheduled_rate]))  # the scheduler the recipe asks for
     guards.training_starts(str(checkpoint))
     args = SimpleNamespace(learning_rate=learning_rate, lr_scheduler_type="linear", lr_scheduler_kwargs=None,
-                           warmup_steps=0, warmup_ratio=None, output_dir=str(tmp_path))  # fmt: skip
+                           warmup_steps=0, warmup_ratio=None, output_dir=str(tmp_path),
+                           seed=42, per_device_train_batch_size=batch_sizes[1])  # fmt: skip
     state = SimpleNamespace(global_step=step, max_steps=max_steps)
     return guards.resume, args, state, optimizer, scheduler
 
@@ -210,6 +215,25 @@ def test_resume_with_the_same_schedule_changes_nothing(tmp_path, capsys):
     check, args, state, optimizer, scheduler = resumed(tmp_path, 1e-4, loaded_rate=1e-4, scheduled_rate=1e-4)
     check.on_train_begin(args, state, None, optimizer=optimizer, lr_scheduler=scheduler)
     assert scheduler.get_last_lr() == [pytest.approx(1e-4 * 0.8)] and capsys.readouterr().out == ""
+
+
+def test_resume_with_another_batch_size_warns_that_rows_change(tmp_path, caplog):
+    check, args, state, optimizer, scheduler = resumed(
+        tmp_path, 1e-4, loaded_rate=1e-4, scheduled_rate=1e-4, batch_sizes=(4, 8)
+    )
+    with caplog.at_level(logging.WARNING, logger="vlm_recipes.training.guards"):
+        check.on_train_begin(args, state, None, optimizer=optimizer, lr_scheduler=scheduler)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "Resuming from checkpoint-2 with settings that change which rows each step draws" in warnings[0]
+    assert "(per_device_train_batch_size 4 -> 8)" in warnings[0] and "the 2 steps already trained" in warnings[0]
+
+
+def test_resume_with_the_same_data_order_warns_of_nothing(tmp_path, caplog):
+    check, args, state, optimizer, scheduler = resumed(tmp_path, 1e-4, loaded_rate=1e-4, scheduled_rate=1e-4)
+    with caplog.at_level(logging.WARNING, logger="vlm_recipes.training.guards"):
+        check.on_train_begin(args, state, None, optimizer=optimizer, lr_scheduler=scheduler)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def test_resume_from_a_checkpoint_at_max_steps_trains_nothing(tmp_path):

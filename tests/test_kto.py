@@ -1,13 +1,11 @@
 """KTO: unpaired rows (a user's rows with a boolean label, or preference pairs split into a desirable and an
 undesirable row), recipes that cannot work, and one short run through the real entry point."""
 
-import io
 import json
 import math
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_ok, console_log_lines, run_in_process, shown_keys
 from PIL import Image
 
 from vlm_recipes.configs import DataArguments
@@ -131,18 +129,20 @@ def kto_run(tiny_qwen, preference_dir, tmp_path_factory):
     """One short KTO run through `main` in process, as `python -m vlm_recipes.kto` runs it (no second import of torch
     and TRL, ~35 s CPU): (its output folder, its console)."""
     output_dir = tmp_path_factory.mktemp("kto") / "run"
-    console = io.StringIO()
-    with redirect_stdout(console), redirect_stderr(console):
-        main([
-            *kto_args(tiny_qwen, preference_dir, output_dir),
-            "--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "4", "--dataset_test_split", "none",
-        ])  # fmt: skip
-    return output_dir, console.getvalue()
+    result = run_in_process(
+        "vlm_recipes.kto",
+        *kto_args(tiny_qwen, preference_dir, output_dir),
+        "--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "4", "--dataset_test_split", "none",
+    )  # fmt: skip
+    assert_ok(result)
+    return output_dir, result.stdout + result.stderr
 
 
 def test_kto_run_on_split_pairs_logs_implied_rewards_and_saves_an_adapter(kto_run):
     output_dir, console = kto_run
     assert "KTO rows: 4 desirable, 4 undesirable" in console
+    lines = console_log_lines(console)  # KTO's headline keys
+    assert [shown_keys(line) for line in lines] == [["loss", "rewards/margins", "kl", "learning_rate"]] * 2
     log = [entry for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
     assert len(log) == 2
     for entry in log:

@@ -5,7 +5,16 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_clear_error, assert_ok, logged_losses, run_in_process, run_module
+from conftest import (
+    REPO_ROOT,
+    assert_clear_error,
+    assert_ok,
+    console_log_lines,
+    logged_losses,
+    run_in_process,
+    run_module,
+    shown_keys,
+)
 from PIL import Image
 
 from vlm_recipes.sft import main
@@ -57,11 +66,16 @@ KNOWN_NOISE = ("{'loss'", "{'train_runtime'", "Casting the dataset", "Map:", "Ma
 
 
 def test_the_console_shows_one_line_per_log_and_no_known_noise(lora_run):
-    _, result = lora_run
+    output_dir, result = lora_run
     shown = result.stdout + result.stderr
     assert [fragment for fragment in KNOWN_NOISE if fragment in shown] == []
     # The package's own line per log, above the progress bar; the end-of-training dict left to the summary
-    assert "step 1/30  loss " in shown and "step 30/30  loss " in shown and "grad_norm " in shown
+    lines = console_log_lines(shown)
+    assert [line.split("  ")[0] for line in lines] == [f"step {step}/30" for step in range(1, 31)]
+    # SFT's headline keys only; training_log.json keeps every logged key (TRL's entropy and token count among them)
+    assert all(shown_keys(line) == ["loss", "mean_token_accuracy", "grad_norm", "learning_rate"] for line in lines)
+    logged = json.loads((output_dir / "training_log.json").read_text())[0]
+    assert {"entropy", "num_tokens", "epoch"} <= set(logged)
     bars = shown.replace("\r", "\n").splitlines()
     assert sum(line.startswith("Loading weights:   0%") for line in bars) == 1  # one model, one loading bar
 
@@ -126,6 +140,12 @@ def test_qlora_sft_trains_on_cpu_and_its_adapter_reloads_onto_the_4_bit_base(tin
         15,
         30,
     ]  # eval_<set>/<metric>
+    # Each evaluation's own console lines: the loss and token accuracy (no timings), then the answer-level scores
+    evaluations = console_log_lines(result.stdout + result.stderr, start="eval step ")
+    assert [line.split("  ")[0] for line in evaluations] == ["eval step 15/30"] * 2 + ["eval step 30/30"] * 2
+    assert shown_keys(evaluations[0]) == ["loss", "mean_token_accuracy"]
+    assert "chartqa/relaxed_accuracy" in shown_keys(evaluations[1])
+    assert all(key.startswith("chartqa/") for key in shown_keys(evaluations[1]))
     assert (output_dir / "adapter_model.safetensors").exists()
     recipe = (output_dir / "recipe.yaml").read_text()
     assert "tuning_strategy: qlora" in recipe

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, logged_losses
+from conftest import REPO_ROOT, assert_ok, console_log_lines, logged_losses, run_in_process
 from PIL import Image
 
 from vlm_recipes import preflight
@@ -193,3 +193,67 @@ def test_two_processes_each_train_their_share_of_every_global_batch(chat_lines, 
         running.max_bad_fraction = 0.0
         with pytest.raises(DataError, match=r"1 of 39 rows of the 'train' split were rejected"):
             running.stop_if_too_many_rejected()
+
+
+@pytest.mark.e2e
+def test_a_resumed_streamed_run_trains_the_rows_an_uninterrupted_run_trains(
+    tiny_qwen, chat_lines, tmp_path, monkeypatch, capsys
+):
+    """2 steps with a checkpoint at step 2, then `--max_steps 4 --resume_from_checkpoint true`: steps 3-4 of the resumed
+    run train the same batches, token for token, as steps 3-4 of one uninterrupted 4-step run, from the same weights."""
+    import torch
+
+    from vlm_recipes.training.trainers import VLMSFTTrainer
+
+    # Every row different (its own question and answer), so a batch's token ids say which rows it holds
+    lines = [{"images": [str(chat_lines / f"chart{index % 4}.png")], "messages": [
+        {"role": "user", "content": f"<image>What is the value of bar number {index}?"},
+        {"role": "assistant", "content": str(7 * index + 3)}]} for index in range(24)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml").read_text())
+    for key in ("dataset_train_split", "max_train_samples"):
+        recipe.pop(key)
+    recipe.update(
+        model_name_or_path=str(tiny_qwen), dataset_name=str(tmp_path / "rows.jsonl"), formatter="conversations",
+        dataset_test_split="none", streaming=True, shuffle_buffer_size=6, max_steps=4, per_device_train_batch_size=2,
+        logging_steps=1, save_strategy="steps", save_steps=2, overwrite_output_dir=False,
+    )  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    trained = []  # the token ids of each batch a training step trains (the resumed run's skipped batches never get here)
+    train_step = VLMSFTTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        trained.append(inputs["input_ids"].clone())
+        return train_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(VLMSFTTrainer, "training_step", recording_step)
+
+    def run(output_dir, *extra):
+        trained.clear()
+        result = run_in_process("vlm_recipes.sft", tmp_path / "recipe.yaml", "--output_dir", output_dir, *extra,
+                                capsys=capsys)  # fmt: skip
+        assert_ok(result)
+        return list(trained), result
+
+    whole, _ = run(tmp_path / "whole")
+    first, _ = run(tmp_path / "stopped", "--max_steps", "2")
+    resumed, result = run(tmp_path / "stopped", "--resume_from_checkpoint", "true")
+
+    assert f"Resuming from the last complete checkpoint: {tmp_path / 'stopped' / 'checkpoint-2'}" in result.stdout
+    assert [line.split("  ")[0] for line in console_log_lines(result.stdout + result.stderr)] == [
+        "step 3/4",
+        "step 4/4",
+    ]
+    assert len(whole) == 4 and len(first) == len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first + resumed, whole, strict=True))  # the same rows, step by step
+    assert len({tuple(batch.flatten().tolist()) for batch in whole}) == 4  # 4 different batches: equal ids, same rows
+    state = json.loads((tmp_path / "stopped" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # ...trained from the checkpoint's weights and optimizer: the same losses as the uninterrupted run
+    assert logged_losses(tmp_path / "stopped") == pytest.approx(logged_losses(tmp_path / "whole"), abs=1e-5)
+    # The running report counts the rows the skip reads again once: it reads as the uninterrupted run's
+    reports = [
+        json.loads((tmp_path / name / "data_report.json").read_text())["train"] for name in ("stopped", "whole")
+    ]
+    assert reports[0]["rows"] == reports[1]["rows"] > 8 and reports[0]["rejected"] == reports[1]["rejected"] == 0

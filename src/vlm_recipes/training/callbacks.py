@@ -1,10 +1,10 @@
-"""Trainer callbacks: answer-level evaluation during training, the plot written when training ends, and each log as one
-readable line instead of transformers' printed dict."""
+"""Trainer callbacks: answer-level evaluation during training and the plot written when training ends (each log as a
+console line: `training/log_lines.py`)."""
 
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import TrainerCallback
 
 from vlm_recipes.configs import EvaluationArguments
 from vlm_recipes.evaluation.runner import evaluate_rows
@@ -97,52 +97,3 @@ def add_evaluation_callbacks(
         )
     keys = tuple(metric_key(eval_set.name, metric) for eval_set, _ in sets for metric in eval_set.task.metric_names)
     trainer.add_callback(TrainingPlotCallback(keys, title=plot_title))
-
-
-# The Trainer's end-of-training dict (runtime, samples per second, mean loss): the command's summary says the same.
-END_OF_TRAINING_KEY = "train_runtime"
-
-
-def log_line(state: Any, logs: dict[str, Any]) -> str | None:
-    """One logged step as a line (`step 20/80  loss 1.234  grad_norm 0.5  learning_rate 5e-05 ...`) in place of
-    transformers' printed dict; None for the end-of-training dict, which the summary replaces."""
-    if END_OF_TRAINING_KEY in logs:
-        return None
-    values = [
-        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-        for key, value in logs.items()
-        if key not in {"total_flos", "epoch"} and not isinstance(value, str | list | dict)
-    ]
-    return "  ".join([f"step {state.global_step}/{state.max_steps}", *values])
-
-
-class ProgressWithLogLines(ProgressCallback):
-    """transformers' progress bar, with each log as `log_line` above the bar rather than a printed dict."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            line = log_line(state, logs)
-            if line:
-                self.training_bar.write(line)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        # A resume at max_steps ends training before this callback's on_train_begin made a bar (the fault guards stop
-        # it first): nothing to close.
-        if self.training_bar is not None:
-            super().on_train_end(args, state, control, **kwargs)
-
-
-class LogLines(PrinterCallback):
-    """`disable_tqdm: true`: no bar, each log as `log_line`."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and (line := log_line(state, logs)):
-            print(line, flush=True)
-
-
-def use_log_lines(trainer: Any) -> None:
-    """Swap the Trainer's printers of raw log dicts (its progress bar's, or PrinterCallback's) for `log_line`."""
-    for printer, replacement in ((ProgressCallback, ProgressWithLogLines), (PrinterCallback, LogLines)):
-        if any(type(callback) is printer for callback in trainer.callback_handler.callbacks):
-            trainer.remove_callback(printer)
-            trainer.add_callback(replacement)

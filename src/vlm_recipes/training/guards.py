@@ -81,9 +81,12 @@ def _write_atomically(path: Path, content: dict[str, Any]) -> Path:
     return path
 
 
-def mark_complete(folder: str | Path, step: int, schedule: dict[str, Any] | None = None) -> Path:
+def mark_complete(
+    folder: str | Path, step: int, schedule: dict[str, Any] | None = None, data_order: dict[str, Any] | None = None
+) -> Path:
     """Flush every file of a written checkpoint to disk, then write its marker atomically. `schedule`: the learning-rate
-    settings the checkpoint was trained with (`schedule_settings`), compared on resume."""
+    settings the checkpoint was trained with (`schedule_settings`); `data_order`: the settings that decide which rows
+    each step draws (`data_order_settings`); both compared on resume."""
     folder = Path(folder)
     files = {}
     for path in sorted(folder.rglob("*")):
@@ -93,6 +96,8 @@ def mark_complete(folder: str | Path, step: int, schedule: dict[str, Any] | None
     content = {"global_step": step, "files": files}
     if schedule is not None:
         content["schedule"] = schedule
+    if data_order is not None:
+        content["data_order"] = data_order
     return _write_atomically(folder / COMPLETE_MARKER, content)
 
 
@@ -209,6 +214,17 @@ def schedule_settings(args: Any, optimizer: Any = None) -> dict[str, Any]:
     return settings
 
 
+# What decides which rows each step draws. A resumed run skips as many batches as the checkpoint's steps consumed,
+# counted in the new run's batches: with any of these changed, the skip lands elsewhere in a differently ordered (or
+# differently cut, or differently sharded) data stream, so some rows train twice in this epoch and others not at all.
+DATA_ORDER_FIELDS = ("seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
+
+
+def data_order_settings(args: Any) -> dict[str, Any]:
+    """The settings of a run that decide which rows each step draws (`DATA_ORDER_FIELDS`), as plain values."""
+    return {name: _plain(getattr(args, name, None)) for name in DATA_ORDER_FIELDS}
+
+
 def _plain(value: Any) -> Any:
     value = getattr(value, "value", value)  # enums (lr_scheduler_type)
     return value if isinstance(value, str | int | float | bool | type(None) | dict | list) else str(value)
@@ -240,7 +256,7 @@ class CompleteCheckpoints(TrainerCallback):
                 marker = {"global_step": state.global_step, "nonfinite_tensors": len(nonfinite), "e.g.": nonfinite[:5]}
                 _write_atomically(folder / NONFINITE_MARKER, marker)
             else:
-                mark_complete(folder, state.global_step, schedule_settings(args, optimizer))
+                mark_complete(folder, state.global_step, schedule_settings(args, optimizer), data_order_settings(args))
                 rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
         wait_for_everyone()
         if nonfinite:
@@ -367,11 +383,18 @@ class ReachedMaxSteps(Exception):
         self.checkpoint, self.step = checkpoint, step
 
 
-def _checkpoint_schedule(checkpoint: str | Path) -> dict[str, Any]:
+def _checkpoint_settings(checkpoint: str | Path, part: str) -> dict[str, Any]:
+    """One part ("schedule", "data_order") of the settings a complete checkpoint's marker records; {} when absent."""
     try:
-        return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8")).get("schedule") or {}
+        return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8")).get(part) or {}
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+def _changes(saved: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    return [
+        f"{name} {saved[name]} -> {current[name]}" for name in fields if name in saved and saved[name] != current[name]
+    ]
 
 
 class ResumeCheck(TrainerCallback):
@@ -398,6 +421,7 @@ class ResumeCheck(TrainerCallback):
             return control
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise ReachedMaxSteps(checkpoint, state.global_step)
+        self._warn_of_data_order_changes(checkpoint, args, state.global_step)
         changes = self._schedule_changes(checkpoint, args)
         wanted = self.scheduled_learning_rates
         loaded = list(getattr(lr_scheduler, "base_lrs", []) or [])
@@ -421,12 +445,22 @@ class ResumeCheck(TrainerCallback):
 
     @staticmethod
     def _schedule_changes(checkpoint: str, args: Any) -> list[str]:
-        saved, current = _checkpoint_schedule(checkpoint), schedule_settings(args)
-        return [
-            f"{name} {saved[name]} -> {current[name]}"
-            for name in SCHEDULE_FIELDS
-            if name in saved and saved[name] != current[name]
-        ]
+        return _changes(_checkpoint_settings(checkpoint, "schedule"), schedule_settings(args), SCHEDULE_FIELDS)
+
+    @staticmethod
+    def _warn_of_data_order_changes(checkpoint: str, args: Any, step: int) -> None:
+        changes = _changes(
+            _checkpoint_settings(checkpoint, "data_order"), data_order_settings(args), DATA_ORDER_FIELDS
+        )
+        if changes:
+            logger.warning(
+                "Resuming from %s with settings that change which rows each step draws (%s): the %d steps already "
+                "trained are skipped in the new order, so this epoch trains some rows twice and others not at all. "
+                "Resume with the checkpoint's settings to go on with the same rows.",
+                Path(checkpoint).name,
+                "; ".join(changes),
+                step,
+            )
 
 
 def _rates(values: list[float]) -> str:

@@ -24,7 +24,6 @@ from vlm_recipes.modeling.setup import ModelSetup, resolve_model_setup
 from vlm_recipes.processes import is_main_process, main_process_first, wait_for_everyone
 from vlm_recipes.recipe import TrainingRecipe
 from vlm_recipes.run_folder import DATA_REPORT_FILE
-from vlm_recipes.training.callbacks import use_log_lines
 from vlm_recipes.training.distributed import (
     TEXT_ONLY_REASON,
     check_launch,
@@ -33,6 +32,7 @@ from vlm_recipes.training.distributed import (
     end_process_group_at_exit,
 )
 from vlm_recipes.training.guards import ReachedMaxSteps, check_final_weights, resume_checkpoint
+from vlm_recipes.training.log_lines import use_log_lines
 from vlm_recipes.training.output_folder import plan_output_dir
 from vlm_recipes.training.outputs import next_commands, resume_requested, save_outputs, summary_lines
 from vlm_recipes.training.speed import groups_by_length
