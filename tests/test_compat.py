@@ -59,6 +59,13 @@ def test_the_private_pieces_are_where_compat_expects_them():
     for trainer in (SFTTrainer, DPOTrainer):
         assert "self._total_train_tokens" in inspect.getsource(trainer)
     assert f'"{compat.TRL_REFERENCE_ADAPTER}"' in inspect.getsource(DPOTrainer)
+    # TRL's DPO loss: each loss type's per-pair losses averaged and weighed, then the rewards compared
+    dpo_loss = inspect.getsource(DPOTrainer._compute_loss)
+    assert "loss += per_sequence_loss.mean() * loss_weight" in dpo_loss
+    assert "zip(self.loss_types, self.loss_weights, strict=True)" in dpo_loss
+    assert "(chosen_rewards > rejected_rewards)" in dpo_loss
+    for loss_type in compat.BATCH_MIXING_DPO_LOSSES:
+        assert f'loss_type == "{loss_type}"' in dpo_loss
     # bitsandbytes' switch for its CPU inference repacking of 4-bit weights (compat.keep_4bit_weights_trainable)
     from bitsandbytes.nn import Linear4bit
 
@@ -92,3 +99,29 @@ def test_repeated_images_must_be_the_same_objects():
     first, second = [object()], [object()]
     assert compat.doubled_prompt_half((), {"text": ["p", "p"], "images": [first, first]}) == 1
     assert compat.doubled_prompt_half((), {"text": ["p", "p"], "images": [first, second]}) is None
+
+
+def test_pair_losses_are_the_values_averaged_and_weighed_and_the_comparison_after_them():
+    """TRL's shape in small: a mean of each loss type's values times its weight, metrics' means and comparisons
+    around it. What is recorded is the values, weighed, and the one comparison of per-pair values after the loss."""
+    import torch
+
+    class Trainer:
+        loss_weights = [1.0, 0.5]
+
+    trainer = Trainer()
+    compat.mark_dpo_loss_weights(trainer)
+    assert trainer.loss_weights == [1.0, 0.5]
+    chosen, rejected = torch.tensor([0.3, -0.2, 0.1]), torch.tensor([0.1, 0.4, 0.0])
+    with compat.recorded_pair_results() as results:
+        assert bool((torch.tensor([2.0]) > torch.tensor([1.0])).all())  # before the loss (the model's): not recorded
+        loss = 0.0
+        for values, weight in zip((chosen - rejected, chosen * 2), trainer.loss_weights, strict=True):
+            loss += values.mean() * weight
+        chosen.mean().item()  # a metric's mean: not recorded
+        accuracies = (chosen > rejected).float()
+    assert len(results.losses) == 2
+    torch.testing.assert_close(results.losses[0], chosen - rejected)
+    torch.testing.assert_close(results.losses[1], chosen)
+    torch.testing.assert_close(torch.stack(results.losses).sum(0).mean(), loss)
+    assert len(results.reward_accuracies) == 1 and results.reward_accuracies[0].tolist() == accuracies.tolist()

@@ -518,3 +518,28 @@ def test_an_empty_or_incomplete_saved_adapter_fails_loudly(tiny_qwen, tmp_path):
     save_file({key: value for key, value in tensors.items() if key != first}, path)
     with pytest.raises(RecipeError, match="tensors are missing"):
         check_saved_adapters(model, tmp_path)
+
+
+@pytest.mark.extended  # a streamed run on two processes (~80 s); tests/test_streaming.py proves the sharding in process
+def test_a_stream_trains_on_two_processes_like_one(tiny_qwen, tmp_path):
+    """`streaming: true` under DDP: each process reads the stream and keeps its half of each global batch, so the two
+    processes train on the one-process run's batches (the same losses), and the data report counts each row once."""
+    from vlm_recipes import sft
+    from vlm_recipes.data.synthetic import make_chartqa_rows
+
+    charts = make_chartqa_rows(4, seed=3)
+    for index, chart in enumerate(charts):
+        chart["image"].save(tmp_path / f"chart{index}.png")
+    lines = [{"images": [f"chart{index % 4}.png"], "messages": [
+        {"role": "user", "content": "<image>" + charts[index % 4]["query"]},
+        {"role": "assistant", "content": f"{charts[index % 4]['label'][0]} (row {index})"}]} for index in range(24)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    stream = ["--formatter", "conversations", "--dataset_test_split", "none", "--streaming", "true",
+              "--shuffle_buffer_size", 8]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    sft.main([str(arg) for arg in recipe_args(tiny_qwen, data, tmp_path / "one", 1, *stream)])
+    result = accelerate_launch("multi_gpu.yaml", *recipe_args(tiny_qwen, data, tmp_path / "two", 2, *stream))
+    assert_ok(result)
+    assert_same_losses(tmp_path / "two", tmp_path / "one")
+    reports = [json.loads((tmp_path / run / "data_report.json").read_text())["train"] for run in ("one", "two")]
+    assert reports[0]["rows"] == reports[1]["rows"] == 16  # max_train_samples of the stream, each counted once

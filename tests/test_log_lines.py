@@ -51,3 +51,11 @@ def test_a_log_with_none_of_the_headline_keys_shows_its_numbers():
 def test_nothing_for_the_end_of_training_dict_or_a_log_without_numbers():
     assert log_line(STATE, {"train_runtime": 12.0, "train_loss": 1.0, "epoch": 1.0}, "sft") is None
     assert log_line(STATE, {"epoch": 1.0, "note": "text"}, "sft") is None
+
+
+def test_dpo_line_shows_each_sources_loss_after_the_loss():
+    logs = {"loss": 0.6, "loss/pairs_csv": 0.5, "rewards/accuracies/pairs_csv": 1.0, "rewards/margins": 0.2,
+            "rewards/accuracies": 0.75, "learning_rate": 5e-06, "logps/chosen": -30.0}  # fmt: skip
+    assert shown_keys(log_line(STATE, logs, "dpo")) == [
+        "loss", "loss/pairs_csv", "rewards/margins", "rewards/accuracies", "learning_rate"
+    ]  # fmt: skip

@@ -355,7 +355,7 @@ def test_sft_loss_per_source_averages_to_the_loss_padded_and_packed(tiny_qwen, t
         trainer.packs_rows = packs_rows
         with torch.no_grad():
             loss = trainer.compute_loss(trainer.model, dict(batch))
-        sums, tokens = trainer.source_losses.sums, trainer.source_losses.tokens
+        sums, tokens = trainer.source_losses.sums, trainer.source_losses.counts
         assert tokens.min() > 0
         torch.testing.assert_close(sums.sum() / tokens.sum(), loss.float(), rtol=0, atol=1e-5)
         logs = trainer.source_losses.pop_logs(trainer.accelerator)
@@ -364,11 +364,8 @@ def test_sft_loss_per_source_averages_to_the_loss_padded_and_packed(tiny_qwen, t
         assert trainer.source_losses.sums is None  # the sums restart after a log
 
 
-@pytest.mark.e2e
-@pytest.mark.extended  # ~20 s on 2 cores; the SFT mixture run is the default suite's end-to-end mixture
-def test_dpo_trains_on_a_3_to_1_mixture_of_preference_sources(preference_registry, tiny_qwen, tmp_path):
-    from vlm_recipes import dpo
-
+def dpo_mixture_recipe(preference_registry, tiny_qwen, output_dir, **changes):
+    """The demo DPO recipe on the two preference sources mixed 3:1."""
     recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "dpo_lora.yaml").read_text())
     for key in ("dataset_name", "formatter", "dataset_train_split", "dataset_test_split", "max_train_samples"):
         recipe.pop(key)
@@ -376,17 +373,85 @@ def test_dpo_trains_on_a_3_to_1_mixture_of_preference_sources(preference_registr
         model_name_or_path=str(tiny_qwen),
         dataset_registry=str(preference_registry),
         datasets=[{"name": "pairs_csv", "weight": 3}, {"name": "pairs_jsonl", "weight": 1}],
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        logging_steps=1,
+        output_dir=str(output_dir),
+        **changes,
     )
-    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
-    dpo.main([str(tmp_path / "dpo.yaml")])
+    path = output_dir.parent / "dpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_dpo_loss_per_source_averages_to_the_loss_padded_and_packed(preference_registry, tiny_qwen, tmp_path):
+    """Each pair's DPO loss as TRL computes it, grouped by source: weighted by their pairs, the per-source losses are
+    the batch's loss, and the per-source reward accuracies TRL's, for padded and packed pairs and a weighted sum of
+    two loss types."""
+    from vlm_recipes import dpo
+    from vlm_recipes.compat import mark_dpo_loss_weights
+
+    recipe = dpo_mixture_recipe(
+        preference_registry, tiny_qwen, tmp_path / "out", dtype="float32", per_device_train_batch_size=8,
+        train_sampling_strategy="sequential",  # the mixture's order: length grouping would batch sources apart
+    )  # fmt: skip
+    trainer = dpo.build_trainer(parse_recipe(dpo.DPORecipe, [str(recipe)]))
+    assert trainer.source_results.names == ("pairs_csv", "pairs_jsonl")
+    torch.manual_seed(0)
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_B" in name:  # the policy away from its reference (a new adapter starts equal): losses differ by pair
+            parameter.data.normal_(0, 0.3)
+    batch = next(batch for batch in trainer.get_train_dataloader() if batch[SOURCE_IDS].unique().numel() == 2)
+    batch = trainer._prepare_inputs(batch)
+    pairs = len(batch[SOURCE_IDS])
+    for key, value in batch.items():  # pair 0 with chosen and rejected swapped: its reward comparison turns around
+        if isinstance(value, torch.Tensor) and key != SOURCE_IDS and value.shape[0] == 2 * pairs:
+            value[[0, pairs]] = value[[pairs, 0]].clone()
+    trainer.model.train()
+    for packs_rows, loss_types, weights in ((False, ["sigmoid"], [1.0]), (True, ["sigmoid"], [1.0]),
+                                            (False, ["sigmoid", "bco_pair"], [1.0, 0.5])):  # fmt: skip
+        trainer.packs_rows, trainer.loss_types, trainer.loss_weights = packs_rows, loss_types, weights
+        mark_dpo_loss_weights(trainer)
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+        losses, accuracies = trainer.source_results.losses, trainer.source_results.accuracies
+        assert losses.counts.min() > 0 and losses.counts.sum() == pairs  # every pair, once
+        torch.testing.assert_close(losses.sums.sum() / losses.counts.sum(), loss.float(), rtol=0, atol=1e-5)
+        trl_accuracy = trainer._metrics["train"]["rewards/accuracies"][-1]
+        assert 0 < trl_accuracy < 1  # pairs on both sides: the comparison is not the same for all
+        assert float(accuracies.sums.sum() / accuracies.counts.sum()) == pytest.approx(trl_accuracy, abs=1e-6)
+        expected = {
+            **{f"loss/{name}": (losses.sums[i] / losses.counts[i]).item() for i, name in enumerate(losses.names)},
+            **{
+                f"rewards/accuracies/{name}": (accuracies.sums[i] / accuracies.counts[i]).item()
+                for i, name in enumerate(accuracies.names)
+            },
+        }
+        logs = trainer.source_results.pop_logs(trainer.accelerator)
+        assert logs == pytest.approx(expected, rel=1e-6)
+        assert logs["loss/pairs_csv"] != pytest.approx(logs["loss/pairs_jsonl"])
+        assert losses.sums is None and accuracies.sums is None  # the sums restart after a log
+
+
+@pytest.mark.e2e
+@pytest.mark.extended  # ~20 s on 2 cores; the SFT mixture run is the default suite's end-to-end mixture
+def test_dpo_trains_on_a_3_to_1_mixture_of_preference_sources(preference_registry, tiny_qwen, tmp_path):
+    from vlm_recipes import dpo
+
+    recipe = dpo_mixture_recipe(
+        preference_registry, tiny_qwen, tmp_path / "out", max_steps=2, per_device_train_batch_size=2, logging_steps=1
+    )
+    dpo.main([str(recipe)])
     mixture = json.loads((tmp_path / "out" / "data_report.json").read_text())["mixture"]
     assert mixture["pairs_csv"]["train_rows"] == 30  # the weight-3 source, whole
     assert 0 < mixture["pairs_jsonl"]["train_rows"] < 30 and mixture["pairs_jsonl"]["weight"] == 1
     assert len(logged_losses(tmp_path / "out")) == 2
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    logged = {key for entry in log for key in entry}  # both sources over the run (a step of 2 pairs may hold one)
+    assert {
+        "loss/pairs_csv",
+        "loss/pairs_jsonl",
+        "rewards/accuracies/pairs_csv",
+        "rewards/accuracies/pairs_jsonl",
+    } <= logged
+    assert (tmp_path / "out" / "training_plot.png").is_file()
 
 
 def test_a_second_process_reads_the_checked_mixture_from_the_cache(two_sources, tiny_qwen, tmp_path, monkeypatch):

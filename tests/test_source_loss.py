@@ -96,4 +96,4 @@ def test_the_plot_draws_one_line_per_source_in_its_own_panel():
     log = [{"step": 1, "loss": 1.0, "loss/charts": 0.8, "loss/web": 1.4}, {"step": 2, "loss": 0.9, "loss/web": 1.2}]
     panels = {panel.title: keys for panel, keys in panels_for(log, ("loss", "eval_loss"), ())}
     assert panels["loss"] == ["loss"]
-    assert panels["training loss per source (token mean)"] == ["loss/charts", "loss/web"]
+    assert panels["training loss per source"] == ["loss/charts", "loss/web"]

@@ -2,8 +2,10 @@
 a running report, `max_steps` required, a mixture interleaved by weight; one short SFT run through the entry point."""
 
 import json
+import re
 
 import pytest
+import torch
 import yaml
 from conftest import REPO_ROOT, assert_ok, console_log_lines, logged_losses, run_in_process
 from PIL import Image
@@ -121,6 +123,76 @@ def test_sft_streams_an_augmented_jsonl_source_and_refuses_a_run_without_max_ste
         main([str(tmp_path / "recipe.yaml"), "--max_steps", "-1", "--output_dir", str(tmp_path / "out2")])
     assert stopped.value.code == 2
     assert "max_steps" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_two_processes_each_train_their_share_of_every_global_batch(chat_lines, tiny_qwen, tmp_path, monkeypatch):
+    """The training loader as the trainer builds it under `accelerate launch --num_processes 2`, for process 0 and 1
+    (accelerate's process count and index set, no launch): each process reads the whole stream and keeps its share of
+    each global batch (TRL turns accelerate's batch dispatching off for a stream), so one pass trains every row once,
+    and the last global batch, short of rows, is filled from the first, so that neither process waits on the other;
+    each process's running report counts every position once and reads the same, and so stops on the same row."""
+    from accelerate import Accelerator
+    from accelerate.data_loader import IterableDatasetShard
+
+    from vlm_recipes.recipe import parse_recipe
+    from vlm_recipes.sft import SFTRecipe, build_trainer
+
+    good = [index for index in range(ROWS - 1) if index != 1]  # 38 rows (line 2's answer is empty): 9.5 global batches
+    lines = [{"images": [str(chat_lines / f"chart{index % 4}.png")], "messages": [
+        {"role": "user", "content": "<image>What is shown?"}, {"role": "assistant", "content": f"Row {index}." if index != 1 else ""}
+    ]} for index in range(ROWS - 1)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "demo" / "sft_lora.yaml").read_text())
+    for key in ("dataset_train_split", "max_train_samples"):
+        recipe.pop(key)
+    recipe.update(model_name_or_path=str(tiny_qwen), dataset_name=str(tmp_path / "rows.jsonl"), formatter="conversations",
+                  dataset_test_split="none", streaming=True, shuffle_buffer_size=8, max_bad_fraction=0.1, max_steps=3,
+                  per_device_train_batch_size=2, dtype="float32", bf16=False)  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    process = {"index": 0}
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: process["index"]))
+    passes, reports = [], []
+    for index in (0, 1):  # each process builds its own trainer, stream and running report
+        process["index"] = index
+        trainer = build_trainer(
+            parse_recipe(SFTRecipe, [str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path / f"out{index}")])
+        )
+        seen: list[list[int]] = []
+
+        def record(examples, seen=seen):
+            seen.append(
+                [int(re.search(r"Row (\d+)\.", json.dumps(example["messages"])).group(1)) for example in examples]
+            )
+            return {"rows": torch.tensor([len(examples)])}
+
+        trainer.data_collator = record
+        loader = trainer.get_train_dataloader()
+        shard = loader.dataset
+        assert isinstance(shard, IterableDatasetShard) and (shard.num_processes, shard.process_index) == (2, index)
+        for _ in range(2):  # two passes (epochs of the stream)
+            for _batch in loader:
+                pass
+        passes.append(seen)
+        reports.append(trainer.train_dataset.stream_report)
+
+    first, second = passes
+    assert len(first) == len(second) == 2 * 10  # 10 batches a pass on each: the half global batch at the end filled
+    assert all(len(batch) == 2 for batch in first + second)  # no short or empty batch on either process
+    one_pass = [row for batches in (first[:10], second[:10]) for batch in batches for row in batch]
+    assert sorted(set(one_pass)) == good  # every row of the stream trained in the pass
+    refill = [row for row in one_pass if one_pass.count(row) > 1]
+    assert len(one_pass) - len(good) == 2 and sorted(set(refill)) == sorted(set(first[0] + second[0]) & set(refill))
+    assert first[10:] + second[10:] == first[:10] + second[:10]  # the second pass: the same rows, the same split
+    for running in reports:  # every position once, on each process, though each read the stream twice
+        assert running.positions_read == ROWS - 1 and running.report.splits["train"].rows == ROWS - 1
+        assert running.report.splits["train"].rejected == 1
+    assert reports[0].report.to_dict() == reports[1].report.to_dict()
+    for running in reports:  # the max_bad_fraction stop reads the same counts on both: the same verdict
+        running.max_bad_fraction = 0.0
+        with pytest.raises(DataError, match=r"1 of 39 rows of the 'train' split were rejected"):
+            running.stop_if_too_many_rejected()
 
 
 @pytest.mark.e2e

@@ -26,6 +26,7 @@ to the library's own path, or stops with a clear message, where that is missing.
 | `dataset_fingerprint`              | datasets     | `Dataset._fingerprint`, the cache key of a dataset's state      |
 | `sdpa_attention`                   | transformers | `integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`, their arguments |
 | `iterable_of_rows`                 | datasets     | `IterableDataset(ExamplesIterable(fn, kwargs), info)` reads `fn()`'s (key, row) pairs |
+| `recorded_pair_results`            | trl          | `DPOTrainer._compute_loss`: policy forward, reference forward, then `loss += per_sequence_loss.mean() * loss_weight` per loss type, then `chosen_rewards > rejected_rewards` |
 """
 
 import functools
@@ -34,6 +35,7 @@ import logging
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_recipes.errors import RecipeError
@@ -201,6 +203,99 @@ def doubled_prompt_half(args: tuple, kwargs: dict[str, Any]) -> int | None:
         if any(first is not second for first, second in zip(images[:half], images[half:])):
             return None
     return half
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl: the DPO loss of each pair, before TRL's mean over the batch
+
+
+# TRL 1.16's DPO loss types whose per-pair value is not the pair's own: "sft" spreads the batch's token mean over the
+# pairs, "aot" and "aot_unpaired" pair the batch's sorted log-ratios, not a pair's chosen with its rejected.
+BATCH_MIXING_DPO_LOSSES = frozenset({"sft", "aot", "aot_unpaired"})
+
+
+class _LossWeight(float):
+    """A DPO loss weight that marks TRL's `per_sequence_loss.mean() * loss_weight`; a float everywhere else."""
+
+
+def mark_dpo_loss_weights(trainer: Any) -> None:
+    """Make the trainer's DPO loss weights (`DPOTrainer.loss_weights`, one per loss type) recognisable to
+    `recorded_pair_results`; their values do not change."""
+    trainer.loss_weights = [_LossWeight(weight) for weight in trainer.loss_weights]
+
+
+@dataclass
+class PairResults:
+    """What `recorded_pair_results` saw of TRL's DPO loss, each tensor detached, of shape (pairs,)."""
+
+    losses: list[Any] = field(default_factory=list)  # per loss type: the pairs' losses times the type's weight
+    reward_accuracies: list[Any] = field(default_factory=list)  # chosen reward > rejected reward, as TRL compares them
+
+
+DPO_FORWARDS_BEFORE_LOSS = 2  # `DPOTrainer._compute_loss`: the policy's forward, then the reference's, then the loss
+
+
+@contextmanager
+def recorded_pair_results(*models: Any) -> Iterator[PairResults]:
+    """Within the block, TRL 1.16's DPO loss of each pair and its reward comparison, as `DPOTrainer._compute_loss`
+    computes them before its means, without rewriting either:
+    - losses: every `per_sequence_loss` it averages and weighs (`loss += per_sequence_loss.mean() * loss_weight`, WPO
+      weighting included), times its weight; their sum over the loss types is each pair's loss (needs
+      `mark_dpo_loss_weights`: the product with a marked weight is what tells this mean from the metrics' means);
+    - reward_accuracies: `chosen_rewards > rejected_rewards`, the one comparison of two tensors of one value per pair
+      it makes after the loss (the model's forward makes others).
+    A torch function mode sees these calls go by; every other call passes through unchanged. With `models` (the policy
+    as TRL calls it, unwrapped, and a separate reference model or None), the mode starts only once the policy and the
+    reference forwards are done (`DPO_FORWARDS_BEFORE_LOSS`), so the models' thousands of calls do not pass through
+    it; without, it sees the whole block."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    results = PairResults()
+
+    class PairResultsMode(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(mean) -> (mean, what it averages)
+
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            result = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.mean:
+                if len(args) == 1 and not kwargs and args[0].dim() == 1:
+                    self.means[id(result)] = (result, args[0])
+            elif func is torch.Tensor.mul:
+                if len(args) == 2 and isinstance(args[1], _LossWeight):
+                    mean, averaged = self.means.get(id(args[0]), (None, None))
+                    if mean is args[0]:
+                        results.losses.append(averaged.detach().float() * float(args[1]))
+            elif func is torch.Tensor.gt and results.losses and len(args) == 2:  # after the loss, the metrics
+                pairs = results.losses[0].shape
+                if all(isinstance(arg, torch.Tensor) and arg.shape == pairs for arg in args):
+                    results.reward_accuracies.append(result.detach().float())
+            return result
+
+    mode = PairResultsMode()
+    if not models:
+        with mode:
+            yield results
+        return
+    forwards, handles = [], []
+
+    def forward_done(module: Any, args: tuple, output: Any) -> None:
+        forwards.append(module)
+        if len(forwards) == DPO_FORWARDS_BEFORE_LOSS:
+            mode.__enter__()  # left in the `finally` below: nothing else enters a mode within TRL's loss
+
+    for model in models:
+        if model is not None:
+            handles.append(model.register_forward_hook(forward_done))
+    try:
+        yield results
+    finally:
+        for handle in handles:
+            handle.remove()
+        if len(forwards) >= DPO_FORWARDS_BEFORE_LOSS:
+            mode.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ source that runs out; `max_samples` takes a source's first rows.
   sorted by true token count and cut into global batches, whose order is shuffled again. Without length grouping the
   buffer is only shuffled. Every pass yields the same order, so a resumed run's skip of the consumed batches
   (transformers' own: it re-reads and re-checks them without training) lands where the run stopped.
+- Under several processes each process reads the whole stream, checks every row into its own running report (the
+  same counts everywhere, so the `max_bad_fraction` stop comes on the same row in every process; the main process
+  writes it) and keeps its share of each global batch: TRL's SFT and DPO trainers turn accelerate's batch dispatching
+  off for a stream, so accelerate wraps it in an `IterableDatasetShard`, which fills a pass's last, short global batch
+  with rows of its first (tests/test_streaming.py builds both processes' loaders).
 - Evaluation rows are not streamed: the source's test split (its first `max_eval_samples` rows, or all), or with
   `eval_split_size: N` (a row count) the first N rows of the training stream, which training then skips. They are
   read into memory, formatted and checked like any in-memory split.

@@ -14,12 +14,12 @@ from vlm_recipes.training.source_loss import LOSS_PREFIX
 
 
 # The keys a user watches while a method trains, in the order the line shows them (read from what TRL 1.16's trainers
-# log). A key ending in "/" stands for every logged key that starts with it: SFT's `loss/<source>` on a mixture. What
+# log). A key ending in "/" stands for every logged key that starts with it: `loss/<source>` on a mixture. What
 # is left out (logps, logits, entropy, num_tokens, clip ratios, each reward function's mean and std, ...) stays in
 # training_log.json and the loggers.
 HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
     "sft": ("loss", LOSS_PREFIX, "mean_token_accuracy", "grad_norm", "learning_rate"),
-    "dpo": ("loss", "rewards/margins", "rewards/accuracies", "learning_rate"),
+    "dpo": ("loss", LOSS_PREFIX, "rewards/margins", "rewards/accuracies", "learning_rate"),
     # GRPO's loss is near zero by construction (advantages are centred): the reward is what moves.
     "grpo": ("reward", "reward_std", "kl", "completions/mean_length", "learning_rate"),
     "kto": ("loss", "rewards/margins", "kl", "learning_rate"),

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_recipes.training.source_loss import ACCURACY_PREFIX as SOURCE_ACCURACY_PREFIX
+from vlm_recipes.training.source_loss import LOSS_PREFIX as SOURCE_LOSS_PREFIX
+
 
 LOSS_KEYS = ("loss", "eval_loss")
 
@@ -29,9 +32,15 @@ def _base(key: str) -> str:
 # In drawing order. A key is drawn by the first panel that matches it.
 PANELS = (
     Panel("loss", lambda key: key in LOSS_KEYS),
-    Panel("training loss per source (token mean)", lambda key: key.startswith("loss/")),  # a mixture's sources
+    # a mixture's sources: SFT's token mean, DPO's pair mean (`training.source_loss`)
+    Panel("training loss per source", lambda key: key.startswith(SOURCE_LOSS_PREFIX)),
     Panel("reward margin (chosen - rejected)", lambda key: _base(key) == "rewards/margins"),
     Panel("reward accuracy (chosen > rejected)", lambda key: _base(key) == "rewards/accuracies", unit_interval=True),
+    Panel(
+        "reward accuracy per source (chosen > rejected)",
+        lambda key: key.startswith(SOURCE_ACCURACY_PREFIX),
+        unit_interval=True,
+    ),
     Panel("learning rate", lambda key: key == "learning_rate"),
     Panel("gradient norm", lambda key: key == "grad_norm", log_scale=True),
 )
@@ -116,8 +125,8 @@ def plot_training_log(
                 label = key.removeprefix("eval_")  # loggers show eval/<set>/<metric>
             elif panel.title == "loss":
                 label = key
-            elif key.startswith("loss/"):
-                label = key.removeprefix("loss/")  # the source's name
+            elif key.startswith((SOURCE_LOSS_PREFIX, SOURCE_ACCURACY_PREFIX)):
+                label = key.removeprefix(SOURCE_LOSS_PREFIX).removeprefix(SOURCE_ACCURACY_PREFIX)  # the source
             axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
         axis.set_title(panel.title, fontsize=10)
         axis.set_xlabel("step")

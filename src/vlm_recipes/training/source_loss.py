@@ -1,19 +1,25 @@
-"""The SFT training loss per data source (`loss/<source>`), for a mixture whose rows carry `data_source`.
+"""The training loss per data source (`loss/<source>`), for a mixture whose rows carry `data_source`: SFT and DPO.
 
 A mixture's rows name their source (`data.loading.DATA_SOURCE`). When the training rows come from two sources or more:
 - the trainer keeps the `data_source` column for its collator (TRL would drop it as unused), and `SourceIdCollator`
   turns each batch's names into one index per row (`data_source_ids`, a long tensor; the names stay on the trainer);
-- `compute_loss` takes the index out of the batch before the model sees it and, around TRL's own loss, records the
+- SFT: `compute_loss` takes the index out of the batch before the model sees it and, around TRL's own loss, records the
   per-token log-probabilities of TRL's fused LM head (`recorded_token_losses`): the same labelled positions and values
   the loss is made of, so no second forward. A packed sequence's positions go back to their rows by the batch's
   attention mask (`packed_rows`), as `training.padding_free.pack_rows` packed them;
-- `SourceLosses` adds each source's token losses and token counts until the next log, where the sums of every
-  process are added up and `loss/<source>` (their token mean) joins the logged values, so every `report_to` logger and
+- DPO: around TRL's own loss, each pair's loss before TRL's mean over the batch, for the recipe's loss types and
+  weights, and whether its chosen reward is above its rejected (`compat.recorded_pair_results`): TRL's values, no
+  second computation; packing changes nothing (the pair's values are per pair);
+- `SourceLosses` (SFT: token losses) and `PairSourceResults` (DPO: pair losses, reward accuracies) add each source's
+  values and counts until the next log, where the sums of every process are added up and `loss/<source>` (their
+  mean; DPO also `rewards/accuracies/<source>`) joins the logged values, so every `report_to` logger and
   training_log.json get it.
 
-`loss/<source>` is a token mean over all the source's labelled tokens since the last log. Within one logged step
+SFT's `loss/<source>` is a token mean over all the source's labelled tokens since the last log: within one logged step
 the token-weighted mean of the per-source losses is the logged `loss` (TRL's loss is the token mean of the global batch,
-`compat.count_tokens_of_global_batch`); over several steps per log, `loss` is the mean of the steps' means.
+`compat.count_tokens_of_global_batch`). DPO's is a pair mean: the pair-weighted mean of the per-source losses is the
+logged `loss` (TRL's loss is the mean over pairs; a MoE router's auxiliary loss, where on, is in `loss` only). Over
+several steps per log, `loss` is the mean of the steps' means.
 Rows without `data_source`, or from one source: nothing of this runs.
 """
 
@@ -28,6 +34,7 @@ from vlm_recipes.data.loading import DATA_SOURCE
 
 SOURCE_IDS = "data_source_ids"  # the batch key of each row's source index
 LOSS_PREFIX = "loss/"
+ACCURACY_PREFIX = "rewards/accuracies/"  # DPO: the share of a source's pairs whose chosen reward is above the rejected
 
 
 def mixture_sources(dataset: Any) -> tuple[str, ...] | None:
@@ -86,14 +93,49 @@ def recorded_token_losses(model: Any) -> Iterator[list[tuple[torch.Tensor, torch
         handle.remove()
 
 
-class SourceLosses:
-    """Each source's sum of token losses and count of labelled tokens since the last log."""
+class SourceMeans:
+    """Each source's sum of values and count of values since the last log; at the log, `<prefix><source>`: their mean
+    over all processes."""
+
+    def __init__(self, names: tuple[str, ...], prefix: str = LOSS_PREFIX):
+        self.names = names
+        self.prefix = prefix
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def add_values(self, values: torch.Tensor, sources: torch.Tensor) -> None:
+        """Values (1-D) with the source index of each; a source index of -1 counts nowhere."""
+        values, sources = values.detach().float().flatten(), sources.to(values.device).flatten()
+        counted = sources >= 0
+        if self.sums is None:
+            self.sums = torch.zeros(len(self.names), dtype=torch.float32, device=values.device)
+            self.counts = torch.zeros(len(self.names), dtype=torch.float32, device=values.device)
+        self.sums.index_add_(0, sources[counted], values[counted])
+        self.counts.index_add_(0, sources[counted], torch.ones_like(values[counted]))
+
+    def pop_logs(self, accelerator: Any) -> dict[str, float]:
+        """`<prefix><source>` for every source with values since the last log, over all processes; the sums restart.
+        Every process must call it at the same log (the sums are added up across processes)."""
+        if self.sums is None:
+            self.sums = torch.zeros(len(self.names), dtype=torch.float32, device=accelerator.device)
+            self.counts = torch.zeros_like(self.sums)
+        totals = torch.stack([self.sums, self.counts]).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
+        sums, counts = totals.tolist()
+        self.sums = self.counts = None
+        return {
+            f"{self.prefix}{name}": total / count for name, total, count in zip(self.names, sums, counts) if count > 0
+        }
+
+
+class SourceLosses(SourceMeans):
+    """SFT: each source's sum of token losses and count of labelled tokens since the last log (`loss/<source>`, the
+    token mean)."""
 
     def __init__(self, names: tuple[str, ...], loss_type: str = "nll"):
-        self.names = names
+        super().__init__(names, LOSS_PREFIX)
         self.loss_type = loss_type
-        self.sums: torch.Tensor | None = None
-        self.tokens: torch.Tensor | None = None
 
     def add(
         self,
@@ -111,25 +153,24 @@ class SourceLosses:
             rows = torch.arange(log_probs.shape[0], device=log_probs.device)[:, None].expand_as(log_probs)
         else:
             rows = token_rows[1:].to(log_probs.device)[None]  # position t predicts token t + 1, of that token's row
-        sources = source_ids.to(log_probs.device)[rows]
-        counted = label_mask.bool() & (sources >= 0)
-        if self.sums is None:
-            self.sums = torch.zeros(len(self.names), dtype=torch.float32, device=log_probs.device)
-            self.tokens = torch.zeros(len(self.names), dtype=torch.float32, device=log_probs.device)
-        self.sums.index_add_(0, sources[counted], per_token[counted])
-        self.tokens.index_add_(0, sources[counted], torch.ones_like(per_token[counted]))
+        labelled = label_mask.bool()
+        self.add_values(per_token[labelled], source_ids.to(log_probs.device)[rows][labelled])
+
+
+class PairSourceResults:
+    """DPO: each source's mean pair loss (`loss/<source>`) and reward accuracy (`rewards/accuracies/<source>`) since
+    the last log, over all processes."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.losses = SourceMeans(names, LOSS_PREFIX)
+        self.accuracies = SourceMeans(names, ACCURACY_PREFIX)
+
+    def add(self, pair_losses: torch.Tensor, reward_accuracies: torch.Tensor | None, source_ids: torch.Tensor) -> None:
+        """One batch's pairs: their losses, 1.0 where the chosen reward is above the rejected (or None), sources."""
+        self.losses.add_values(pair_losses, source_ids)
+        if reward_accuracies is not None:
+            self.accuracies.add_values(reward_accuracies, source_ids)
 
     def pop_logs(self, accelerator: Any) -> dict[str, float]:
-        """`loss/<source>` for every source with tokens since the last log, over all processes; the sums restart.
-        Every process must call it at the same log (the sums are added up across processes)."""
-        if self.sums is None:
-            self.sums = torch.zeros(len(self.names), dtype=torch.float32, device=accelerator.device)
-            self.tokens = torch.zeros_like(self.sums)
-        totals = torch.stack([self.sums, self.tokens]).to(accelerator.device)
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals, reduction="sum")
-        sums, tokens = totals.tolist()
-        self.sums = self.tokens = None
-        return {
-            f"{LOSS_PREFIX}{name}": total / count for name, total, count in zip(self.names, sums, tokens) if count > 0
-        }
+        return {**self.losses.pop_logs(accelerator), **self.accuracies.pop_logs(accelerator)}

@@ -27,6 +27,7 @@ What each trainer adds to TRL's, and where the feature lives:
   `training_step`), on resume the recipe's learning rates (recorded by `create_scheduler`, applied to the checkpoint
   `train` loads) and no step past `max_steps`, a warning for a run that does not learn;
 - DPO: each batch's images encoded once for chosen, rejected, policy and reference (`training.image_features`);
+- SFT and DPO: a mixture's loss per source in each training log (`training.source_loss`);
 - GRPO: the rewards (`tasks.rewards`) handed to TRL; each prompt's images encoded once per generation batch for all its
   generations, the reference and the policy passes (`training.image_features.ImageFeatureCache`);
 - KTO: TRL's own vision collator and sequential sampling (its KL estimate pairs neighbouring rows), the same optimizer
@@ -42,11 +43,15 @@ is its own.
 from contextlib import nullcontext
 from typing import Any
 
+import torch
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from vlm_recipes.compat import (
+    BATCH_MIXING_DPO_LOSSES,
     count_tokens_of_global_batch,
     keep_dataset_column,
+    mark_dpo_loss_weights,
+    recorded_pair_results,
     unsharded_batch_sampler,
     warn_if_untested,
 )
@@ -71,6 +76,7 @@ from vlm_recipes.training.optimization import part_optimizer, stage_vision_unfre
 from vlm_recipes.training.padding_free import pack_for_forward, packed_forward
 from vlm_recipes.training.source_loss import (
     SOURCE_IDS,
+    PairSourceResults,
     SourceIdCollator,
     SourceLosses,
     mixture_sources,
@@ -322,8 +328,41 @@ class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
             speed=speed,
             reliability=reliability,
         )
+        self.source_results = self._source_results()
+        if self.source_results is not None:
+            keep_dataset_column(self, DATA_SOURCE)
+            self.data_collator = SourceIdCollator(self.data_collator, self.source_results.names)
+            mark_dpo_loss_weights(self)
+
+    def _source_results(self) -> PairSourceResults | None:
+        """`loss/<source>` and `rewards/accuracies/<source>` for a mixture's training pairs (`training.source_loss`);
+        None for one source, or a loss that is not a mean of each pair's own loss."""
+        sources = mixture_sources(self.train_dataset)
+        if sources is None:
+            return None
+        mixing = sorted(set(self.loss_types) & BATCH_MIXING_DPO_LOSSES)
+        if mixing:
+            print_main(f"Loss per source: not logged, loss_type {', '.join(mixing)} mixes the pairs of a batch")
+            return None
+        if self.aux_loss_enabled:
+            print_main("Loss per source: the DPO loss alone; the logged loss also holds the router's auxiliary loss")
+        return PairSourceResults(sources)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        source_ids = inputs.pop(SOURCE_IDS, None)
+        if source_ids is None or not self.model.training:
+            return self._dpo_loss(model, inputs, *args, **kwargs)
+        with recorded_pair_results(self.accelerator.unwrap_model(model), self.ref_model) as results:
+            loss = self._dpo_loss(model, inputs, *args, **kwargs)
+        if len(results.losses) != len(self.loss_types):  # TRL's loss no longer as compat expects: stop logging it
+            print_main("Loss per source: TRL's per-pair DPO losses were not found; not logged from here on")
+            self.source_results = None
+        else:
+            accuracies = results.reward_accuracies[0] if len(results.reward_accuracies) == 1 else None
+            self.source_results.add(torch.stack(results.losses).sum(0), accuracies, source_ids)
+        return loss
+
+    def _dpo_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.speed.reuse_image_features:
             if not self._image_reuse_decided:  # on the model compute_loss gets: wrapped by now (FSDP, DDP visible)
                 self.image_reuse_blocker = image_feature_reuse_blocker(model, self.family)
@@ -340,6 +379,11 @@ class VLMDPOTrainer(VLMTrainerHooks, LengthGroupedBatches, DPOTrainer):
         )
         with packing:
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.source_results is not None and "loss" in logs:  # a training log, on every process at once
+            logs.update(self.source_results.pop_logs(self.accelerator))
+        super().log(logs, *args, **kwargs)
 
 
 class VLMGRPOTrainer(VLMTrainerHooks, GRPOTrainer):
